@@ -1,0 +1,1 @@
+"""Offline dataset preparation: tokenise text, pack sequences, write WebDataset shards."""

@@ -1,0 +1,1 @@
+"""Job launch: render and submit Slurm batch scripts, derive ranks inside a job."""

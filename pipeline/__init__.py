@@ -1,0 +1,3 @@
+"""rdpt: pretraining recurrent-depth language models (model, training, evaluation)."""
+
+__version__ = "0.1.0"

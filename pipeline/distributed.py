@@ -1,0 +1,60 @@
+"""Process-group bootstrap shared by training, evaluation and tests.
+
+Ranks come from the standard torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT); launchers (`rdpt train --nproc`, the Slurm job script) set them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def env_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the environment; (0, 1, 0) when not launched."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_process_group(backend: str | None = None, timeout_s: float = 600) -> None:
+    """Initialise torch.distributed from the environment (idempotent).
+
+    gloo on CPU, NCCL when CUDA is available. A single process still gets a (world size 1)
+    group so DeepSpeed and megatron-core find one. We create the group ourselves rather than
+    through `deepspeed.init_distributed`, which JIT-compiles a comm op for ~1 min on CPU.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    rank, world, local_rank = env_rank()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            raise RuntimeError("MASTER_PORT must be set when WORLD_SIZE > 1")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
