@@ -7,6 +7,14 @@ import os
 
 import pytest
 
+# Fixture modules shared across test files (each owned by one area of the code).
+pytest_plugins = [
+    "fixtures_data",  # tiny prepared datasets (rdpt prep on real text)
+    "fixtures_mlflow",  # a real MLflow tracking server on 127.0.0.1 (sqlite)
+    "fixtures_slurm",  # a real Slurm cluster (munged, slurmctld, slurmd) in a temp dir
+    "fixtures_training",  # tiny trained runs/checkpoints (real DeepSpeed)
+]
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_BUILD_OPS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
