@@ -1,0 +1,137 @@
+"""Decoder layers built from megatron-core ModuleSpecs.
+
+The layer kind (Huginn sandwich vs plain pre-norm), the core-attention backend and the TP
+leaves (ColumnParallelLinear / RowParallelLinear) are choices made in `layer_spec`, with
+direct class references; the layer code is the same for every choice.
+
+    sandwich:  x' = n2(x + Attn(n1(x))),   x'' = n4(x' + MLP(n3(x')))
+    prenorm:   x' = x + Attn(n1(x)),       x'' = x' + MLP(n3(x'))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from pipeline.model.attention import CoreAttention, HuginnSelfAttention, SelfAttentionSubmodules
+
+
+class RMSNorm(torch.nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, computed in fp32, no bias, no (1 + w) offset."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype=torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+@dataclass
+class MLPSubmodules:
+    linear_fc1: Union[ModuleSpec, type]
+    linear_fc2: Union[ModuleSpec, type]
+
+
+class SwiGLUMLP(MegatronModule):
+    """proj(silu(a) * b) with [a | b] = fc(x): the first half is the gate. Under TP each rank
+    holds [gate_r | up_r] (partition stride 2), so the split is local."""
+
+    def __init__(self, config, submodules: MLPSubmodules, *, output_init_method):
+        super().__init__(config=config)
+        h, f = config.hidden_size, config.ffn_hidden_size
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1, h, 2 * f, config=config, init_method=config.init_method,
+            bias=False, gather_output=False, stride=2,
+        )
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2, f, h, config=config, init_method=output_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x_SBH):
+        ab, _ = self.linear_fc1(x_SBH)
+        a, b = ab.chunk(2, dim=-1)
+        out, _ = self.linear_fc2(F.silu(a) * b)
+        return out
+
+
+@dataclass
+class LayerSubmodules:
+    norm_1: Union[ModuleSpec, type]
+    self_attention: Union[ModuleSpec, type]
+    norm_2: Union[ModuleSpec, type, None]
+    norm_3: Union[ModuleSpec, type]
+    mlp: Union[ModuleSpec, type]
+    norm_4: Union[ModuleSpec, type, None]
+
+
+class DecoderLayer(MegatronModule):
+    """One decoder layer; with norm_2/norm_4 it is Huginn's sandwich block, without them a
+    plain pre-norm layer."""
+
+    def __init__(self, config, submodules: LayerSubmodules, *, eps: float, qk_bias: bool,
+                 backend: str, output_init_method):
+        super().__init__(config=config)
+        h, dt = config.hidden_size, config.params_dtype
+
+        def norm(spec):
+            return None if spec is None else build_module(spec, h, eps=eps, params_dtype=dt)
+
+        self.norm_1 = norm(submodules.norm_1)
+        self.self_attention = build_module(
+            submodules.self_attention, config, qk_bias=qk_bias, backend=backend,
+            output_init_method=output_init_method,
+        )
+        self.norm_2 = norm(submodules.norm_2)
+        self.norm_3 = norm(submodules.norm_3)
+        self.mlp = build_module(submodules.mlp, config, output_init_method=output_init_method)
+        self.norm_4 = norm(submodules.norm_4)
+
+    def forward(self, x_SBH, rope_SB1h, kv_cache=None, cache_key=None, position_offset=0):
+        x = x_SBH + self.self_attention(
+            self.norm_1(x_SBH), rope_SB1h, kv_cache, cache_key, position_offset
+        )
+        if self.norm_2 is not None:
+            x = self.norm_2(x)
+        x = x + self.mlp(self.norm_3(x))
+        if self.norm_4 is not None:
+            x = self.norm_4(x)
+        return x
+
+
+def layer_spec(layer_type: str = "sandwich") -> ModuleSpec:
+    """The ModuleSpec of one decoder layer: `sandwich` (Huginn) or `prenorm`."""
+    attention = ModuleSpec(
+        module=HuginnSelfAttention,
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=CoreAttention,
+            linear_proj=RowParallelLinear,
+        ),
+    )
+    mlp = ModuleSpec(
+        module=SwiGLUMLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+    sandwich = layer_type == "sandwich"
+    return ModuleSpec(
+        module=DecoderLayer,
+        submodules=LayerSubmodules(
+            norm_1=RMSNorm,
+            self_attention=attention,
+            norm_2=RMSNorm if sandwich else None,
+            norm_3=RMSNorm,
+            mlp=mlp,
+            norm_4=RMSNorm if sandwich else None,
+        ),
+    )

@@ -1,0 +1,242 @@
+"""RecurrentDepthLM: prelude -> core looped r times on a latent state -> coda -> tied LM head.
+
+Layout inside the model is megatron's [S, B, H]; the public forward takes/returns [B, S, ...].
+
+    e = prelude(embed(x) * sqrt(h))
+    s_0 = initial_state(e)                       # truncated normal (or zeros), per sample id
+    s_i = core(adapter(concat(s_{i-1}, e)))      # i = 1..r; the first r-k under no_grad
+    logits = head(ln_f(coda(ln_f(s_r))))         # head tied to the embedding
+
+Nothing here imports deepspeed or touches parallel_state beyond megatron's TP layers: parameters
+are created in module constructors (ZeRO-3 zero.Init friendly).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from pipeline.errors import RdptConfigError
+from pipeline.model import compat
+from pipeline.model.config import ModelConfig
+from pipeline.model.layers import RMSNorm, layer_spec
+from pipeline.recurrence import split_steps
+
+STATE_INIT_ALIASES = {
+    "random": "truncated_normal",
+    "truncated_normal": "truncated_normal",
+    "zero": "zeros",
+    "zeros": "zeros",
+}
+
+
+class RecurrentOutput(NamedTuple):
+    """Result of `RecurrentDepthLM.forward`.
+
+    loss_BS: per-token cross entropy (fp32) when labels were given, else None.
+    logits_BSV: full-vocabulary logits when no labels were given, else None.
+    telemetry: {"rel_change": fp32 [r] (||s_i - s_{i-1}|| / ||s_i||), "state_cosine": fp32
+        scalar (mean pairwise cosine of the final token states)} when asked for, else None.
+    """
+
+    loss_BS: Optional[torch.Tensor]
+    logits_BSV: Optional[torch.Tensor]
+    telemetry: Optional[dict]
+
+
+def state_seed_for(seed: int, sample_id: int) -> int:
+    """Seed of one sample's initial state: depends only on (state_seed, global sample id)."""
+    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(sample_id) & 0xFFFFFFFF)
+
+
+def mean_pairwise_cosine(s_SBH: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the mean cosine between distinct token states (collapse -> 1)."""
+    S = s_SBH.shape[0]
+    if S < 2:
+        return torch.ones((), device=s_SBH.device)
+    u = F.normalize(s_SBH.float(), dim=-1)
+    total = u.sum(dim=0).pow(2).sum(dim=-1)  # [B] = S + sum_{i != j} cos_ij
+    return ((total - S) / (S * (S - 1))).mean()
+
+
+class RecurrentDepthLM(MegatronModule):
+    """Huginn-style recurrent-depth decoder built from megatron-core modules (see module doc)."""
+
+    def __init__(self, cfg: ModelConfig, config):
+        super().__init__(config=config)
+        self.cfg = cfg
+        h = cfg.hidden_size
+        spec = layer_spec(cfg.layer_type)
+        out_std = cfg.resolved_init_std / math.sqrt(2 * max(cfg.n_layers_total, 1))
+        from megatron.core.utils import init_method_normal
+
+        output_init = init_method_normal(out_std)
+
+        def make_layers(n):
+            return torch.nn.ModuleList(
+                build_module(
+                    spec, config, eps=cfg.norm_eps, qk_bias=cfg.qk_bias,
+                    backend=cfg.attention_backend, output_init_method=output_init,
+                )
+                for _ in range(n)
+            )
+
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            cfg.vocab_size, h, init_method=config.init_method, config=config
+        )
+        self.prelude_block = make_layers(cfg.n_prelude)
+        self.adapter = tensor_parallel.RowParallelLinear(
+            2 * h, h, config=config, init_method=config.init_method, bias=False,
+            input_is_parallel=False, skip_bias_add=False,
+        )
+        self.core_block = make_layers(cfg.n_core)
+        self.coda_block = make_layers(cfg.n_coda)
+        self.ln_f = RMSNorm(h, eps=cfg.norm_eps, params_dtype=config.params_dtype)
+        if cfg.tie_embeddings:
+            self.output_layer = None
+        else:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                h, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
+                gather_output=False,
+            )
+        self.rotary = compat.make_rotary(cfg.head_dim, cfg.rope_base)
+
+    # ------------------------------------------------------------------ pieces
+    def _rope(self, seq_len: int, offset: int, device) -> torch.Tensor:
+        return compat.rope_emb(self.rotary, seq_len, offset, device)
+
+    def _run(self, block, name, slot, x_SBH, rope, kv_cache, position_offset):
+        for i, layer in enumerate(block):
+            x_SBH = layer(x_SBH, rope, kv_cache, (name, slot, i), position_offset)
+        return x_SBH
+
+    def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
+        x_SBH = self.embedding(input_ids_BS).transpose(0, 1).contiguous()
+        if self.cfg.scale_embedding:
+            x_SBH = x_SBH * math.sqrt(self.cfg.hidden_size)
+        rope = self._rope(x_SBH.shape[0], position_offset, x_SBH.device)
+        return self._run(self.prelude_block, "prelude", 0, x_SBH, rope, kv_cache, position_offset)
+
+    def initial_state(self, e_SBH, mode: str | None = None, seed: int = 0,
+                      sample_ids_B=None) -> torch.Tensor:
+        """s_0 [S, B, H]: zeros, or a truncated normal (std sqrt(2/(5h)) cut at +-3 std, times
+        sqrt(h) by default) drawn per sample from a generator seeded by (seed, sample id), so a
+        sample's state never depends on the batch it sits in or the data-parallel size."""
+        mode = STATE_INIT_ALIASES.get(mode or self.cfg.state_init)
+        if mode is None:
+            raise RdptConfigError(
+                f"state_init: expected one of {sorted(STATE_INIT_ALIASES)}, got {mode!r}"
+            )
+        S, B, H = e_SBH.shape
+        if mode == "zeros":
+            return torch.zeros_like(e_SBH)
+        if sample_ids_B is None:
+            ids = list(range(B))
+        else:
+            ids = [int(i) for i in torch.as_tensor(sample_ids_B).reshape(-1).tolist()]
+            if len(ids) != B:
+                raise ValueError(f"sample_ids_B has {len(ids)} ids for a batch of {B}")
+        std, scale = self.cfg.resolved_state_std, self.cfg.resolved_state_scale
+        dev = e_SBH.device
+        out = torch.empty((S, B, H), dtype=torch.float32, device=dev)
+        with torch.no_grad():
+            for b, sid in enumerate(ids):
+                g = torch.Generator(device=dev).manual_seed(state_seed_for(seed, sid))
+                torch.nn.init.trunc_normal_(
+                    out[:, b], mean=0.0, std=std, a=-3 * std, b=3 * std, generator=g
+                )
+        return (out * scale).to(e_SBH.dtype)
+
+    def _core(self, s_SBH, e_SBH, rope, kv_cache=None, cache_slot=0, position_offset=0):
+        # NOTE: state first, then the embedded input (Huginn's adapter layout).
+        x, _ = self.adapter(torch.cat([s_SBH, e_SBH], dim=-1))
+        return self._run(self.core_block, "core", cache_slot, x, rope, kv_cache, position_offset)
+
+    def core_step(self, s_SBH, e_SBH, kv_cache=None, cache_slot: int = 0,
+                  position_offset: int = 0) -> torch.Tensor:
+        """One core iteration: s <- core(adapter(concat(s, e)))."""
+        rope = self._rope(s_SBH.shape[0], position_offset, s_SBH.device)
+        return self._core(s_SBH, e_SBH, rope, kv_cache, cache_slot, position_offset)
+
+    def _logits_parallel(self, x_SBH) -> torch.Tensor:
+        if self.output_layer is not None:
+            return self.output_layer(x_SBH)[0]
+        x = tensor_parallel.copy_to_tensor_model_parallel_region(x_SBH)
+        return F.linear(x, self.embedding.weight)
+
+    def _coda_hidden(self, s_SBH, kv_cache=None, position_offset=0):
+        rope = self._rope(s_SBH.shape[0], position_offset, s_SBH.device)
+        x = self.ln_f(s_SBH)
+        x = self._run(self.coda_block, "coda", 0, x, rope, kv_cache, position_offset)
+        return self.ln_f(x)  # NOTE: the same ln_f again, after the coda (Huginn).
+
+    def coda(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """ln_f -> coda -> ln_f -> head: full-vocabulary logits [B, S, V]."""
+        x = self._coda_hidden(s_SBH, kv_cache, position_offset)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(self._logits_parallel(x))
+        return logits.transpose(0, 1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids_BS, labels_BS=None, *, num_steps: int,
+                backprop_depth: int | None = None, state_init: str | None = None,
+                state_seed: int = 0, sample_ids_B=None, telemetry: bool = False
+                ) -> RecurrentOutput:
+        """Run the model with r = num_steps core iterations, of which the last
+        min(backprop_depth, r) carry gradients (None: all of them).
+
+        With labels_BS: per-token cross entropy [B, S] (fp32, vocab-parallel, labels < 0 give
+        0); without: logits [B, S, V]."""
+        n_no_grad, n_grad = split_steps(num_steps, backprop_depth)
+        e = self.prelude(input_ids_BS)
+        S = e.shape[0]
+        rope = self._rope(S, 0, e.device)
+        s = self.initial_state(e, state_init, state_seed, sample_ids_B)
+        changes = []
+
+        def track(old, new):
+            if telemetry:
+                with torch.no_grad():
+                    d = (new.float() - old.float()).norm() / new.float().norm().clamp_min(1e-30)
+                    changes.append(d)
+
+        with torch.no_grad():
+            for _ in range(n_no_grad):
+                new = self._core(s, e, rope)
+                track(s, new)
+                s = new
+        recompute = self.cfg.recompute_core and torch.is_grad_enabled()
+        for _ in range(n_grad):
+            if recompute:
+                new = torch_checkpoint(self._core, s, e, rope, use_reentrant=False)
+            else:
+                new = self._core(s, e, rope)
+            track(s, new)
+            s = new
+
+        tele = None
+        if telemetry:
+            with torch.no_grad():
+                tele = {
+                    "rel_change": torch.stack(changes),
+                    "state_cosine": mean_pairwise_cosine(s),
+                }
+        x = self._coda_hidden(s)
+        logits_SBVp = self._logits_parallel(x)
+        if labels_BS is None:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits_SBVp)
+            return RecurrentOutput(None, logits.transpose(0, 1), tele)
+        labels_SB = labels_BS.transpose(0, 1)
+        valid = labels_SB >= 0
+        loss_SB = tensor_parallel.vocab_parallel_cross_entropy(
+            logits_SBVp.float(), labels_SB.clamp_min(0).contiguous()
+        )
+        loss_SB = torch.where(valid, loss_SB, torch.zeros_like(loss_SB))
+        return RecurrentOutput(loss_SB.transpose(0, 1), None, tele)
