@@ -16,6 +16,8 @@ from pipeline.errors import RdptError
 
 COMMAND_MODULES: list[str] = [
     # one module per command family, e.g. "data_prep.cli" (rdpt prep / prep verify / inspect)
+    "launch.cli",  # rdpt submit train|prep, rdpt jobs [cancel]
+    "pipeline.model.cli",  # rdpt model-info, rdpt convert
 ]
 
 EPILOG = """\

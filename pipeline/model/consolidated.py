@@ -1,0 +1,154 @@
+"""rdpt's consolidated model checkpoint: one safetensors file with the megatron state dict,
+TP-unsharded, plus the ModelConfig as YAML. Training exports it, evaluation and `rdpt convert`
+read it, and any TP size can load it (resharded on load).
+
+    <dir>/model.safetensors   names as in RecurrentDepthLM.named_parameters() (tied head stored
+                              once as embedding.weight); QKV rows in megatron's head-major
+                              [head, (q|k|v), head_dim] order; fc1 rows [gate | up]
+    <dir>/model.yaml          the ModelConfig
+
+    save_consolidated(model, cfg, out_dir)    # collective over the TP group; rank 0 writes
+    cfg, full_sd = load_consolidated(dir)
+    model = build_model(cfg); load_full_state_dict(model, full_sd)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import RdptCheckpointError
+from pipeline.model.config import ModelConfig
+
+FORMAT = "rdpt-consolidated-v1"
+WEIGHTS = "model.safetensors"
+CONFIG = "model.yaml"
+
+
+def _tp_info(p: torch.Tensor) -> tuple[bool, int, int]:
+    if getattr(p, "tensor_model_parallel", False):
+        return True, int(p.partition_dim), int(getattr(p, "partition_stride", 1))
+    return False, 0, 1
+
+
+def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's shard of a TP-partitioned tensor (stride s: the dim is cut into world*s
+    chunks and rank r takes chunks r, r+world, ...: how megatron splits fused [gate|up])."""
+    chunks = torch.chunk(full, world * stride, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim)
+
+
+def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of shard_tensor over all ranks' shards (in rank order)."""
+    world = len(shards)
+    pieces = [torch.chunk(s, stride, dim=dim) for s in shards]
+    ordered = [pieces[r][j] for j in range(stride) for r in range(world)]
+    return torch.cat(ordered, dim=dim)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The TP-unsharded parameters of `model` on CPU (a collective over the TP group: every TP
+    rank must call it). Tied weights appear once."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        parallel, dim, stride = _tp_info(p)
+        if parallel and tp > 1:
+            shards = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(shards, t.contiguous(), group=group)
+            t = unshard_tensors(shards, dim, stride)
+        out[name] = t.cpu().clone()
+    return out
+
+
+def load_full_state_dict(model, full_sd: dict[str, torch.Tensor]) -> None:
+    """Copy TP-unsharded tensors into `model`, taking this TP rank's shard of each."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(full_sd))
+    unexpected = sorted(set(full_sd) - set(params))
+    if missing or unexpected:
+        raise RdptCheckpointError(
+            f"state dict does not match the model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            t = full_sd[name]
+            parallel, dim, stride = _tp_info(p)
+            if parallel and tp > 1:
+                t = shard_tensor(t, dim, stride, rank, tp)
+            if tuple(t.shape) != tuple(p.shape):
+                raise RdptCheckpointError(
+                    f"{name}: checkpoint shape {tuple(t.shape)} != model shard {tuple(p.shape)}"
+                )
+            p.copy_(t.to(p.dtype))
+
+
+def write_consolidated(full_sd: dict[str, torch.Tensor], cfg: ModelConfig,
+                       out_dir: str | os.PathLike) -> Path:
+    """Write an already gathered state dict + config as a consolidated checkpoint directory
+    (built under a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    from pipeline.atomic import atomic_directory
+    from pipeline.config_io import to_yaml
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise RdptCheckpointError(f"{out_dir}: already exists (refusing to overwrite)")
+    with atomic_directory(out_dir) as tmp:
+        tensors = {k: v.contiguous() for k, v in full_sd.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(to_yaml(cfg), encoding="utf-8")
+    return out_dir
+
+
+def save_consolidated(model, cfg: ModelConfig, out_dir: str | os.PathLike) -> Path | None:
+    """Gather `model` over TP and write it (global rank 0 writes; all TP ranks must call)."""
+    import torch.distributed as dist
+
+    full = full_state_dict(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return write_consolidated(full, cfg, out_dir)
+
+
+def load_consolidated(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, TP-unsharded state dict) of a consolidated checkpoint directory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pipeline.config_io import load_config
+
+    path = Path(path)
+    weights, config = path / WEIGHTS, path / CONFIG
+    for f in (weights, config):
+        if not f.is_file():
+            raise RdptCheckpointError(f"{path}: not an rdpt consolidated checkpoint ({f.name} missing)")
+    with safe_open(str(weights), framework="pt") as f:
+        fmt = (f.metadata() or {}).get("format")
+    if fmt != FORMAT:
+        raise RdptCheckpointError(f"{weights}: format {fmt!r}, expected {FORMAT!r}")
+    return load_config(ModelConfig, config), load_file(str(weights))
+
+
+def build_from_consolidated(path: str | os.PathLike, params_dtype=None):
+    """Build a model for the current parallel_state and load a consolidated checkpoint."""
+    from pipeline.model import build_model
+
+    cfg, sd = load_consolidated(path)
+    model = build_model(cfg, params_dtype=params_dtype)
+    load_full_state_dict(model, sd)
+    return model, cfg
