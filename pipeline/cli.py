@@ -16,8 +16,11 @@ from pipeline.errors import RdptError
 
 COMMAND_MODULES: list[str] = [
     # one module per command family, e.g. "data_prep.cli" (rdpt prep / prep verify / inspect)
+    "data_prep.cli",
     "launch.cli",  # rdpt submit train|prep, rdpt jobs [cancel]
+    "pipeline.train_cli",  # rdpt train, rdpt export
     "pipeline.model.cli",  # rdpt model-info, rdpt convert
+    "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
 ]
 
 EPILOG = """\

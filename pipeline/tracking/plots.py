@@ -1,0 +1,131 @@
+"""Small matplotlib (Agg) plots shared by evaluation and run comparison; each writes one PNG
+(written under a temporary name and renamed) and returns its path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from pipeline.atomic import atomic_open
+
+Series = Mapping[int, float] | Sequence[Mapping[str, float]]
+
+
+def _figure(ncols: int = 1, nrows: int = 1, size=(6.4, 4.2)):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _as_points(series) -> tuple[list[float], list[float]]:
+    """{r: loss} or [{"r": .., "loss": ..}] -> sorted (xs, ys)."""
+    if isinstance(series, Mapping):
+        pts = sorted((float(k), float(v)) for k, v in series.items())
+    else:
+        pts = sorted((float(d["r"]), float(d["loss"])) for d in series)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_loss_vs_r(results, path: str | os.PathLike, title: str = "loss against recurrence") -> Path:
+    """Loss against the number of recurrences r (log2 x axis).
+
+    `results`: `{r: loss}`, a list of `{"r": r, "loss": loss}` dicts, or several such series
+    by label (`{"run-a": {1: 5.1, 8: 4.2}, "run-b": {...}}`).
+    """
+    fig, axes = _figure()
+    ax = axes[0][0]
+    first = next(iter(results.values()), None) if isinstance(results, Mapping) else None
+    by_label = results if isinstance(first, (Mapping, list, tuple)) else {None: results}
+    for label, series in by_label.items():
+        xs, ys = _as_points(series)
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("recurrences r")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if any(label is not None for label in by_label):
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_exit_histogram(hist, path: str | os.PathLike, title: str = "adaptive exit depth") -> Path:
+    """Bar chart of how many tokens exited at each depth.
+
+    `hist`: `{depth: count}`, or a sequence of counts for depths 1, 2, 3, ...
+    """
+    if not isinstance(hist, Mapping):
+        hist = {i + 1: c for i, c in enumerate(hist)}
+    depths = sorted(hist)
+    counts = [hist[d] for d in depths]
+    total = sum(counts)
+    fig, axes = _figure()
+    ax = axes[0][0]
+    ax.bar(depths, counts, width=0.8, color="tab:blue")
+    if total:
+        mean = sum(d * c for d, c in zip(depths, counts)) / total
+        ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.2f}")
+        ax.legend()
+    ax.set_xlabel("exit depth (iterations)")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"{title} ({total} tokens)")
+    return _save(fig, path)
+
+
+def plot_state_convergence(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
+    """One panel per curve against iteration 1..n, e.g. `{"relative state change": [...],
+    "state cosine": [...], "loss": [...]}` (a positive curve spanning >2 decades gets a log axis).
+    """
+    n = max(len(curves), 1)
+    fig, axes = _figure(ncols=n, size=(4.6, 3.6))
+    for ax, (name, ys) in zip(axes[0], curves.items()):
+        ys = [float(y) for y in ys]
+        ax.plot(range(1, len(ys) + 1), ys, marker=".")
+        pos = [y for y in ys if y > 0]
+        if pos and len(pos) == len(ys) and max(pos) / min(pos) > 100:
+            ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_loss_vs_tokens(series_by_run: Mapping[str, object], path: str | os.PathLike) -> Path:
+    """Training loss against tokens seen, one line per run.
+
+    Each value is a tuple `(tokens_seq, loss_seq)` or a list of `(tokens, loss)` pairs.
+    """
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for label, series in series_by_run.items():
+        if isinstance(series, tuple) and len(series) == 2 and not _is_number(series[0]):
+            xs, ys = list(series[0]), list(series[1])
+        else:
+            xs, ys = [p[0] for p in series], [p[1] for p in series]
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("training loss")
+    ax.set_title("loss against tokens")
+    ax.grid(True, alpha=0.3)
+    if series_by_run:
+        ax.legend()
+    return _save(fig, path)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float))
