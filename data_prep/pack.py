@@ -1,0 +1,102 @@
+"""Phase 2 of `rdpt prep`: stream the encoded chunks in order, pack rows, write shards.
+
+Layout (a contract, also in the README): per split, the token streams of all chunks are
+concatenated in plan order -- every document's tokens followed by one end-of-text id. That
+stream is cut into consecutive, non-overlapping rows of seq_len+1 tokens (row i = tokens
+[i*(seq_len+1), (i+1)*(seq_len+1))); a model reads inputs row[:-1] and targets row[1:]. The last
+row, if partial, is filled up with end-of-text ids and their number recorded as the split's
+`padding_tokens`; no token is dropped. Rows go into shards of `rows_per_shard` rows (a multiple
+of seqs_per_member, from shard_size_mb), each member holding seqs_per_member rows (the last
+member of the split may hold fewer).
+
+A shard that already exists under its final name is complete (atomic rename), so a restarted
+pack only writes the missing shards; their bytes are identical because the stream is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import sha256_file
+
+from data_prep.shards import write_shard
+
+
+def rows_per_shard(seq_len: int, itemsize: int, shard_size_mb: float, seqs_per_member: int) -> int:
+    row_bytes = (seq_len + 1) * itemsize
+    rows = int(shard_size_mb * 2**20) // row_bytes
+    return max(seqs_per_member, rows // seqs_per_member * seqs_per_member)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+class SplitPacker:
+    """Packs one split's token stream into shards under `<output>/<split>/`."""
+
+    def __init__(self, out_dir: Path, split: str, seq_len: int, dtype: np.dtype, eot_id: int,
+                 seqs_per_member: int, rows_per_shard: int):
+        self.dir = out_dir / split
+        self.split = split
+        self.row = seq_len + 1
+        self.dtype = dtype
+        self.eot_id = eot_id
+        self.spm = seqs_per_member
+        self.rows_per_shard = rows_per_shard
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.tokens = 0
+        self.documents = 0
+        self.padding = 0
+        self.shards: list[dict] = []
+        self.written = 0  # shards written in this run (others existed already)
+
+    def add(self, tokens: np.ndarray, documents: int) -> None:
+        self.documents += documents
+        self.tokens += tokens.size
+        if tokens.size:
+            self.pending.append(tokens)
+            self.pending_tokens += tokens.size
+        shard_tokens = self.rows_per_shard * self.row
+        while self.pending_tokens >= shard_tokens:
+            stream = np.concatenate(self.pending)
+            self._emit(stream[:shard_tokens].reshape(-1, self.row))
+            rest = stream[shard_tokens:]
+            self.pending = [rest] if rest.size else []
+            self.pending_tokens = rest.size
+
+    def finish(self) -> dict:
+        if self.pending_tokens:
+            stream = np.concatenate(self.pending)
+            self.padding = -stream.size % self.row
+            if self.padding:
+                fill = np.full(self.padding, self.eot_id, dtype=self.dtype)
+                stream = np.concatenate([stream, fill])
+            self._emit(stream.reshape(-1, self.row))
+            self.pending, self.pending_tokens = [], 0
+        return {
+            "tokens": self.tokens,
+            "padding_tokens": self.padding,
+            "sequences": sum(s["sequences"] for s in self.shards),
+            "documents": self.documents,
+            "shards": self.shards,
+        }
+
+    def _emit(self, rows: np.ndarray) -> None:
+        index = len(self.shards)
+        path = self.dir / shard_name(index)
+        first_member = index * (self.rows_per_shard // self.spm)
+        if path.exists():
+            sha = sha256_file(path)
+        else:
+            sha = write_shard(path, rows, first_member, self.spm)
+            self.written += 1
+        self.shards.append({
+            "path": f"{self.split}/{shard_name(index)}",
+            "sha256": sha,
+            "sequences": int(rows.shape[0]),
+            "bytes": path.stat().st_size,
+        })
