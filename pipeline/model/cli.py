@@ -63,12 +63,21 @@ def model_info(args) -> int:
     from pipeline.model.flops import flops_per_token, forward_flops_per_token
     from pipeline.parallel import destroy_parallel, initialize_parallel
 
+    from megatron.core import parallel_state
+
     cfg = load_config(ModelConfig, args.config, args.overrides)
-    initialize_parallel(tp=1)
+    owns_state = not parallel_state.model_parallel_is_initialized()
+    if owns_state:
+        initialize_parallel(tp=1)
+    elif parallel_state.get_tensor_model_parallel_world_size() != 1:
+        from pipeline.errors import RdptConfigError
+
+        raise RdptConfigError("model-info: counts need tp=1 (parallel_state has another tp)")
     try:
         counts = count_parameters_meta(cfg)
     finally:
-        destroy_parallel()
+        if owns_state:
+            destroy_parallel()
     formula = closed_form_parameters(cfg)
     train_f = flops_per_token(cfg, args.r, args.k, args.seq_len)
     fwd_f = forward_flops_per_token(cfg, args.r, args.seq_len)

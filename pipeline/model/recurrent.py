@@ -52,8 +52,15 @@ class RecurrentOutput(NamedTuple):
 
 
 def state_seed_for(seed: int, sample_id: int) -> int:
-    """Seed of one sample's initial state: depends only on (state_seed, global sample id)."""
-    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(sample_id) & 0xFFFFFFFF)
+    """Seed of one sample's initial state: depends only on (state_seed, global sample id).
+    splitmix64 of both, so every bit of the result depends on both inputs (the CPU generator
+    only uses the low 32 bits of a seed)."""
+    mask = (1 << 64) - 1
+    x = (((int(seed) & 0xFFFFFFFF) << 32) | (int(sample_id) & 0xFFFFFFFF)) & mask
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
 
 
 def mean_pairwise_cosine(s_SBH: torch.Tensor) -> torch.Tensor:
