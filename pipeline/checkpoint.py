@@ -1,0 +1,428 @@
+"""Checkpoints of a training run: crash-safe, verified, self-describing, resumable.
+
+Layout (one directory per checkpoint, under <run_dir>/checkpoints/):
+
+    step-00000100/
+      ds/...                  DeepSpeed's sharded engine state (model, optimizer, ZeRO partitions)
+      rng/rank-00000.pt       torch RNG states of each rank (tensors only: weights_only loadable)
+      trainer_state.json      step, tokens, skipped steps, loader state, manifest sha256,
+                              parallel layout, model config (what a resume must agree with)
+      config.yaml             the resolved TrainConfig of the run
+      tokenizer.json          copy of the dataset's tokenizer (the checkpoint is self-contained)
+      files.sha256.json       {relative path: {sha256, bytes}} of every file above: written last
+    latest                    text file naming the newest complete checkpoint: written after it
+
+A checkpoint is built under `.tmp-step-...` and renamed when complete, so a crash while saving
+leaves the previous one untouched. On load every file's sha256 is checked (striped over ranks);
+a corrupted checkpoint is refused by name and `--resume auto` falls back to the previous one.
+
+For evaluation: `load_for_inference(run_dir_or_ckpt)` -> (model, TrainConfig, DatasetInfo or
+tokenizer path, meta). For export: `export_checkpoint(ckpt, out_dir, fmt)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from pipeline.atomic import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from pipeline.errors import RdptCheckpointError
+
+log = logging.getLogger("rdpt.checkpoint")
+
+STEP_RE = re.compile(r"^step-(\d{8})$")
+FILES_LIST = "files.sha256.json"
+TRAINER_STATE = "trainer_state.json"
+DS_TAG = "ds"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+def _all_gather_object(obj: Any) -> list[Any]:
+    d = _dist()
+    if d is None:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    d = _dist()
+    return (d.get_rank(), d.get_world_size()) if d is not None else (0, 1)
+
+
+def _checkpoint_files(ckpt: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != FILES_LIST
+    )
+
+
+def _hash_striped(ckpt: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    """sha256 of `files`, each rank hashing every world-th file; the union on every rank."""
+    rank, world = _rank_world()
+    mine = {
+        f: {"sha256": sha256_file(ckpt / f), "bytes": (ckpt / f).stat().st_size}
+        for i, f in enumerate(files)
+        if i % world == rank
+    }
+    merged: dict[str, dict[str, Any]] = {}
+    for part in _all_gather_object(mine):
+        merged.update(part)
+    return merged
+
+
+def is_complete(ckpt: Path) -> bool:
+    return ckpt.is_dir() and STEP_RE.match(ckpt.name) is not None and (ckpt / FILES_LIST).is_file()
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> None:
+    """Raise RdptCheckpointError naming the first missing/corrupted file (collective if dist)."""
+    ckpt = Path(ckpt)
+    problems: list[str] = []
+    if not (ckpt / FILES_LIST).is_file():
+        problems.append(f"{ckpt / FILES_LIST} is missing (checkpoint incomplete)")
+        expected: dict[str, Any] = {}
+    else:
+        try:
+            expected = json.loads((ckpt / FILES_LIST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            problems.append(f"{ckpt / FILES_LIST} is unreadable: {e}")
+            expected = {}
+    if expected:
+        rank, world = _rank_world()
+        for i, (rel, want) in enumerate(sorted(expected.items())):
+            if i % world != rank:
+                continue
+            path = ckpt / rel
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif path.stat().st_size != want["bytes"]:
+                problems.append(f"{path} has {path.stat().st_size} bytes, expected {want['bytes']}")
+            elif sha256_file(path) != want["sha256"]:
+                problems.append(f"{path} is corrupted (sha256 mismatch)")
+    all_problems = sorted({p for part in _all_gather_object(problems) for p in part})
+    if all_problems:
+        raise RdptCheckpointError(
+            f"checkpoint {ckpt} is corrupted or incomplete: " + "; ".join(all_problems)
+        )
+
+
+class CheckpointManager:
+    """Save / find / verify / load the checkpoints of one run (call on every rank)."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ finding
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if is_complete(p)), key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint the `latest` pointer names (or the newest complete one)."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            cand = self.root / pointer.read_text().strip()
+            if is_complete(cand):
+                return cand
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    def find_resume(self, resume: str, verify: bool = True) -> Optional[Path]:
+        """'none' -> None; 'auto' -> newest checkpoint that verifies (falls back past corrupted
+        ones, warning by name); a path -> that checkpoint (an error if it does not verify)."""
+        if resume == "none":
+            return None
+        if resume != "auto":
+            ckpt = Path(resume)
+            if not is_complete(ckpt):
+                raise RdptCheckpointError(f"--resume {resume}: not a complete checkpoint directory")
+            if verify:
+                verify_checkpoint(ckpt)
+            return ckpt
+        candidates = self.complete_checkpoints()[::-1]
+        latest = self.latest()
+        if latest is not None and latest in candidates:
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        for ckpt in candidates:
+            try:
+                if verify:
+                    verify_checkpoint(ckpt)
+                return ckpt
+            except RdptCheckpointError as e:
+                log.warning("skipping checkpoint: %s", e)
+                if _rank_world()[0] == 0:
+                    print(f"WARNING: {e}; falling back to the previous checkpoint", flush=True)
+        return None
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        engine,
+        step: int,
+        trainer_state: dict[str, Any],
+        *,
+        config_yaml: str,
+        tokenizer_path: Optional[str | os.PathLike] = None,
+        crash_hook: Optional[Callable[[], None]] = None,
+    ) -> Path:
+        """Write checkpoint `step` (collective): temp dir -> files -> sha256 list -> rename ->
+        `latest` -> prune. Returns the final directory."""
+        rank, _ = _rank_world()
+        name = checkpoint_name(step)
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+        if rank == 0:
+            state = dict(trainer_state, step=step)
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / "config.yaml").write_text(config_yaml)
+            if tokenizer_path is not None and Path(tokenizer_path).is_file():
+                shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        _barrier()
+        if crash_hook is not None:
+            crash_hook()  # testing: die with a half-written checkpoint
+        files = _checkpoint_files(tmp)
+        hashes = _hash_striped(tmp, files)
+        if rank == 0:
+            for rel in files:
+                with open(tmp / rel, "rb") as f:
+                    os.fsync(f.fileno())
+            atomic_write_json(tmp / FILES_LIST, hashes)
+            if final.exists():  # re-saving a step (resumed after a crash at save): replace
+                shutil.rmtree(final)
+            # NOTE: order matters: rename the complete dir, then the pointer, then prune.
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+            atomic_write_text(self.root / "latest", name + "\n")
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        done = self.complete_checkpoints()
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, engine, ckpt: Path) -> dict[str, Any]:
+        """Restore engine (model + optimizer) and this rank's RNG; return the trainer state."""
+        state = read_trainer_state(ckpt)
+        load_path, _ = engine.load_checkpoint(
+            str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise RdptCheckpointError(f"DeepSpeed could not load {ckpt / DS_TAG}")
+        rank, _ = _rank_world()
+        rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return state
+
+
+def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ckpt) / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RdptCheckpointError(f"cannot read {path}: {e}") from None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a:
+                out.append(f"{key}: absent in checkpoint, {b[k]!r} now")
+            elif k not in b:
+                out.append(f"{key}: {a[k]!r} in checkpoint, absent now")
+            else:
+                out.extend(_diff(a[k], b[k], key))
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} in checkpoint, {b!r} now"]
+
+
+def check_compatible(state: dict[str, Any], ckpt: Path, *, manifest_sha256: str,
+                     model_config: dict, tp: int, dp: int, zero_stage: int) -> None:
+    """Refuse to resume from a checkpoint of a different dataset or model, saying what differs."""
+    if state.get("manifest_sha256") != manifest_sha256:
+        raise RdptCheckpointError(
+            f"checkpoint {ckpt} was trained on a different dataset: manifest sha256 "
+            f"{state.get('manifest_sha256')} (dataset {state.get('data_path')}) in checkpoint, "
+            f"{manifest_sha256} now; start a new run (run.name=...) or --resume none"
+        )
+    diffs = _diff(state.get("model_config", {}), model_config, "model")
+    if diffs:
+        raise RdptCheckpointError(
+            f"checkpoint {ckpt} has an incompatible model config: " + "; ".join(diffs)
+        )
+    was = state.get("parallel", {})
+    if was.get("tp") != tp:
+        raise RdptCheckpointError(
+            f"checkpoint {ckpt} was written with parallel.tp={was.get('tp')}, now tp={tp}"
+        )
+    if was.get("zero_stage") != zero_stage or (zero_stage > 0 and was.get("dp") != dp):
+        raise RdptCheckpointError(
+            f"checkpoint {ckpt} was written with ZeRO stage {was.get('zero_stage')} x dp "
+            f"{was.get('dp')}; now stage {zero_stage} x dp {dp}: the optimizer partitions differ "
+            f"(resume with the same layout)"
+        )
+
+
+# ---------------------------------------------------------------------- inference and export
+
+
+def resolve_checkpoint(run_dir_or_ckpt: str | os.PathLike) -> Path:
+    """A checkpoint dir, or a run dir (-> its newest checkpoint that verifies)."""
+    p = Path(run_dir_or_ckpt)
+    if is_complete(p):
+        return p
+    if (p / "checkpoints").is_dir():
+        ckpt = CheckpointManager(p).find_resume("auto", verify=True)
+        if ckpt is not None:
+            return ckpt
+        raise RdptCheckpointError(f"{p}: no complete, uncorrupted checkpoint under checkpoints/")
+    raise RdptCheckpointError(f"{p}: neither a run directory nor a complete checkpoint")
+
+
+def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from DeepSpeed's files (ZeRO 0-3, tensor-parallel size 1)."""
+    ckpt = Path(ckpt)
+    state = read_trainer_state(ckpt)
+    par = state.get("parallel", {})
+    if par.get("tp", 1) != 1:
+        raise RdptCheckpointError(
+            f"{ckpt}: consolidating a tensor-parallel (tp={par['tp']}) checkpoint is not "
+            f"supported; train with parallel.tp=1 or convert with the model converter"
+        )
+    if par.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    else:
+        # NOTE: DeepSpeed's model-states file holds non-tensor metadata, so it needs the full
+        # unpickler; it is a file this run wrote itself, verified against files.sha256.json.
+        blob = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)
+        sd = blob["module"]
+    return {k: v.detach().float().contiguous() for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def load_for_inference(run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32):
+    """(model, TrainConfig, DatasetInfo or tokenizer path, meta{step, tokens, ckpt, ...}).
+
+    Builds the model at tensor-parallel size 1 (initialising a world-size-1 process group and
+    megatron parallel_state when none exists) and loads the consolidated weights.
+    """
+    import torch.distributed as dist
+
+    from pipeline.config import TrainConfig
+    from pipeline.config_io import load_config
+    from pipeline.distributed import init_process_group
+    from pipeline.model import build_model
+    from pipeline.model.consolidated import load_full_state_dict
+    from pipeline.parallel import initialize_parallel
+
+    ckpt = resolve_checkpoint(run_dir_or_ckpt)
+    cfg = load_config(TrainConfig, ckpt / "config.yaml")
+    state = read_trainer_state(ckpt)
+    if not dist.is_initialized():
+        init_process_group()
+    initialize_parallel(tp=1)
+    model = build_model(cfg.model, params_dtype=torch.float32)
+    sd = consolidated_state_dict(ckpt)
+    names = {n for n, _ in model.named_parameters()}
+    load_full_state_dict(model, {k: v for k, v in sd.items() if k in names})
+    model = model.to(device=device, dtype=dtype).eval()
+    data: Any
+    try:
+        from pipeline.data import open_dataset
+
+        data = open_dataset(cfg.data.path)
+        if data.manifest_sha256 != state.get("manifest_sha256"):
+            raise ValueError("dataset changed")
+    except Exception:  # noqa: BLE001  dataset moved or changed: the checkpoint's own tokenizer
+        data = str(ckpt / "tokenizer.json")
+    meta = {k: state.get(k) for k in ("step", "tokens", "skipped_steps", "manifest_sha256")}
+    meta["checkpoint"] = str(ckpt)
+    return model, cfg, data, meta
+
+
+def export_checkpoint(run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike,
+                      fmt: str = "safetensors") -> Path:
+    """Consolidated weights (also from ZeRO-3 shards) in the model area's format
+    (`safetensors`: model.safetensors + model.yaml) or the Hugging Face Huginn layout (`hf`)."""
+    import tempfile
+
+    from pipeline.model.consolidated import save_consolidated
+    from pipeline.model.hf_convert import convert_to_hf
+
+    if fmt not in ("safetensors", "hf"):
+        raise RdptCheckpointError(f"unknown export format {fmt!r} (safetensors or hf)")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise RdptCheckpointError(f"{out_dir}: already exists (refusing to overwrite)")
+    model, cfg, _, _ = load_for_inference(run_dir_or_ckpt)
+    if fmt == "safetensors":
+        save_consolidated(model, cfg.model, out_dir)
+        return out_dir
+    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as t:
+        save_consolidated(model, cfg.model, Path(t) / "consolidated")
+        convert_to_hf(Path(t) / "consolidated", out_dir)
+    return out_dir

@@ -1,0 +1,225 @@
+"""TrainConfig: the run-level schema of `rdpt train` (one YAML file + dotted overrides).
+
+    cfg = load_train_config("configs/train/tiny.yaml", ["optim.lr=3e-4", "run.name=x"])
+    check_launch(cfg, world_size=2)     # every cross-field rule that needs the world size / disk
+
+Sections: run, data, model (a ModelConfig or a path to configs/model/*.yaml), recurrence,
+train, optim, parallel, checkpoint, tracking, eval, debug. Rules that need only the config are
+pydantic validators (they fire on load); rules that need the world size or the disk live in
+`check_launch`, which the CLI calls before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from pipeline.config_io import ConfigModel, load_config
+from pipeline.errors import RdptConfigError
+from pipeline.model.config import ModelConfig
+from pipeline.recurrence import RecurrenceConfig
+
+
+class RunSection(ConfigModel):
+    name: str = "run"
+    """Run name: the run directory is runs/<name> unless `dir` is given; also the MLflow run name."""
+    dir: Optional[str] = None
+    """Run directory (resolved.yaml, metrics.jsonl, logs/, checkpoints/); default runs/<name>."""
+    seed: int = 1234
+    """Seed of parameter init, data order and the initial latent state."""
+
+
+class DataSection(ConfigModel):
+    path: str = "data/corpus"
+    """A dataset written by `rdpt prep` (holds manifest.json, train/ and val/ shards)."""
+    shuffle: bool = True
+    """Shuffle the training sequences (deterministically, by run.seed and epoch)."""
+
+
+class TrainSection(ConfigModel):
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+    global_batch_size: int = Field(8, ge=1)
+    """Sequences per optimizer step = micro_batch_size x data-parallel size x accumulation."""
+    micro_batch_size: int = Field(1, ge=1)
+    """Sequences per forward/backward on one rank."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    log_interval: int = Field(1, ge=1)
+    """Log training metrics every N steps (rank 0 only; never blocks)."""
+    max_nonfinite_steps: int = Field(5, ge=1)
+    """Stop (exit 86) after this many non-finite steps in a row, with a checkpoint of the last
+    good state. Isolated non-finite steps are skipped and counted (train/skipped_steps)."""
+
+
+class OptimSection(ConfigModel):
+    lr: float = Field(4e-5, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(0.0, ge=0)
+    """Learning rate at the end of the decay."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine = linear warmup then cosine; wsd = warmup-stable-decay; constant after warmup."""
+    warmup_steps: int = Field(4096, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd only: fraction of max_steps spent in the final linear decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled (AdamW) weight decay; norms, biases and qk_bias are not decayed."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+class ParallelSection(ConfigModel):
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel size (megatron-core); data-parallel size = world size / tp."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +parameters."""
+    nproc: int = Field(1, ge=1)
+    """Processes started by `rdpt train` on this machine (--nproc overrides; ignored under
+    Slurm/torchrun, where the launcher sets the world size)."""
+
+
+class CheckpointSection(ConfigModel):
+    interval: int = Field(100, ge=1)
+    """Save every N optimizer steps (and always at the end, on a signal, and on abort)."""
+    keep_last: int = Field(3, ge=1)
+    """Keep the last K complete checkpoints."""
+    verify_on_load: bool = True
+    """Check every file's sha256 before resuming (a corrupted checkpoint is refused by name)."""
+
+
+class TrackingSection(ConfigModel):
+    enabled: bool = True
+    """Log to MLflow (metrics.jsonl is written either way)."""
+    uri: Optional[str] = None
+    """MLflow tracking URI (http://..., sqlite:///...); default $MLFLOW_TRACKING_URI, else off."""
+    experiment: str = "rdpt"
+    artifact_max_mb: float = 64.0
+    """Checkpoints up to this size are logged as artifacts; larger ones are referenced by path."""
+
+
+class EvalSection(ConfigModel):
+    interval: int = Field(100, ge=0)
+    """Validation every N steps (0 = never; always at the end when > 0)."""
+    recurrences: list[int] = [1, 4, 8, 32]
+    """Fixed r at which validation loss is measured (val/loss_r{R})."""
+    max_sequences: int = Field(64, ge=1)
+    """Validation sequences per evaluation (the same fixed set every time)."""
+    batch_size: int = Field(4, ge=1)
+
+
+class DebugSection(ConfigModel):
+    """Testing knobs: never needed for real runs."""
+
+    record_sample_ids: bool = False
+    """Write logs/samples-rank{R}.jsonl: the sample ids each rank trained on, per step."""
+    nan_at_steps: list[int] = []
+    """Make the loss non-finite at these steps (tests the skip-and-count guard)."""
+    crash_in_checkpoint_at_step: Optional[int] = None
+    """Kill the process (os._exit) half-way through writing this step's checkpoint."""
+    sleep_per_step_s: float = Field(0.0, ge=0)
+    """Sleep after each step (lets tests signal or kill a run mid-way)."""
+
+
+class TrainConfig(ConfigModel):
+    """Everything `rdpt train` needs; saved as <run_dir>/resolved.yaml."""
+
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelConfig = ModelConfig()
+    recurrence: RecurrenceConfig = RecurrenceConfig()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    parallel: ParallelSection = ParallelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    tracking: TrackingSection = TrackingSection()
+    eval: EvalSection = EvalSection()
+    debug: DebugSection = DebugSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        t = self.train
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={t.micro_batch_size}"
+            )
+        if any(r < 1 for r in self.eval.recurrences):
+            raise ValueError(f"eval.recurrences: every r must be >= 1, got {self.eval.recurrences}")
+        return self
+
+    def run_dir(self) -> Path:
+        """runs/<run.name> unless run.dir is set."""
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+def load_train_config(path: str | os.PathLike | None, overrides=()) -> TrainConfig:
+    """Read a train YAML (with model/recurrence includes) and apply dotted overrides."""
+    return load_config(TrainConfig, path, overrides)
+
+
+def parallel_dims(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(tp, dp, grad_accum) for `world_size` processes, or RdptConfigError naming every degree."""
+    tp = cfg.parallel.tp
+    gb, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if world_size % tp:
+        raise RdptConfigError(
+            f"parallel.tp={tp} does not divide the world size {world_size} "
+            f"(world = tp x dp; got tp={tp}, world={world_size})"
+        )
+    dp = world_size // tp
+    if gb % (mb * dp):
+        raise RdptConfigError(
+            f"train.global_batch_size={gb} is not divisible by train.micro_batch_size x "
+            f"data-parallel size = {mb} x {dp} = {mb * dp} (world {world_size} = tp {tp} x dp "
+            f"{dp}); choose a global batch that is a multiple of {mb * dp}"
+        )
+    cfg.model.check(tp=tp)
+    return tp, dp, gb // (mb * dp)
+
+
+def check_launch(cfg: TrainConfig, world_size: int) -> None:
+    """Every rule that needs the world size or the disk; run before any process starts."""
+    parallel_dims(cfg, world_size)
+    data = Path(cfg.data.path)
+    if not data.is_dir():
+        raise RdptConfigError(
+            f"data.path: dataset directory '{data}' does not exist "
+            f"(prepare one with `rdpt prep`, or set data.path=...)"
+        )
+    manifest_path = data / "manifest.json"
+    if not manifest_path.is_file():
+        raise RdptConfigError(
+            f"data.path: '{data}' has no manifest.json (not a dataset written by `rdpt prep`)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RdptConfigError(f"data.path: cannot read {manifest_path}: {e}") from None
+    splits = manifest.get("splits", {})
+    if not splits.get("train", {}).get("shards"):
+        raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")
+    vocab = manifest.get("vocab_size")
+    model_vocab = getattr(cfg.model, "vocab_size", None)
+    if vocab is not None and model_vocab is not None and vocab > model_vocab:
+        raise RdptConfigError(
+            f"model.vocab_size={model_vocab} is smaller than the dataset's vocab_size={vocab} "
+            f"({manifest_path})"
+        )
+    seq_len = manifest.get("seq_len")
+    model_len = getattr(cfg.model, "max_seq_len", None)
+    if seq_len is not None and model_len is not None and seq_len > model_len:
+        raise RdptConfigError(
+            f"model.max_seq_len={model_len} is shorter than the dataset's seq_len={seq_len} "
+            f"({manifest_path})"
+        )
+    if cfg.eval.interval > 0 and not splits.get("val", {}).get("shards"):
+        raise RdptConfigError(
+            f"eval.interval={cfg.eval.interval} but {manifest_path} lists no val shards "
+            f"(set eval.interval=0 to train without validation)"
+        )

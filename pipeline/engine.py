@@ -1,0 +1,179 @@
+"""DeepSpeed around the megatron-core model: config generated from TrainConfig, never by hand.
+
+    ds_config = deepspeed_config(cfg, dp=2, grad_accum=4)
+    engine = build_engine(model, cfg, dp=2, grad_accum=4)
+
+- ZeRO stage, micro/global batch, gradient accumulation and clipping come from `cfg`.
+- bf16 on GPU (fp32 on CPU, or whatever `train.precision` says), with DeepSpeed's overflow
+  check on so a non-finite gradient norm skips the step instead of poisoning the optimizer.
+- The optimizer: DeepSpeed's fused AdamW (declared in the config) where CUDA is present; on CPU
+  a `torch.optim.AdamW` instance, because a config-declared Adam JIT-compiles FusedAdam for
+  ~2 minutes there. Weight decay is decoupled (AdamW) and skips norms and biases.
+- `MegatronMpu` hands DeepSpeed megatron-core's `parallel_state` groups under the names it
+  asks for (TP = DeepSpeed's "model parallel", DP = its "data parallel").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.config import TrainConfig
+
+NO_DECAY_MARKERS = ("norm", "bias", "ln_f")
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """'bf16' or 'fp32' (auto = bf16 when CUDA is present)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.train.precision
+
+
+def use_deepspeed_adam() -> bool:
+    """DeepSpeed's fused Adam on GPU; torch AdamW on CPU (avoids a ~2 min JIT build)."""
+    return torch.cuda.is_available()
+
+
+def deepspeed_config(cfg: TrainConfig, dp: int, grad_accum: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (written to the run dir for reference only)."""
+    precision = resolve_precision(cfg)
+    zero: dict[str, Any] = {
+        "stage": cfg.parallel.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": torch.cuda.is_available(),
+        "reduce_bucket_size": 50_000_000,
+        "allgather_bucket_size": 50_000_000,
+    }
+    if cfg.parallel.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_param_persistence_threshold=10_000)
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if use_deepspeed_adam():
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+            },
+        }
+    assert cfg.train.global_batch_size == cfg.train.micro_batch_size * dp * grad_accum
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: matrices decayed, norms/biases/qk_bias not (decoupled weight decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class MegatronMpu:
+    """megatron-core parallel_state under the names DeepSpeed's `mpu` argument expects."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    # DeepSpeed also asks for the tensor-parallel names directly.
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU (~65 s, cold).
+
+    NOTE: DeepSpeed builds it whenever it wraps torch.distributed (also when we created the
+    group ourselves); it only serves inference all-reduce on CPU, which training never calls.
+    """
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp: int, grad_accum: int, mpu=None):
+    """deepspeed.initialize with a generated config; torch.distributed must be up already.
+
+    NOTE: the process group is created by pipeline.distributed.init_process_group() before
+    this call; deepspeed.initialize then finds it and skips its own (slow, JIT) comm set-up.
+    """
+    import deepspeed
+
+    skip_shm_comm_build()
+    ds_config = deepspeed_config(cfg, dp, grad_accum)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = None
+    if not use_deepspeed_adam():
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        config=ds_config,
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every param group (the schedule is a pure function of step)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def global_grad_norm(engine) -> float:
+    """The pre-clip global gradient norm of the last optimizer step (nan when unknown)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)

@@ -1,0 +1,98 @@
+"""Start N local training processes with torchrun semantics (torch.distributed elastic agent).
+
+    code = launch_local(run_dir / "resolved.yaml", nproc=2, resume="auto", run_dir=run_dir)
+
+- One worker per rank: `python -m pipeline.train RESOLVED.yaml --resume ...` with RANK,
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set by the agent (c10d rendezvous on
+  127.0.0.1, like `torchrun --standalone`); gloo on CPU and NCCL on GPU are chosen by the worker.
+- OMP_NUM_THREADS = cores // nproc unless the user set it (N ranks must not fight over cores).
+- SIGTERM/SIGINT/SIGUSR1 sent to the launcher are forwarded to every worker (the agent does it),
+  which finish their step, checkpoint and exit 85; workers die with the launcher (kill -9).
+- The exit code is the workers' meaningful one: 0, 2 (bad input), 85 (requeue), 86 (aborted
+  on non-finite steps), else 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from pipeline import exitcodes
+
+MEANINGFUL = (exitcodes.USER_ERROR, exitcodes.REQUEUE, exitcodes.NONFINITE_ABORT)
+EXIT_FILE = "last_exit.json"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(nproc: int) -> int:
+    return max(1, usable_cores() // max(1, nproc))
+
+
+def write_exit(run_dir: Path, code: int, step: int) -> None:
+    """Rank 0 records how it ended (the launcher reads it after a forwarded signal)."""
+    from pipeline.atomic import atomic_write_json
+
+    atomic_write_json(run_dir / "logs" / EXIT_FILE, {"code": code, "step": step,
+                                                     "time": time.time()})
+
+
+def _recorded_exit(run_dir: Path, since: float) -> int | None:
+    path = run_dir / "logs" / EXIT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return int(data["code"]) if data.get("time", 0) >= since else None
+
+
+def launch_local(resolved_yaml: str | os.PathLike, nproc: int, resume: str,
+                 run_dir: str | os.PathLike) -> int:
+    """Run `nproc` workers on this machine under the elastic agent; return an exit code."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    run_dir = Path(run_dir)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    os.environ["RDPT_LAUNCHER_PID"] = str(os.getpid())
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"rdpt-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
+    )
+    t0 = time.time()
+    args = ("-m", "pipeline.train", str(resolved_yaml), "--resume", resume)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*args)
+        return exitcodes.OK
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        for rank in sorted(codes):
+            if codes[rank] in MEANINGFUL:
+                return codes[rank]
+        print(f"rdpt train: worker(s) failed with exit codes {codes}; see "
+              f"{run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    except SignalException as e:
+        recorded = _recorded_exit(run_dir, t0)
+        print(f"rdpt train: got signal {e.sigval.name}; workers stopped"
+              + (f" with code {recorded}" if recorded is not None else ""), file=sys.stderr)
+        return recorded if recorded is not None else 128 + int(e.sigval)

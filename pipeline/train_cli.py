@@ -1,0 +1,119 @@
+"""`rdpt train` and `rdpt export`: command-line entry points of the training area."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+TRAIN_EPILOG = """\
+examples:
+  rdpt train configs/train/tiny.yaml data.path=data/corpus run.name=first --nproc 2
+  rdpt train configs/train/tiny.yaml optim.lr=3e-4 train.max_steps=200 run.name=lr3e-4
+  rdpt train runs/first/resolved.yaml --resume auto        # continue an interrupted run
+  rdpt train configs/train/huginn.yaml parallel.zero_stage=3 --dry-run
+
+--resume: auto = newest complete checkpoint of the run dir that verifies (falls back past
+corrupted ones), none = start from scratch, or a checkpoint directory.
+Exit codes: 0 done, 2 bad config/input, 85 stopped on SIGUSR1/SIGTERM after a checkpoint
+(requeue), 86 stopped after train.max_nonfinite_steps non-finite steps in a row.
+Under Slurm (srun) or torchrun, ranks come from the environment and --nproc is ignored."""
+
+EXPORT_EPILOG = """\
+examples:
+  rdpt export runs/first exports/first                     # newest good checkpoint
+  rdpt export runs/first/checkpoints/step-00000200 out/ --format hf"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a recurrent-depth model (DeepSpeed ZeRO, MLflow)",
+        description="Pretrain a recurrent-depth LM on a prepared dataset with DeepSpeed ZeRO; "
+        "every run is resumable and tracked in MLflow.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="train YAML (configs/train/*.yaml or a run's resolved.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local processes (default parallel.nproc from the config)")
+    p.add_argument("--resume", default="auto", help="auto | none | PATH (default auto)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved config and the DeepSpeed config, exit")
+    p.set_defaults(func=train_handler)
+
+    e = subparsers.add_parser(
+        "export", help="export a checkpoint to safetensors or the HF Huginn layout",
+        description="Consolidate a training checkpoint (ZeRO 0-3) into full weights.",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("checkpoint", help="run directory or checkpoint directory")
+    e.add_argument("output", help="output directory")
+    e.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
+    e.set_defaults(func=export_handler)
+
+
+def launched_externally() -> bool:
+    """True under srun or torchrun: this process is one rank, started by someone else."""
+    from launch.slurm_env import in_srun_step
+
+    return in_srun_step() or "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_with_dataset(cfg, nproc: int):
+    """Fill what the dataset decides (model.vocab_size, padded to a multiple of tp)."""
+    from pipeline.config import check_launch
+
+    manifest_path = Path(cfg.data.path) / "manifest.json"
+    if manifest_path.is_file():
+        vocab = json.loads(manifest_path.read_text()).get("vocab_size")
+        if vocab:
+            tp = cfg.parallel.tp
+            cfg.model.vocab_size = -(-int(vocab) // tp) * tp
+    cfg.parallel.nproc = nproc
+    check_launch(cfg, world_size=nproc)
+    return cfg
+
+
+def train_handler(args) -> int:
+    from pipeline.config import load_train_config
+    from pipeline.config_io import save_resolved, to_yaml
+    from pipeline.errors import RdptConfigError
+
+    cfg = load_train_config(args.config, args.overrides)
+    external = launched_externally()
+    if external:
+        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS", "1"))
+    else:
+        world = args.nproc or cfg.parallel.nproc
+        if world < 1:
+            raise RdptConfigError(f"--nproc must be >= 1, got {world}")
+    cfg = resolve_with_dataset(cfg, world)
+    run_dir = cfg.run_dir()
+    if args.dry_run:
+        from pipeline.config import parallel_dims
+        from pipeline.engine import deepspeed_config
+
+        _, dp, ga = parallel_dims(cfg, world)
+        print(to_yaml(cfg))
+        print("# DeepSpeed config")
+        print(json.dumps(deepspeed_config(cfg, dp, ga), indent=2))
+        return 0
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    resolved = run_dir / "resolved.yaml"
+    if rank == 0:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, resolved)
+    if external or world == 1:
+        from pipeline.train import main
+
+        return main(cfg, resume=args.resume)
+    from pipeline.launcher import launch_local
+
+    return launch_local(resolved, world, args.resume, run_dir)
+
+
+def export_handler(args) -> int:
+    from pipeline.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, fmt=args.format)
+    print(f"exported to {out}")
+    return 0
