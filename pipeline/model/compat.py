@@ -9,6 +9,8 @@ few spots that assume CUDA (stack.md). Each bridge below is a no-op when CUDA is
 3. `RotaryEmbedding.get_emb` moves inv_freq to CUDA: `rope_emb` builds the same table on CPU.
 4. `get_default_causal_mask` (CUDA mask): our core attention builds its own masks.
 5. `Attention._allocate_memory` (CUDA KV buffers): rdpt has its own KV cache (kv_cache.py).
+Also `gather_from_tensor_model_parallel_region` (and the backward of
+`scatter_to_tensor_model_parallel_region`) allocate on CUDA: `gather_last_dim`, `scatter_last_dim`.
 Also `dist_checkpointing` calls `torch.cuda.current_device()/synchronize()`: `cuda_shim()`.
 
 Version differences between 0.16.1 (CPU/CI, Python 3.11) and 0.19.x (GPU images) are guarded
@@ -120,6 +122,54 @@ def apply_rope(t_SBNh: torch.Tensor, emb: torch.Tensor, config) -> torch.Tensor:
 
     out = apply_rotary_pos_emb(t_SBNh.float(), emb.float(), config)
     return out.to(t_SBNh.dtype)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim over the TP group (CPU); backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """megatron's gather_from_tensor_model_parallel_region, CPU-safe."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return x
+    if x.is_cuda:
+        return tensor_parallel.gather_from_tensor_model_parallel_region(x)
+    return _GatherLastDim.apply(x, parallel_state.get_tensor_model_parallel_group())
+
+
+def scatter_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """megatron's scatter_to_tensor_model_parallel_region (keep this rank's slice of the last
+    dim; backward gathers), CPU-safe: on CPU, copy_to_tensor_model_parallel_region (backward
+    all-reduce) followed by a slice gives the same gradient."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    if world == 1:
+        return x
+    if x.is_cuda:
+        return tensor_parallel.scatter_to_tensor_model_parallel_region(x)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+    return x.chunk(world, dim=-1)[rank].contiguous()
 
 
 @contextlib.contextmanager

@@ -48,9 +48,9 @@ def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.
     return torch.cat(ordered, dim=dim)
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The TP-unsharded parameters of `model` on CPU (a collective over the TP group: every TP
-    rank must call it). Tied weights appear once."""
+def full_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The TP-unsharded parameters (or, with grads=True, their gradients) of `model` on CPU.
+    A collective over the TP group: every TP rank must call it. Tied weights appear once."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -58,7 +58,9 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
     out = {}
     for name, p in model.named_parameters():
-        t = p.detach()
+        t = p.detach() if not grads else p.grad
+        if t is None:
+            raise RdptCheckpointError(f"{name}: no gradient to gather")
         parallel, dim, stride = _tp_info(p)
         if parallel and tp > 1:
             shards = [torch.empty_like(t) for _ in range(tp)]

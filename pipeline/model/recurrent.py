@@ -101,7 +101,7 @@ class RecurrentDepthLM(MegatronModule):
         self.prelude_block = make_layers(cfg.n_prelude)
         self.adapter = tensor_parallel.RowParallelLinear(
             2 * h, h, config=config, init_method=config.init_method, bias=False,
-            input_is_parallel=False, skip_bias_add=False,
+            input_is_parallel=True, skip_bias_add=False,
         )
         self.core_block = make_layers(cfg.n_core)
         self.coda_block = make_layers(cfg.n_coda)
@@ -164,7 +164,7 @@ class RecurrentDepthLM(MegatronModule):
 
     def _core(self, s_SBH, e_SBH, rope, kv_cache=None, cache_slot=0, position_offset=0):
         # NOTE: state first, then the embedded input (Huginn's adapter layout).
-        x, _ = self.adapter(torch.cat([s_SBH, e_SBH], dim=-1))
+        x, _ = self.adapter(compat.scatter_last_dim(torch.cat([s_SBH, e_SBH], dim=-1)))
         return self._run(self.core_block, "core", cache_slot, x, rope, kv_cache, position_offset)
 
     def core_step(self, s_SBH, e_SBH, kv_cache=None, cache_slot: int = 0,
@@ -188,7 +188,7 @@ class RecurrentDepthLM(MegatronModule):
     def coda(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """ln_f -> coda -> ln_f -> head: full-vocabulary logits [B, S, V]."""
         x = self._coda_hidden(s_SBH, kv_cache, position_offset)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(self._logits_parallel(x))
+        logits = compat.gather_last_dim(self._logits_parallel(x))
         return logits.transpose(0, 1)
 
     # ------------------------------------------------------------------ forward
@@ -238,7 +238,7 @@ class RecurrentDepthLM(MegatronModule):
         x = self._coda_hidden(s)
         logits_SBVp = self._logits_parallel(x)
         if labels_BS is None:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits_SBVp)
+            logits = compat.gather_last_dim(logits_SBVp)
             return RecurrentOutput(None, logits.transpose(0, 1), tele)
         labels_SB = labels_BS.transpose(0, 1)
         valid = labels_SB >= 0
