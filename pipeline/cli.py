@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "pipeline.train_cli",  # rdpt train, rdpt export
     "pipeline.model.cli",  # rdpt model-info, rdpt convert
     "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
+    "pipeline.eval.cli",  # rdpt eval, rdpt generate
 ]
 
 EPILOG = """\
