@@ -60,10 +60,10 @@ class PrepConfig(ConfigModel):
     seqs_per_member: int = Field(16, ge=1)
     shard_size_mb: float = Field(256.0, gt=0)
     chunk_mb: float = Field(16.0, gt=0)  # encode work unit (resume + Slurm array granularity)
-    # operational
+    # operational (workers, overwrite: not part of the fingerprint)
     workers: int | None = Field(None, ge=1)  # default: all cores
     overwrite: bool = False
-    strict: bool = False  # error (instead of skip + count) on non-UTF-8 / binary files
+    strict: bool = False  # error (instead of skip + count) on non-UTF-8 / binary input
 
     @model_validator(mode="after")
     def _check(self) -> "PrepConfig":
@@ -76,6 +76,6 @@ class PrepConfig(ConfigModel):
     def fingerprint_fields(self) -> dict:
         """The fields that determine the bytes written."""
         data = self.model_dump(mode="json")
-        for key in ("workers", "overwrite", "strict", "output"):
+        for key in ("workers", "overwrite", "output"):
             data.pop(key)
         return data

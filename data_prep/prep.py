@@ -99,11 +99,7 @@ def check_output(out: Path, fp: str, overwrite: bool) -> str:
                        (plan, "an unfinished preparation of a different dataset")):
         if not path.is_file():
             continue
-        try:
-            old = json.loads(path.read_text()).get("fingerprint")
-        except (json.JSONDecodeError, AttributeError):
-            old = None
-        if old == fp:
+        if _fingerprint_of(path) == fp:
             return "done" if path == manifest else "resume"
         if not overwrite:
             raise RdptDataError(
@@ -113,6 +109,14 @@ def check_output(out: Path, fp: str, overwrite: bool) -> str:
         _clear(out)
         return "fresh"
     return "fresh"  # empty, or leftovers of an interrupted setup (redone under the lock)
+
+
+def _fingerprint_of(path: Path) -> str | None:
+    """The fingerprint recorded in a manifest or plan file (None if absent or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 @contextmanager
@@ -361,6 +365,11 @@ def prepare(
             "tasks first (rdpt prep CONFIG --task-index I --num-tasks M)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    # NOTE: a finished dataset is recognised before taking the lock, so a no-op re-run
+    # writes nothing at all into the dataset directory.
+    if _fingerprint_of(out / MANIFEST) == fp:
+        say(f"{out}: already prepared with this config and these inputs; nothing to do")
+        return json.loads((out / MANIFEST).read_text())
     with _locked(out / LOCK):
         state = check_output(out, fp, cfg.overwrite)
         if state == "done":
