@@ -1,0 +1,31 @@
+"""bench/model.py runs its CPU smoke shape through the same code path as on GPU and writes
+a JSON record with tokens/s and TFLOP/s."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from test_model_reference import tp1  # noqa: F401
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_smoke_writes_results(tp1, tmp_path):
+    bench = load_bench()
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--iters", "1"]) == 0
+    (out,) = tmp_path.glob("model-*.json")
+    record = json.loads(out.read_text())
+    rows = record["results"]
+    assert {r["backend"] for r in rows} == {"math", "sdpa"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0
+        assert r["r"] == 4 and r["k"] == 2
