@@ -1,0 +1,117 @@
+"""Resolve what the user names on the command line (a run directory, a checkpoint directory or
+an MLflow run id) and load the model, its tokenizer and its dataset for evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import RdptCheckpointError
+
+
+@dataclass
+class Loaded:
+    """A model ready for evaluation and everything around it."""
+
+    model: Any
+    cfg: Any  # TrainConfig
+    tokenizer: Any  # tokenizers.Tokenizer or None
+    tokenizer_path: Path | None
+    data_path: Path | None  # the training dataset (validation shards), if known and present
+    eot_id: int
+    max_length: int
+    meta: dict
+    run_dir: Path | None  # the run directory (mlflow_run.json, eval outputs), if known
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory of a run dir or of a checkpoint inside runs/<name>/checkpoints/."""
+    path = path.resolve()
+    if (path / "checkpoints").is_dir() or (path / "resolved.yaml").is_file():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def _run_dir_from_mlflow(run_id: str, tracking_uri: str) -> Path:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise RdptCheckpointError(
+            f"{run_id!r} is neither a checkpoint / run directory nor a run id known to the "
+            f"MLflow server at {tracking_uri} ({str(e).splitlines()[0]})"
+        ) from None
+    tags, params = run.data.tags, run.data.params
+    for value in (tags.get("rdpt.run_dir"), params.get("run.dir")):
+        if value and Path(value).is_dir():
+            return Path(value)
+    name = params.get("run.name") or tags.get("mlflow.runName")
+    if name and (Path("runs") / name).is_dir():
+        return Path("runs") / name
+    raise RdptCheckpointError(
+        f"MLflow run {run_id} exists but its run directory is not on this machine "
+        f"(tag rdpt.run_dir={tags.get('rdpt.run_dir')!r}, param run.dir={params.get('run.dir')!r})"
+    )
+
+
+def resolve_target(target: str, tracking_uri: str | None = None) -> Path:
+    """A path to a run or checkpoint directory from a path or an MLflow run id."""
+    path = Path(target)
+    if path.exists():
+        return path
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    looks_like_id = len(target) >= 8 and all(c in "0123456789abcdef" for c in target.lower())
+    if uri and looks_like_id:
+        return _run_dir_from_mlflow(target, uri)
+    hint = ("" if uri else "; to name an MLflow run id, set --tracking-uri or MLFLOW_TRACKING_URI")
+    raise RdptCheckpointError(f"no checkpoint or run directory at {target!r}{hint}")
+
+
+def load_model_and_tokenizer(target: str, tracking_uri: str | None = None,
+                             device: str | None = None) -> Loaded:
+    """Load a checkpoint (via pipeline.checkpoint.load_for_inference) with its tokenizer."""
+    import torch
+
+    from pipeline.checkpoint import load_for_inference
+
+    path = resolve_target(target, tracking_uri)
+    model, cfg, data_info, meta = load_for_inference(str(path))
+    if device:
+        model = model.to(torch.device(device))
+    tok_path: Path | None = None
+    eot_id: int | None = None
+    if data_info is not None and not isinstance(data_info, (str, os.PathLike)):
+        tok_path = Path(data_info.tokenizer_path) if data_info.tokenizer_path else None
+        eot_id = int(data_info.eot_id)
+    elif data_info is not None:
+        tok_path = Path(data_info)
+    ckpt_dir = Path(meta.get("checkpoint", path)) if meta else path
+    if (tok_path is None or not tok_path.is_file()) and (ckpt_dir / "tokenizer.json").is_file():
+        tok_path = ckpt_dir / "tokenizer.json"
+    data_path = Path(cfg.data.path) if (Path(cfg.data.path) / "manifest.json").is_file() else None
+    if eot_id is None and data_path is not None:
+        eot_id = json.loads((data_path / "manifest.json").read_text()).get("eot_id")
+    tokenizer = None
+    if tok_path is not None and tok_path.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        if eot_id is None:
+            eot_id = tokenizer.token_to_id("<|endoftext|>")
+            if eot_id is None:
+                specials = [i for i, t in tokenizer.get_added_tokens_decoder().items()
+                            if t.special]
+                eot_id = min(specials) if specials else None
+    return Loaded(
+        model=model, cfg=cfg, tokenizer=tokenizer, tokenizer_path=tok_path, data_path=data_path,
+        eot_id=int(eot_id or 0), max_length=int(cfg.model.max_seq_len), meta=dict(meta or {}),
+        run_dir=run_dir_of(path),
+    )
