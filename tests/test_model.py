@@ -66,6 +66,21 @@ def test_preset_parameter_counts_match_formulas(tp1, path):
         assert counts["total"] == 3_564_976_800
 
 
+def test_prenorm_untied_variant_counts_and_runs(tp1):
+    cfg = small_cfg(layer_type="prenorm", tie_embeddings=False, qk_bias=False)
+    counts = count_parameters_meta(cfg)
+    assert counts == closed_form_parameters(cfg)
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    assert counts["core"] == cfg.n_core * (4 * h * h + 3 * h * f + 2 * h)
+    assert counts["head"] == cfg.vocab_size * h
+    model = build(cfg)
+    ids, labels = batch(cfg)
+    out = model(ids, labels, num_steps=3, backprop_depth=2)
+    out.loss_BS.mean().backward()
+    assert model.output_layer.weight.grad.abs().sum() > 0
+    assert model.core_block[0].norm_2 is None
+
+
 def test_model_info_cli_prints_huginn_total(tp1, capsys):
     from pipeline.cli import main
 
@@ -167,12 +182,12 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
     out = model(ids, labels, num_steps=r, state_init="zero")
     out.loss_BS.sum().backward()
 
-    from megatron.core.utils import init_method_normal
+    from pipeline.model import normal_init
 
     unrolled = torch.nn.ModuleList(
         build_module(layer_spec(cfg.layer_type), model.config, eps=cfg.norm_eps,
                      qk_bias=cfg.qk_bias, backend="math",
-                     output_init_method=init_method_normal(0.02))
+                     output_init_method=normal_init(0.02))
         for _ in range(r * cfg.n_core)
     )
     for i, layer in enumerate(unrolled):
@@ -181,7 +196,7 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
     s = torch.zeros_like(e)
     rope = model._rope(e.shape[0], 0, e.device)
     for it in range(r):
-        x, _ = model.adapter(torch.cat([s, e], dim=-1))
+        x, _ = model.adapter(torch.cat([s, e], dim=-1))  # tp=1: no scatter needed
         for layer in unrolled[it * cfg.n_core:(it + 1) * cfg.n_core]:
             x = layer(x, rope)
         s = x

@@ -23,47 +23,58 @@ def run_model(model, ids, labels):
     return logits, out.loss_BS.detach()
 
 
-def _tp2_worker(rank, world_size, ckpt, ids, labels, out_dir):
+def _tp2_worker(rank, world_size, cases, ids, labels):
     from pipeline.model.consolidated import build_from_consolidated, save_consolidated
     from pipeline.parallel import destroy_parallel, initialize_parallel
 
     initialize_parallel(tp=2, seed=0)
     try:
-        model, cfg = build_from_consolidated(ckpt)
-        assert model.core_block[0].self_attention.linear_qkv.weight.shape[0] == 3 * cfg.hidden_size // 2
-        logits, loss = run_model(model, ids, labels)
-        grads = full_state_dict(model, grads=True)
-        save_consolidated(model, cfg, out_dir)  # gathers over TP, rank 0 writes
+        results = []
+        for ckpt, out_dir in cases:
+            model, cfg = build_from_consolidated(ckpt)
+            qkv = model.core_block[0].self_attention.linear_qkv.weight
+            assert qkv.shape[0] == 3 * cfg.hidden_size // 2
+            logits, loss = run_model(model, ids, labels)
+            grads = full_state_dict(model, grads=True)
+            save_consolidated(model, cfg, out_dir)  # gathers over TP, rank 0 writes
+            results.append({"logits": logits, "loss": loss,
+                            "grads": grads if rank == 0 else None})
         draws = [sample_num_steps(RecurrenceConfig(seed=99), s) for s in range(200)]
-        return {"logits": logits, "loss": loss, "grads": grads if rank == 0 else None,
-                "draws": draws}
+        return {"cases": results, "draws": draws}
     finally:
         destroy_parallel()
 
 
 def test_tp2_reproduces_tp1_and_reshards_checkpoints(tmp_path):
-    cfg = small_cfg(vocab_size=96, ffn_hidden_size=160)
-    ids, labels = batch(cfg)
+    cfgs = {  # Huginn's sandwich with tied head, and a pre-norm variant with an untied head
+        "sandwich": small_cfg(vocab_size=96, ffn_hidden_size=160),
+        "prenorm": small_cfg(vocab_size=96, ffn_hidden_size=160, layer_type="prenorm",
+                             tie_embeddings=False),
+    }
+    ids, labels = batch(cfgs["sandwich"])
+    refs, cases = {}, []
     with single_process_parallel():
-        model = build(cfg, seed=4)
-        ref_logits, ref_loss = run_model(model, ids, labels)
-        ref_grads = full_state_dict(model, grads=True)
-        write_consolidated(full_state_dict(model), cfg, tmp_path / "tp1")
-    results = run_distributed(
-        _tp2_worker, 2, args=(str(tmp_path / "tp1"), ids, labels, str(tmp_path / "tp2")),
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    for res in results:
-        torch.testing.assert_close(res["logits"], ref_logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(res["loss"], ref_loss, atol=1e-5, rtol=1e-5)
-    grads = results[0]["grads"]
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+        for name, cfg in cfgs.items():
+            model = build(cfg, seed=4)
+            logits, loss = run_model(model, ids, labels)
+            refs[name] = (logits, loss, full_state_dict(model, grads=True))
+            write_consolidated(full_state_dict(model), cfg, tmp_path / f"{name}-tp1")
+            cases.append((str(tmp_path / f"{name}-tp1"), str(tmp_path / f"{name}-tp2")))
+    results = run_distributed(_tp2_worker, 2, args=(cases, ids, labels),
+                              env={"OMP_NUM_THREADS": "1"})
     assert results[0]["draws"] == results[1]["draws"]
-    # TP=2 -> gathered checkpoint is bitwise the TP=1 one.
-    _, sd1 = load_consolidated(tmp_path / "tp1")
-    cfg2, sd2 = load_consolidated(tmp_path / "tp2")
-    assert cfg2 == cfg and set(sd1) == set(sd2)
-    for name in sd1:
-        assert torch.equal(sd1[name], sd2[name]), name
+    for i, (name, cfg) in enumerate(cfgs.items()):
+        ref_logits, ref_loss, ref_grads = refs[name]
+        for res in results:
+            torch.testing.assert_close(res["cases"][i]["logits"], ref_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(res["cases"][i]["loss"], ref_loss, atol=1e-5, rtol=1e-5)
+        grads = results[0]["cases"][i]["grads"]
+        assert set(grads) == set(ref_grads)
+        for pname, g in ref_grads.items():
+            torch.testing.assert_close(grads[pname], g, atol=1e-5, rtol=1e-4, msg=f"{name} {pname}")
+        # TP=2 -> gathered checkpoint is bitwise the TP=1 one.
+        _, sd1 = load_consolidated(tmp_path / f"{name}-tp1")
+        cfg2, sd2 = load_consolidated(tmp_path / f"{name}-tp2")
+        assert cfg2 == cfg and set(sd1) == set(sd2)
+        for pname in sd1:
+            assert torch.equal(sd1[pname], sd2[pname]), f"{name} {pname}"

@@ -14,10 +14,19 @@ from pipeline.model.config import ModelConfig
 __all__ = ["ModelConfig", "build_model", "megatron_config"]
 
 
+def normal_init(std: float):
+    """Weight initialiser N(0, std) (megatron's init_method contract: fills a tensor in place)."""
+    import torch
+
+    def init_(t):
+        return torch.nn.init.normal_(t, mean=0.0, std=std)
+
+    return init_
+
+
 def megatron_config(cfg: ModelConfig, params_dtype=None):
     """The megatron TransformerConfig for `cfg` (CPU-safe: fusions off, CPU initialisation)."""
     import torch
-    from megatron.core.utils import init_method_normal
 
     from pipeline.model import compat
 
@@ -33,7 +42,7 @@ def megatron_config(cfg: ModelConfig, params_dtype=None):
         gated_linear_unit=True,
         rotary_interleaved=True,
         init_method_std=cfg.resolved_init_std,
-        init_method=init_method_normal(cfg.resolved_init_std),
+        init_method=normal_init(cfg.resolved_init_std),
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,

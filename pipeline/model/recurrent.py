@@ -82,9 +82,9 @@ class RecurrentDepthLM(MegatronModule):
         h = cfg.hidden_size
         spec = layer_spec(cfg.layer_type)
         out_std = cfg.resolved_init_std / math.sqrt(2 * max(cfg.n_layers_total, 1))
-        from megatron.core.utils import init_method_normal
+        from pipeline.model import normal_init
 
-        output_init = init_method_normal(out_std)
+        output_init = normal_init(out_std)
 
         def make_layers(n):
             return torch.nn.ModuleList(
