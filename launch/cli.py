@@ -26,6 +26,24 @@ examples:
   rdpt jobs cancel 1234     # cancel job 1234 (and the later jobs of its chain); no requeue"""
 
 
+class OverridesParser(argparse.ArgumentParser):
+    """Accepts `dotted.key=value` overrides anywhere, also after options.
+
+    argparse consumes the positionals (CONFIG and the overrides) in one go, so
+    `rdpt submit train CONFIG --nodes 2 run.name=x` would leave `run.name=x` unrecognized.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        rest = []
+        for arg in extras:
+            if "=" in arg and not arg.startswith("-") and hasattr(ns, "overrides"):
+                ns.overrides.append(arg)
+            else:
+                rest.append(arg)
+        return ns, rest
+
+
 def _add_sbatch_options(p: argparse.ArgumentParser, *, train: bool) -> None:
     g = p.add_argument_group("Slurm resources (default: the site config)")
     if train:
@@ -64,7 +82,8 @@ def register(subparsers) -> None:
         epilog=SUBMIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    kinds = submit.add_subparsers(dest="kind", metavar="KIND", required=True)
+    kinds = submit.add_subparsers(dest="kind", metavar="KIND", required=True,
+                                  parser_class=OverridesParser)
     train = kinds.add_parser(
         "train",
         help="a (multi-node) training job; preemption-safe, optionally chained",
@@ -174,9 +193,12 @@ def handle_submit_train(args) -> int:
         print(f"submitted job {jid}{chain}: {script}")
     print(f"run directory: {result.run_dir}")
     print(f"log:           {result.run_dir}/slurm/slurm-{result.job_ids[0]}.out")
-    if mlflow:
+    if mlflow and mlflow["run_id"]:
         print(f"mlflow run:    {mlflow['run_id']} (experiment {mlflow['experiment']!r} at "
               f"{mlflow['tracking_uri']})")
+    elif mlflow:
+        print(f"mlflow run:    not created yet ({mlflow['tracking_uri']} not reachable now; "
+              f"training creates it)")
     else:
         print("mlflow run:    none (tracking disabled or no tracking.uri / MLFLOW_TRACKING_URI)")
     return 0

@@ -31,6 +31,19 @@ def available(command: str = "sbatch") -> bool:
     return shutil.which(command) is not None
 
 
+def config_file() -> Path | None:
+    """The slurm.conf clients will read ($SLURM_CONF, the default path, configless cache)."""
+    import os
+
+    if os.environ.get("SLURM_CONF"):
+        path = Path(os.environ["SLURM_CONF"])
+        return path if path.is_file() else None
+    for path in (Path("/etc/slurm/slurm.conf"), Path("/run/slurm/conf/slurm.conf")):
+        if path.is_file():
+            return path
+    return None
+
+
 def run_slurm(args: Sequence[str], timeout: float = 60, check: bool = True) -> str:
     """Run a Slurm client command; return stdout (RdptLaunchError on failure when check)."""
     if not available(args[0]):

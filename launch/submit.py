@@ -317,6 +317,11 @@ def check_cluster_or_warn(opts: SbatchOptions, *, dry_run: bool) -> None:
                   file=sys.stderr)
             return
         raise RdptLaunchError("scontrol/sbatch not found on PATH: is this a Slurm login node?")
+    if dry_run and slurm_tools.config_file() is None:
+        # NOTE: clients retry a missing slurm.conf for 60 s; a dry run should not wait for that.
+        print("warning: no slurm.conf ($SLURM_CONF, /etc/slurm/slurm.conf): partition/account/"
+              "GPUs not checked", file=sys.stderr)
+        return
     try:
         slurm_tools.run_slurm(["scontrol", "ping"], timeout=20)
     except RdptLaunchError as e:
@@ -397,6 +402,8 @@ def ensure_mlflow_run(plan: TrainPlan) -> dict | None:
         return None
     from pipeline.tracking.logger import RunTracker
 
-    tracker = RunTracker(plan.run_dir, uri, cfg.tracking.experiment, cfg.run.name)
-    run_id = tracker.ensure_run()
+    # NOTE: never close() it here: that would mark the run FINISHED before training starts.
+    tracker = RunTracker(plan.run_dir, uri, cfg.tracking.experiment, cfg.run.name,
+                         system_metrics_interval=0)
+    run_id = tracker.ensure_run()  # None when the server is unreachable now (training retries)
     return {"run_id": run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment}

@@ -1,0 +1,81 @@
+"""Bad input caught before sbatch, checked against a real cluster (sinfo/scontrol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs/train/tiny.yaml")
+
+BAD = [
+    (["--partition", "nope"], "unknown partition 'nope'"),
+    (["--partition", "restricted"], "partition 'restricted' needs --account"),
+    (["--partition", "restricted", "--account", "gamma"],
+     "account 'gamma' may not use partition 'restricted' (AllowAccounts=alpha,beta)"),
+    (["--gpus-per-node", "2", "train.micro_batch_size=8"],
+     "nodes of partition 'debug' have 0 GPU(s)"),
+    (["--nodes", "2"], "partition 'debug' has only 1 node(s)"),
+]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, slurm_cluster):
+    slurm_cluster.activate(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RDPT_SITE_CONFIG", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def submit(capsys, *argv):
+    rc = main(["submit", "train", TINY, *argv])
+    return (rc, *capsys.readouterr())
+
+
+def queue(cluster) -> str:
+    return cluster.run("squeue", "-h", "-o", "%i %j").stdout.strip()
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m.split(" (")[0] for _, m in BAD])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+def test_cluster_rejects_bad_input(project, capsys, slurm_cluster, tiny_dataset, args, message,
+                                   dry_run):
+    before = queue(slurm_cluster)
+    extra = ["--dry-run"] if dry_run else []
+    rc, out, err = submit(capsys, *args, *extra, f"data.path={tiny_dataset}", "run.name=bad",
+                          "tracking.enabled=false")
+    assert rc == 2 and message in err, (out, err)
+    assert queue(slurm_cluster) == before  # nothing submitted
+    assert not (project / ".rdpt").exists()
+
+
+def test_allowed_account_passes_the_checks(project, capsys, tiny_dataset):
+    rc, out, err = submit(capsys, "--partition", "restricted", "--account", "beta", "--dry-run",
+                          f"data.path={tiny_dataset}")
+    assert rc == 0, err
+    assert "#SBATCH --partition=restricted\n" in out and "#SBATCH --account=beta\n" in out
+
+
+def test_unwritable_run_dir_and_changed_config(project, capsys, slurm_cluster, tiny_dataset):
+    before = queue(slurm_cluster)
+    (project / "afile").write_text("x")
+    rc, out, err = submit(capsys, f"data.path={tiny_dataset}", "run.dir=afile/run",
+                          "tracking.enabled=false")
+    assert rc == 2 and "run directory" in err and "is not writable" in err, err
+    # a run directory that already holds a different config is refused, naming the key
+    run_dir = project / "runs" / "same"
+    run_dir.mkdir(parents=True)
+    args = [f"data.path={tiny_dataset}", "run.name=same", "tracking.enabled=false", "--dry-run"]
+    rc, out, err = submit(capsys, *args)
+    assert rc == 0, err
+    resolved = out.split("# ---- resolved config")[1].split("\n", 1)[1].split("\n# ----")[0]
+    (run_dir / "resolved.yaml").write_text(resolved)
+    rc, out, err = submit(capsys, *args, "optim.lr=1e-3")
+    assert rc == 2 and "already holds a different config (optim.lr: 0.003 -> 0.001)" in err, err
+    rc, out, err = submit(capsys, *args, "train.max_steps=600")  # extending a run is fine
+    assert rc == 0, err
+    assert queue(slurm_cluster) == before and not (project / ".rdpt").exists()
