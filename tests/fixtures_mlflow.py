@@ -64,7 +64,8 @@ def chromium() -> str:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
         proc = subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "fonts-dejavu-core"],
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium",
+             "fonts-dejavu-core"],
             env=env, capture_output=True, text=True,
         )  # fmt: skip
         assert proc.returncode == 0, f"apt-get install chromium failed:\n{proc.stderr[-3000:]}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -130,13 +132,16 @@ def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
     assert [m.step for m in hist] == list(range(150))  # each step exactly once
     assert [m.value for m in hist] == pytest.approx([value(s) for s in range(150)])
 
-    # The job ends while the server is down: the rest is delivered by the next tracker
-    # (a resumed job) on the same run dir, into the same MLflow run.
-    server.stop()
-    for s in range(150, 200):
-        tracker.log_metrics({"train/loss": value(s)}, step=s)
-    assert tracker.close("KILLED", timeout=1.0) is False
-    server = mlflow_server_factory(root=server.root, port=server.port)
+    # The job ends while the server hangs (SIGSTOP: connections accepted by the kernel, no
+    # answer): the rest is delivered by the next tracker (a resumed job) on the same run dir,
+    # into the same MLflow run.
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        for s in range(150, 200):
+            tracker.log_metrics({"train/loss": value(s)}, step=s)
+        assert tracker.close("KILLED", timeout=1.0) is False
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
     resumed = RunTracker(run_dir, server.url, experiment_name, "outage", system_metrics_interval=0)
     assert resumed.ensure_run() == run_id
     assert resumed.close(timeout=60)

@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     q.set_defaults(func=runs_list_handler)
     q = sub.add_parser("compare", parents=[common], help="compare two or more runs",
                        epilog=RUNS_EPILOG, formatter_class=fmt,
-                       description="Params that differ, metrics side by side, comparison plots.")  # fmt: skip
+                       description="Params that differ, metrics side by side, plots.")  # fmt: skip
     q.add_argument("runs", nargs="+", metavar="RUN", help="run ids or run names")
     q.add_argument("--out", default=None, help="directory for plots and comparison.json "
                    "(default comparisons/vs-<ids>)")  # fmt: skip

@@ -20,6 +20,7 @@ Only rank 0 of a distributed job should create a RunTracker.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
@@ -164,6 +165,7 @@ class RunTracker:
             self._worker = threading.Thread(target=self._run_worker, name="rdpt-mlflow",
                                             daemon=True)  # fmt: skip
             self._worker.start()
+            atexit.register(self._flush_at_exit)
 
     # ---------------------------------------------------------------- public API
 
@@ -284,16 +286,17 @@ class RunTracker:
         with self._lock:
             self._stop = True
             self._closed = True
-            pending = len(self._queue)
+            pending = len(self._queue) + self._sending
         self._wake.set()
         if self._worker is not None:
-            self._worker.join(timeout=5.0)
+            self._worker.join(timeout=min(5.0, max(timeout, 0.5)))
         self._write_delivered(force=True)
         with self._lock:
             self._jsonl.close()
         if not ok:
-            log.warning("MLflow: %d operations not delivered to %s (metrics are in %s; a resumed "
-                        "run replays them)", pending, self.tracking_uri, self._jsonl_path)  # fmt: skip
+            log.warning("MLflow: %d operations not delivered to %s (metrics are in %s; a "
+                        "resumed run replays them)", pending, self.tracking_uri,
+                        self._jsonl_path)  # fmt: skip
         return ok
 
     def __enter__(self) -> "RunTracker":
@@ -303,6 +306,11 @@ class RunTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("FINISHED" if exc_type is None else
                    "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")  # fmt: skip
+
+    def _flush_at_exit(self) -> None:
+        # A process that never called close(): deliver what we can; the rest is replayed later.
+        if not self._closed:
+            self.flush(timeout=10.0)
 
     @property
     def pending(self) -> int:
@@ -358,8 +366,8 @@ class RunTracker:
                 self._existing_params = dict(run.data.params)
             else:
                 exp_id = self._experiment_id(client)
-                run = client.create_run(exp_id, run_name=self.run_name,
-                                        tags={"rdpt.run_dir": str(self.run_dir.resolve())})  # fmt: skip
+                tags = {"rdpt.run_dir": str(self.run_dir.resolve())}
+                run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.experiment_id = run.info.experiment_id
             atomic_write_json(self.run_dir / RUN_FILE, {
                 "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
@@ -439,6 +447,8 @@ class RunTracker:
                                 self.tracking_uri, time.monotonic() - (self._outage_since or now))
                 self._server_ok, self._outage_since = True, None
                 delay = self.flush_interval
+            elif self._stop:
+                return
             else:
                 self.stats["send_failures"] += 1
                 if self._server_ok:
@@ -460,6 +470,8 @@ class RunTracker:
                 self._resolve_run()
             while True:
                 with self._lock:
+                    if self._stop:  # closed: a later tracker on this run dir takes over
+                        return False
                     ops = self._take_batch()
                     if not ops:
                         return True

@@ -41,7 +41,7 @@ def _as_points(series) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_loss_vs_r(results, path: str | os.PathLike, title: str = "loss against recurrence") -> Path:
+def plot_loss_vs_r(results, path: str | os.PathLike, title: str = "loss against depth") -> Path:
     """Loss against the number of recurrences r (log2 x axis).
 
     `results`: `{r: loss}`, a list of `{"r": r, "loss": loss}` dicts, or several such series

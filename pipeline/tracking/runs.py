@@ -55,7 +55,8 @@ def find_experiment(client, name: str):
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
         known = sorted(e.name for e in client.search_experiments())
-        raise RdptTrackingError(f"unknown experiment {name!r} (known: {', '.join(known) or 'none'})")
+        known_s = ", ".join(known) or "none"
+        raise RdptTrackingError(f"unknown experiment {name!r} (known: {known_s})")
     return exp
 
 
@@ -105,7 +106,8 @@ def loss_by_r(client, run) -> dict[int, float]:
 def _history(client, run, key: str) -> list:
     if key not in run.data.metrics:
         return []
-    return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+    hist = client.get_metric_history(run.info.run_id, key)
+    return sorted(hist, key=lambda m: (m.step, m.timestamp))
 
 
 def _median(client, run, key: str) -> float | None:
@@ -145,8 +147,10 @@ def list_runs(
     if not exps:
         return []
     try:
-        runs = client.search_runs(list(names), filter_string=filter_string or "",
-                                  max_results=max_results, order_by=["attributes.start_time DESC"])  # fmt: skip
+        runs = client.search_runs(
+            list(names), filter_string=filter_string or "", max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
     except MlflowException as e:
         raise RdptTrackingError(f"bad --filter {filter_string!r}: {e.message}") from e
     return [run_row(client, r, names[r.info.experiment_id]) for r in runs]
@@ -288,7 +292,9 @@ def format_comparison(result: dict[str, Any], fmt: str = "md") -> str:
 
 def _markdown(cols: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
