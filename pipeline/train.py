@@ -116,6 +116,10 @@ def make_tracker(cfg: TrainConfig, run_dir: Path, world: int, tp: int, dp: int, 
     return tracker
 
 
+def _skipped_optimizer_step(*args, **kwargs) -> None:
+    return None
+
+
 def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig,
                stop: StopFlag, device) -> tuple[float, bool, bool, float]:
     """One optimizer step over grad_accum micro-batches.
@@ -146,9 +150,16 @@ def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig
                 stats = stats.to(device)
                 dist.all_reduce(stats)
                 stats = stats.cpu()
-            if stats[1] > 0 and cfg.parallel.zero_stage == 0:
-                engine.zero_grad()  # ZeRO>=1 skips a non-finite step inside DeepSpeed
-        engine.step()
+        if i == len(batches) - 1 and stats[1] > 0 and cfg.parallel.zero_stage == 0:
+            # ZeRO>=1 skips a non-finite step inside DeepSpeed; ZeRO-0 hands the optimizer
+            # to torch, so this one step() runs without it (the engine still counts it).
+            engine.optimizer.step = _skipped_optimizer_step
+            try:
+                engine.step()
+            finally:
+                del engine.optimizer.step
+        else:
+            engine.step()
     world = dist.get_world_size() if dist.is_initialized() else 1
     nonfinite = bool(stats[1] > 0) or not engine.was_step_applied()
     mean_loss = float(stats[0]) / (world * len(batches))

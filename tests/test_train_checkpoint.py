@@ -1,0 +1,127 @@
+"""CheckpointManager with a real DeepSpeed engine (ZeRO-2, gloo, one process): atomic
+directories, `latest` pointer, keep-last-K, sha256 verification naming the corrupted file,
+auto-resume falling back past it, a crash while saving leaving the previous checkpoint
+loadable, and refusal of a different dataset or model config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distributed import run_distributed
+
+
+def _engine(seed: int):
+    import torch
+
+    from pipeline.config import load_train_config
+    from pipeline.engine import build_engine
+
+    cfg = load_train_config(None, ["parallel.zero_stage=2", "train.global_batch_size=2",
+                                   "train.micro_batch_size=2", "optim.lr=0.01"])
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return build_engine(model, cfg, dp=1, grad_accum=1)
+
+
+def _train(engine, steps: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(2, 8, generator=g)
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+
+
+def _params(engine):
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def checkpoint_checks(rank, world, tmp: str):
+    import torch
+
+    from pipeline.checkpoint import (
+        CheckpointManager, check_compatible, read_trainer_state, verify_checkpoint,
+    )
+    from pipeline.errors import RdptCheckpointError
+
+    run_dir = Path(tmp) / "run"
+    mgr = CheckpointManager(run_dir, keep_last=2)
+    engine = _engine(0)
+    saved = {}
+    for step in (1, 2, 3):
+        _train(engine, 1)
+        state = {"loader": {"position": step}, "manifest_sha256": "abc",
+                 "model_config": {"hidden_size": 8}, "parallel": {"tp": 1, "dp": 1, "zero_stage": 2}}
+        mgr.save(engine, step, state, config_yaml="a: 1\n")
+        saved[step] = _params(engine)
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000002", "step-00000003"], names  # kept the last 2
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000003"
+    verify_checkpoint(run_dir / "checkpoints/step-00000003")
+
+    # a crash half-way through saving step 4: no step-4 dir, `latest` unchanged, step 3 loads
+    class Crash(Exception):
+        pass
+
+    def crash():
+        raise Crash()
+
+    _train(engine, 1)
+    with pytest.raises(Crash):
+        mgr.save(engine, 4, {"loader": {}}, config_yaml="a: 1\n", crash_hook=crash)
+    assert not (run_dir / "checkpoints/step-00000004").exists()
+    assert (run_dir / "checkpoints/.tmp-step-00000004").is_dir()
+    assert mgr.find_resume("auto").name == "step-00000003"
+    fresh = _engine(1)
+    state = mgr.load(fresh, mgr.find_resume("auto"))
+    assert state["step"] == 3 and state["loader"] == {"position": 3}
+    for a, b in zip(_params(fresh), saved[3]):
+        assert torch.equal(a, b)
+    # the restored optimizer continues exactly like the original would have
+    reference = _engine(2)
+    mgr.load(reference, run_dir / "checkpoints/step-00000003")
+    _train(fresh, 2)
+    _train(reference, 2)
+    for a, b in zip(_params(fresh), _params(reference)):
+        assert torch.equal(a, b)
+
+    # corruption: refused by name; auto-resume falls back to the previous good checkpoint
+    victim = sorted((run_dir / "checkpoints/step-00000003/ds").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(RdptCheckpointError, match=f"{victim.name} is corrupted"):
+        verify_checkpoint(run_dir / "checkpoints/step-00000003")
+    with pytest.raises(RdptCheckpointError, match="corrupted"):
+        mgr.find_resume(str(run_dir / "checkpoints/step-00000003"))
+    assert mgr.find_resume("auto").name == "step-00000002"
+    assert mgr.find_resume("none") is None
+    # compatibility: a different dataset or model is refused, saying what differs
+    ckpt = run_dir / "checkpoints/step-00000002"
+    st = read_trainer_state(ckpt)
+    with pytest.raises(RdptCheckpointError, match="different dataset: manifest sha256 abc"):
+        check_compatible(st, ckpt, manifest_sha256="xyz", model_config={"hidden_size": 8},
+                         tp=1, dp=1, zero_stage=2)
+    with pytest.raises(RdptCheckpointError, match="model.hidden_size: 8 in checkpoint, 16 now"):
+        check_compatible(st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 16},
+                         tp=1, dp=1, zero_stage=2)
+    with pytest.raises(RdptCheckpointError, match="ZeRO stage 2 x dp 1; now stage 2 x dp 2"):
+        check_compatible(st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 8},
+                         tp=1, dp=2, zero_stage=2)
+    check_compatible(st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 8},
+                     tp=1, dp=1, zero_stage=2)
+
+    # a later save cleans the stale temp dir and still keeps 2
+    mgr.save(fresh, 5, {"loader": {}}, config_yaml="a: 1\n")
+    assert not (run_dir / "checkpoints/.tmp-step-00000004").exists()
+    assert [c.name for c in mgr.complete_checkpoints()] == ["step-00000003", "step-00000005"]
+    return True
+
+
+def test_checkpoint_manager_with_a_real_deepspeed_engine(tmp_path):
+    assert run_distributed(checkpoint_checks, world_size=1, args=(str(tmp_path),),
+                           env={"OMP_NUM_THREADS": "1"}) == [True]
