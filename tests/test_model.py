@@ -254,6 +254,24 @@ def test_sdpa_and_math_backends_agree_and_cached_forward_equals_full(tp1):
     torch.testing.assert_close(logits["sdpa"], logits["math"], atol=2e-5, rtol=1e-5)
 
 
+def test_kv_cache_overwrites_shared_slots_and_fills_gaps_from_latest_slot():
+    from pipeline.model.kv_cache import KVCache
+
+    cache = KVCache()
+    t = lambda v, n=1: torch.full((n, 1, 2, 4), float(v))  # noqa: E731
+    cache.update(("core", 0, 0), t(1, 3), t(1, 3), offset=0)  # prefill 3 positions, slot 0
+    cache.update(("core", 1, 0), t(2, 3), t(2, 3), offset=0)  # slot 1
+    k, _ = cache.update(("core", 0, 0), t(5), t(5), offset=3)  # token 3, slot 0
+    assert k.shape[0] == 4 and k[3].eq(5).all() and k[:3].eq(1).all()
+    k, _ = cache.update(("core", 0, 0), t(6), t(6), offset=3)  # same slot again: overwrite
+    assert k.shape[0] == 4 and k[3].eq(6).all()
+    # slot 1 never saw token 3 (that token exited early): filled from the latest slot (0).
+    k, _ = cache.update(("core", 1, 0), t(7), t(7), offset=4)
+    assert k.shape[0] == 5 and k[3].eq(6).all() and k[4].eq(7).all() and k[:3].eq(2).all()
+    with pytest.raises(ValueError, match="no other slot"):
+        cache.update(("coda", 0, 0), t(1), t(1), offset=2)
+
+
 def test_initial_state_depends_only_on_seed_and_sample_id(tp1):
     cfg = small_cfg()
     model = build(cfg)

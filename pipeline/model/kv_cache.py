@@ -8,6 +8,11 @@ i % budget for Huginn's KV sharing, which keeps memory constant in r).
 Entries are position-indexed buffers: writing keys for positions [offset, offset + S) overwrites
 what a previous write at the same positions left (a shared slot rewritten by a later iteration
 of the same token) and grows the buffer when needed. Reading returns positions [0, offset + S).
+
+A slot may miss earlier positions (a token that exited early, per-token adaptive depth, never
+wrote it): those positions are filled from the most recently written slot of the same
+(block, layer) that has them (Huginn's "latest" lookup), so attention always sees every
+earlier position.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ class KVCache:
         self._k: dict[tuple[str, int, int], torch.Tensor] = {}
         self._v: dict[tuple[str, int, int], torch.Tensor] = {}
         self._len: dict[tuple[str, int, int], int] = {}
+        self._written: dict[tuple[str, int, int], int] = {}  # key -> write counter
+        self._clock = 0
 
     def __len__(self) -> int:
         return len(self._k)
@@ -40,11 +47,14 @@ class KVCache:
         S = k_SBNh.shape[0]
         end = offset + S
         have = self._len.get(key, 0)
+        donor = None
         if offset > have:
-            raise ValueError(
-                f"KV cache {key}: writing at position {offset} but only {have} positions are "
-                "cached (positions must be written in order)"
-            )
+            donor = self._latest_donor(key, offset)
+            if donor is None:
+                raise ValueError(
+                    f"KV cache {key}: writing at position {offset} but only {have} positions "
+                    "are cached and no other slot of this layer has them"
+                )
         buf_k = self._k.get(key)
         if buf_k is None or buf_k.shape[0] < end:
             cap = max(end, 2 * (buf_k.shape[0] if buf_k is not None else 0), 16)
@@ -54,11 +64,25 @@ class KVCache:
                 new_k[:have] = buf_k[:have]
                 new_v[:have] = self._v[key][:have]
             self._k[key], self._v[key] = new_k, new_v
+        if donor is not None:
+            self._k[key][have:offset] = self._k[donor][have:offset]
+            self._v[key][have:offset] = self._v[donor][have:offset]
         self._k[key][offset:end] = k_SBNh
         self._v[key][offset:end] = v_SBNh
         # NOTE: positions after `end` (from a longer earlier write) are dropped on purpose.
         self._len[key] = end
+        self._clock += 1
+        self._written[key] = self._clock
         return self._k[key][:end], self._v[key][:end]
+
+    def _latest_donor(self, key, offset):
+        block, _, layer = key
+        candidates = [
+            other for other in self._k
+            if other[0] == block and other[2] == layer and other != key
+            and self._len[other] >= offset
+        ]
+        return max(candidates, key=lambda o: self._written[o], default=None)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self._k.values(), *self._v.values()])
