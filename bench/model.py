@@ -17,7 +17,6 @@ eager), in seconds. Results go to bench/results/model-<device>-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,8 +38,11 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="model YAML (default: bench-0.7b on GPU, tiny on CPU)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default=None,
+                   help="model YAML (default: bench-0.7b on GPU, tiny on CPU)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--r", type=int, nargs="+", default=None, help="core iterations (default 16 32)")
@@ -62,7 +64,8 @@ def settings(args, cuda: bool) -> dict:
     default_backends = (["math", "sdpa"] if small else
                         (["flash"] if _flash_attn_func is not None else []) + ["sdpa"])
     return {
-        "config": args.config or str(ROOT / "configs/model" / ("tiny.yaml" if small else "bench-0.7b.yaml")),
+        "config": args.config
+        or str(ROOT / "configs/model" / ("tiny.yaml" if small else "bench-0.7b.yaml")),
         "seq_len": args.seq_len or (64 if small else 4096),
         "micro_batch": args.micro_batch or 2,
         "rs": args.r or ([4] if small else [16, 32]),
@@ -132,6 +135,13 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     return res
 
 
+def describe(res: dict) -> str:
+    mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
+    mem = f"{res['peak_mem_gib']:.1f} GiB" if res["peak_mem_gib"] is not None else "n/a"
+    return (f"{res['tokens_per_s']:,.0f} tok/s  {res['tflops']:.2f} TFLOP/s  MFU {mfu}  "
+            f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -159,7 +169,8 @@ def main(argv=None) -> int:
         for backend in s["backends"]:
             for compiled in compiles:
                 for r in s["rs"]:
-                    label = f"{backend:<6} compile={'on ' if compiled else 'off'} r={r:<3} k={s['k']}"
+                    label = (f"{backend:<6} compile={'on ' if compiled else 'off'} "
+                             f"r={r:<3} k={s['k']}")
                     try:
                         res = bench_one(cfg, backend=backend, compiled=compiled, r=r, k=s["k"],
                                         seq_len=s["seq_len"], mb=s["micro_batch"],
@@ -174,10 +185,7 @@ def main(argv=None) -> int:
                             torch.cuda.empty_cache()
                         continue
                     res["mfu"] = res["tflops"] / peak if peak else None
-                    mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
-                    mem = f"{res['peak_mem_gib']:.1f} GiB" if res["peak_mem_gib"] is not None else "n/a"
-                    print(f"{label}: {res['tokens_per_s']:,.0f} tok/s  {res['tflops']:.2f} TFLOP/s  "
-                          f"MFU {mfu}  peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)", flush=True)
+                    print(f"{label}: {describe(res)}", flush=True)
                     rows.append(res)
     finally:
         if owns:

@@ -12,7 +12,12 @@ from safetensors.torch import load_file, save_file
 from pipeline.cli import main
 from pipeline.errors import RdptCheckpointError
 from pipeline.model.consolidated import build_from_consolidated, load_consolidated
-from test_model_reference import huginn_forward, random_hf_state_dict, small_hf_config, tp1  # noqa: F401
+from test_model_reference import (  # noqa: F401  (tp1 is a fixture)
+    huginn_forward,
+    random_hf_state_dict,
+    small_hf_config,
+    tp1,
+)
 
 
 def write_hf(tmp_path, hf_cfg, sd):
@@ -46,7 +51,8 @@ def test_hf_round_trip_is_bitwise_and_logits_match_reference(tp1, tmp_path):
     assert torch.equal(w_rd[hd:2 * hd], w_hf[cfg.hidden_size:cfg.hidden_size + hd])  # k of head 0
 
     model, cfg = build_from_consolidated(ckpt)
-    ids = torch.randint(0, hf_cfg["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, hf_cfg["vocab_size"], (2, 16), generator=g)
     for r in (1, 4, 7):
         with torch.no_grad():
             out = model(ids, num_steps=r, state_init="zero").logits_BSV

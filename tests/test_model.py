@@ -97,7 +97,9 @@ def test_flops_per_token_follows_performance_md():
     fl = 2 * (4 * d * d + 3 * d * f) + 2 * S * d
     expect = 3 * 4 * fl + 3 * 2 * d * V + (3 * 8 + 24) * (4 * fl + 4 * d * d)
     assert flops_per_token(cfg, 32, 8, S) == expect
-    assert flops_per_token(cfg, 4, 8, S) == 3 * 4 * fl + 3 * 2 * d * V + 3 * 4 * (4 * fl + 4 * d * d)
+    # r < k: every iteration carries gradients
+    expect_r4 = 3 * 4 * fl + 3 * 2 * d * V + 3 * 4 * (4 * fl + 4 * d * d)
+    assert flops_per_token(cfg, 4, 8, S) == expect_r4
 
 
 # ---------------------------------------------------------------------- architecture

@@ -86,7 +86,8 @@ def huginn_forward(sd, hf_cfg, ids_BS, num_steps, s0_BSH, backprop_depth=None):
 def random_hf_state_dict(hf_cfg, seed=0):
     """Random Huginn-layout tensors (tied head) for a small config."""
     g = torch.Generator().manual_seed(seed)
-    h, f, V, nh = hf_cfg["n_embd"], hf_cfg["intermediate_size"], hf_cfg["vocab_size"], hf_cfg["n_heads"]
+    h, f = hf_cfg["n_embd"], hf_cfg["intermediate_size"]
+    V, nh = hf_cfg["vocab_size"], hf_cfg["n_heads"]
 
     def rnd(*shape, std):
         return torch.randn(*shape, generator=g) * std

@@ -103,7 +103,9 @@ class ModelConfig(ConfigModel):
             if getattr(self, key) < 0:
                 raise RdptConfigError(f"model.{key}: must be >= 0, got {getattr(self, key)}")
         if self.n_core < 1:
-            raise RdptConfigError(f"model.n_core: the recurrent core needs >= 1 layer, got {self.n_core}")
+            raise RdptConfigError(
+                f"model.n_core: the recurrent core needs >= 1 layer, got {self.n_core}"
+            )
         if self.hidden_size % self.num_heads:
             raise RdptConfigError(
                 f"model.num_heads: {self.num_heads} heads do not divide "

@@ -138,7 +138,9 @@ def load_consolidated(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
     weights, config = path / WEIGHTS, path / CONFIG
     for f in (weights, config):
         if not f.is_file():
-            raise RdptCheckpointError(f"{path}: not an rdpt consolidated checkpoint ({f.name} missing)")
+            raise RdptCheckpointError(
+                f"{path}: not an rdpt consolidated checkpoint ({f.name} missing)"
+            )
     with safe_open(str(weights), framework="pt") as f:
         fmt = (f.metadata() or {}).get("format")
     if fmt != FORMAT:

@@ -142,7 +142,9 @@ def hf_to_rdpt(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     out["ln_f.weight"] = hf_sd["transformer.ln_f.weight"]
     if not cfg.tie_embeddings:
         out["output_layer.weight"] = hf_sd["lm_head.weight"]
-    elif "lm_head.weight" in hf_sd and not torch.equal(hf_sd["lm_head.weight"], out["embedding.weight"]):
+    elif "lm_head.weight" in hf_sd and not torch.equal(
+        hf_sd["lm_head.weight"], out["embedding.weight"]
+    ):
         raise RdptCheckpointError(
             "HF checkpoint: tie_embeddings is true but lm_head.weight differs from transformer.wte"
         )
