@@ -95,7 +95,8 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
 
     cfg = cfg.model_copy(update={"attention_backend": backend})
     torch.manual_seed(0)
-    model = build_model(cfg, params_dtype=dtype).to(device)
+    with torch.device(device):  # NOTE: megatron's "CPU" init then runs on the GPU (fast)
+        model = build_model(cfg, params_dtype=dtype)
     if compiled:
         compile_layers(model)
     g = torch.Generator().manual_seed(0)
