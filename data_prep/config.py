@@ -12,9 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config_io import ConfigModel
 
+from data_prep.sources import STDLIB  # noqa: F401  (re-exported: the "@stdlib" input)
 from data_prep.tokenizer import DEFAULT_SPECIAL_TOKENS, EOT, PAD
-
-STDLIB = "@stdlib"  # input placeholder: the running interpreter's standard-library sources
 
 DEFAULT_EXTENSIONS = [
     ".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
@@ -59,7 +58,7 @@ class PrepConfig(ConfigModel):
     split_seed: int = 0  # mixed into each document's content hash
     seqs_per_member: int = Field(16, ge=1)
     shard_size_mb: float = Field(256.0, gt=0)
-    chunk_mb: float = Field(16.0, gt=0)  # encode work unit (resume + Slurm array granularity)
+    chunk_mb: float = Field(4.0, gt=0)  # encode work unit (resume + Slurm array granularity)
     # operational (workers, overwrite: not part of the fingerprint)
     workers: int | None = Field(None, ge=1)  # default: all cores
     overwrite: bool = False

@@ -49,15 +49,15 @@ class ChunkEncoder:
         nbytes = {s: 0 for s in SPLITS}
         docs_per_file: dict[int, int] = {}
         pieces = [tuple(p) for p in plan["chunks"][index]]
-        for file_index, text in iter_documents(
+        for file_index, text, data in iter_documents(
             self.sources, pieces, plan["text_field"], skipped, plan["strict"]
         ):
-            split = "val" if is_val(text, plan["val_fraction"], plan["split_seed"]) else "train"
-            ids = np.asarray(self.encoder.encode(text), dtype=self.dtype)
-            parts[split].append(ids)
+            split = "val" if is_val(data, plan["val_fraction"], plan["split_seed"]) else "train"
+            ids = self.encoder.encode_array(text)
+            parts[split].append(ids.astype(self.dtype, copy=False))
             parts[split].append(self.eot)
             doc_tokens[split].append(len(ids) + 1)
-            nbytes[split] += len(text.encode("utf-8"))
+            nbytes[split] += len(data)
             docs_per_file[file_index] = docs_per_file.get(file_index, 0) + 1
         meta = {
             "bytes": nbytes,

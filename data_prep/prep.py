@@ -47,7 +47,7 @@ MANIFEST = "manifest.json"
 WORK = ".work"
 OWNED = (MANIFEST, "config.yaml", "tokenizer.json", "train", "val", WORK)
 LOCK = ".prep.lock"  # serialises setup between the tasks of a job array
-PROBE_BYTES = 256 * 1024  # text on which tiktoken must match tokenizers exactly
+PROBE_BYTES = 128 * 1024  # text on which tiktoken must match tokenizers exactly
 
 
 def default_workers() -> int:
@@ -137,7 +137,7 @@ def _training_text(cfg: PrepConfig, sources: list[SourceFile], limit: int) -> It
     """The first `limit` bytes of documents, in order (what the BPE is trained on)."""
     pieces = [(i, 0, -1) for i in range(len(sources))]
     seen = 0
-    for _, text in iter_documents(sources, pieces, cfg.text_field, Skipped(), strict=False):
+    for _, text, _ in iter_documents(sources, pieces, cfg.text_field, Skipped(), strict=False):
         yield text
         seen += len(text)
         if seen >= limit:
@@ -155,7 +155,6 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
     tok_path = work / "tokenizer.json"
     t0 = time.monotonic()
     if cfg.tokenizer.path:
-        tk.load_hf(cfg.tokenizer.path)  # fail early on a bad file
         atomic_copy(cfg.tokenizer.path, tok_path)
         say(f"tokenizer: {cfg.tokenizer.path}")
     else:
@@ -177,7 +176,7 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
         raise RdptDataError(f"tokenizer {cfg.tokenizer.path} has no {tk.EOT} special token")
     vocab_size = hf.get_vocab_size(with_added_tokens=True)
     probe = "".join(_training_text(cfg, sources, PROBE_BYTES))
-    encoder = tk.make_encoder(tok_path, cfg.tokenizer.encoder, probe_text=probe)
+    encoder = tk.make_encoder(tok_path, cfg.tokenizer.encoder, probe_text=probe, hf=hf)
     chunks = plan_chunks(sources, int(cfg.chunk_mb * 2**20))
     plan = {
         "fingerprint": fp,

@@ -26,8 +26,7 @@ from typing import Iterator
 
 from pipeline.errors import RdptDataError
 
-from data_prep.config import STDLIB
-
+STDLIB = "@stdlib"  # input placeholder: the running interpreter's standard-library sources
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
 
@@ -225,9 +224,10 @@ def iter_documents(
     text_field: str,
     skipped: Skipped,
     strict: bool,
-) -> Iterator[tuple[int, str]]:
-    """(file index, text) for every document of `pieces`, in order. Empty documents, binary and
-    non-UTF-8 files, bad JSON lines are skipped and counted (or raise with `strict`)."""
+) -> Iterator[tuple[int, str, bytes]]:
+    """(file index, text, its UTF-8 bytes) for every document of `pieces`, in order. Empty
+    documents, binary and non-UTF-8 files, bad JSON lines are skipped and counted (or raise
+    with `strict`)."""
     for i, a, b in pieces:
         src = sources[i]
         if src.kind == "text":
@@ -241,7 +241,7 @@ def iter_documents(
             if not text:
                 skipped.add(src.path, "empty")
                 continue
-            yield i, text
+            yield i, text, data
             continue
         for where, line in _jsonl_lines(src, a, b):
             if not line.strip():
@@ -268,13 +268,16 @@ def iter_documents(
             if not text:
                 skipped.add(src.path, "empty", loc)
                 continue
-            yield i, text
+            yield i, text, text.encode("utf-8")
 
 
-def is_val(text: str, val_fraction: float, split_seed: int) -> bool:
-    """Stable train/val assignment from a hash of the document's content (and the seed):
-    identical documents always land in the same split, whatever the file order."""
+def is_val(text: str | bytes, val_fraction: float, split_seed: int) -> bool:
+    """Stable train/val assignment from a hash of the document's content (its UTF-8 bytes)
+    keyed by the seed: identical documents always land in the same split, whatever the file
+    order or worker count."""
     if val_fraction <= 0.0:
         return False
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=(split_seed % 2**64).to_bytes(8, "little"))
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    key = (split_seed % 2**64).to_bytes(8, "little")
+    h = hashlib.blake2b(data, digest_size=8, key=key)
     return int.from_bytes(h.digest(), "little") < val_fraction * 2.0**64

@@ -10,9 +10,9 @@ tiktoken "mergeable ranks" (token bytes -> id). `make_encoder` builds the tiktok
 tokenizer has that shape *and* gives identical ids to `tokenizers` on a probe text; otherwise it
 falls back to `tokenizers` with a logged warning.
 
-Special tokens inside document text are encoded as ordinary text (tiktoken `encode_ordinary`;
-the HF fallback encodes without matching added tokens is not possible, see `HFEncoder`), so a
-document can never inject an `<|endoftext|>` id.
+Special-token strings inside document text are encoded as ordinary text by tiktoken, so a
+document can never inject an `<|endoftext|>` id (the HF fallback cannot do that, see
+`HFEncoder`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 
@@ -158,6 +158,8 @@ class Encoder(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_array(self, text: str) -> np.ndarray: ...
+
 
 class TiktokenEncoder:
     """Encodes with tiktoken; special-token strings in text are encoded as ordinary text."""
@@ -169,6 +171,10 @@ class TiktokenEncoder:
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """uint32 ids straight from tiktoken's buffer (no Python list: ~10% faster)."""
+        return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
 class HFEncoder:
@@ -184,29 +190,42 @@ class HFEncoder:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.uint32)
 
-def make_encoder(path: str | Path, kind: str = "auto", probe_text: str = "") -> Encoder:
+
+@lru_cache(maxsize=4)
+def _tiktoken_cached(path: str, stamp: tuple[int, int]) -> TiktokenEncoder:
+    """Building the tiktoken form of a 32k vocabulary costs ~0.3 s: once per process."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return TiktokenEncoder(tiktoken_from_hf(data))
+
+
+def make_encoder(path: str | Path, kind: str = "auto", probe_text: str = "", hf=None) -> Encoder:
     """The fastest encoder that reproduces `path`'s tokenizer exactly.
 
     kind: "auto" (tiktoken when possible and identical on `probe_text`, else tokenizers),
-    "tiktoken" (error when impossible) or "tokenizers".
+    "tiktoken" (error when impossible) or "tokenizers". `hf`: the already loaded HF tokenizer
+    of `path`, if the caller has it (loading a 32k vocabulary takes ~0.3 s).
     """
-    tok = load_hf(path)
+    def get_hf():
+        return hf if hf is not None else load_hf(path)
+
     if kind == "tokenizers":
-        return HFEncoder(tok)
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return HFEncoder(get_hf())
+    st = Path(path).stat()
     try:
-        enc = TiktokenEncoder(tiktoken_from_hf(data))
+        enc = _tiktoken_cached(str(Path(path).resolve()), (st.st_mtime_ns, st.st_size))
     except ValueError as e:
         if kind == "tiktoken":
             raise RdptDataError(f"{path}: cannot be expressed as a tiktoken encoding: {e}")
         log.warning("tokenizer %s cannot be expressed in tiktoken form (%s): encoding with "
                     "Hugging Face tokenizers instead (about 5x slower)", path, e)
-        return HFEncoder(tok)
+        return HFEncoder(get_hf())
     if probe_text:
-        specials = [t for t in special_ids(tok)]
+        tok = get_hf()
         probe = probe_text
-        for s in specials:  # see HFEncoder: the two differ on literal special-token strings
+        for s in special_ids(tok):  # see HFEncoder: the two differ on literal special tokens
             probe = probe.replace(s, "")
         if enc.encode(probe) != HFEncoder(tok).encode(probe):
             if kind == "tiktoken":
@@ -215,14 +234,3 @@ def make_encoder(path: str | Path, kind: str = "auto", probe_text: str = "") -> 
                         "encoding with tokenizers instead", path)
             return HFEncoder(tok)
     return enc
-
-
-def iter_token_bytes(path: str | Path) -> Iterator[bytes]:
-    """Not used in the hot path; kept small: bytes of each id (for inspect)."""
-    tok = load_hf(path)
-    for i in range(tok.get_vocab_size()):
-        yield (tok.id_to_token(i) or "").encode()
-
-
-def to_array(ids: list[int], dtype: np.dtype) -> np.ndarray:
-    return np.asarray(ids, dtype=dtype)

@@ -35,7 +35,7 @@ def read_manifest(path: str | Path) -> dict:
 
 def open_shard(root: Path, manifest: dict, shard: dict) -> ShardReader:
     return ShardReader(root / shard["path"], shard["sequences"], manifest["seq_len"],
-                       manifest["dtype"], manifest["seqs_per_member"])
+                       manifest["dtype"], manifest["seqs_per_member"], backend="tarfile")
 
 
 def iter_split_rows(root: Path, manifest: dict, split: str):
