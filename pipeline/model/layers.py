@@ -1,8 +1,9 @@
 """Decoder layers built from megatron-core ModuleSpecs.
 
 The layer kind (Huginn sandwich vs plain pre-norm), the core-attention backend and the TP
-leaves (ColumnParallelLinear / RowParallelLinear) are choices made in `layer_spec`, with
-direct class references; the layer code is the same for every choice.
+leaves (megatron's ColumnParallelLinear / RowParallelLinear, as ColumnLinear / RowLinear with
+a compile-friendly forward at TP 1) are choices made in `layer_spec`, with direct class
+references; the layer code is the same for every choice.
 
     sandwich:  x' = n2(x + Attn(n1(x))),   x'' = n4(x' + MLP(n3(x')))
     prenorm:   x' = x + Attn(n1(x)),       x'' = x' + MLP(n3(x'))
@@ -20,6 +21,46 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from pipeline.model.attention import CoreAttention, HuginnSelfAttention, SelfAttentionSubmodules
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear; at TP size 1 its forward is a plain F.linear (same
+    math, same parameter layout) so torch.compile captures a whole layer without the graph
+    breaks megatron's autograd function and process-group lookups cause."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from megatron.core.parallel_state import get_tensor_model_parallel_world_size
+
+        self._plain = get_tensor_model_parallel_world_size() == 1
+
+    def forward(self, input_, weight=None, *args, **kwargs):
+        if self._plain and weight is None:
+            return _plain_linear(self, input_)
+        return super().forward(input_, weight, *args, **kwargs)
+
+
+class RowLinear(RowParallelLinear):
+    """megatron's RowParallelLinear with a plain F.linear forward at TP size 1 (see
+    ColumnLinear)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from megatron.core.parallel_state import get_tensor_model_parallel_world_size
+
+        self._plain = get_tensor_model_parallel_world_size() == 1
+
+    def forward(self, input_, *args, **kwargs):
+        if self._plain and not args and not kwargs:
+            return _plain_linear(self, input_)
+        return super().forward(input_, *args, **kwargs)
+
+
+def _plain_linear(layer, x):
+    bias = getattr(layer, "bias", None)
+    if bias is not None and layer.skip_bias_add:
+        return F.linear(x, layer.weight), bias
+    return F.linear(x, layer.weight, bias), None
 
 
 class RMSNorm(torch.nn.Module):
@@ -114,14 +155,14 @@ def layer_spec(layer_type: str = "sandwich") -> ModuleSpec:
     attention = ModuleSpec(
         module=HuginnSelfAttention,
         submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear,
+            linear_qkv=ColumnLinear,
             core_attention=CoreAttention,
-            linear_proj=RowParallelLinear,
+            linear_proj=RowLinear,
         ),
     )
     mlp = ModuleSpec(
         module=SwiGLUMLP,
-        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        submodules=MLPSubmodules(linear_fc1=ColumnLinear, linear_fc2=RowLinear),
     )
     sandwich = layer_type == "sandwich"
     return ModuleSpec(

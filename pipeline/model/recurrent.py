@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from pipeline.errors import RdptConfigError
 from pipeline.model import compat
 from pipeline.model.config import ModelConfig
-from pipeline.model.layers import RMSNorm, layer_spec
+from pipeline.model.layers import ColumnLinear, RMSNorm, RowLinear, layer_spec
 from pipeline.recurrence import split_steps
 
 STATE_INIT_ALIASES = {
@@ -99,7 +99,7 @@ class RecurrentDepthLM(MegatronModule):
             cfg.vocab_size, h, init_method=config.init_method, config=config
         )
         self.prelude_block = make_layers(cfg.n_prelude)
-        self.adapter = tensor_parallel.RowParallelLinear(
+        self.adapter = RowLinear(
             2 * h, h, config=config, init_method=config.init_method, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
@@ -109,7 +109,7 @@ class RecurrentDepthLM(MegatronModule):
         if cfg.tie_embeddings:
             self.output_layer = None
         else:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
+            self.output_layer = ColumnLinear(
                 h, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
                 gather_output=False,
             )
