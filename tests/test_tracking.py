@@ -164,6 +164,8 @@ def test_resume_continues_the_same_run(mlflow_server, tmp_path, experiment_name)
     assert first.close("KILLED")
     client = MlflowClient(mlflow_server.url)
     assert client.get_run(run_id).info.status == "KILLED"
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write('{"step": 5, "timest')  # the job was killed in the middle of a line
 
     second = RunTracker(run_dir, mlflow_server.url, experiment_name, "resumed",
                         system_metrics_interval=0)  # fmt: skip
@@ -180,6 +182,9 @@ def test_resume_continues_the_same_run(mlflow_server, tmp_path, experiment_name)
     assert [m.step for m in _history(client, run_id, "train/loss")] == list(range(10))
     runs = client.search_runs([run.info.experiment_id])
     assert len(runs) == 1
+    lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    assert lines[5] == '{"step": 5, "timest'  # the torn line stays alone, the rest parses
+    assert [json.loads(x)["step"] for x in lines[:5] + lines[6:]] == list(range(10))
 
 
 def test_sqlite_store_and_disabled(tmp_path, monkeypatch):

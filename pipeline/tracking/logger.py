@@ -28,7 +28,9 @@ import math
 import os
 import posixpath
 import re
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -143,6 +145,11 @@ class RunTracker:
         self._existing_params: dict[str, str] = {}
         self._jsonl_path = self.run_dir / METRICS_FILE
         self._jsonl = open(self._jsonl_path, "ab")
+        if self._jsonl.tell() and not _ends_with_newline(self._jsonl_path):
+            # NOTE: a crash mid-line left a partial record; keep it on its own (unreadable)
+            # line instead of gluing the next record to it.
+            self._jsonl.write(b"\n")
+            self._jsonl.flush()
         # Lines already in metrics.jsonl before this tracker: candidates for replay.
         self._replay_end = self._jsonl.tell()
         self._delivered_offset = 0
@@ -624,14 +631,50 @@ def _gpu_metrics() -> dict[str, float]:
             out[f"system/gpu_{i}_memory_usage_megabytes"] = mem.used / 2**20
             out[f"system/gpu_{i}_memory_usage_percentage"] = 100.0 * mem.used / mem.total
         return out
-    except Exception:  # noqa: BLE001 - no NVML: fall back to torch's own counters
+    except Exception:  # noqa: BLE001 - no NVML bindings: try nvidia-smi, then torch
         pass
+    out = _nvidia_smi_metrics()
+    if out:
+        return out
     torch = sys.modules.get("torch")  # never import torch here: only report what is in use
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         i = torch.cuda.current_device()
         out[f"system/gpu_{i}_memory_allocated_megabytes"] = torch.cuda.memory_allocated(i) / 2**20
         out[f"system/gpu_{i}_memory_reserved_megabytes"] = torch.cuda.memory_reserved(i) / 2**20
     return out
+
+
+def _nvidia_smi_metrics() -> dict[str, float]:
+    """GPU utilisation/memory from `nvidia-smi` (shipped with the driver), {} without it."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {}
+    cmd = [exe, "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+           "--format=csv,noheader,nounits"]  # fmt: skip
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if re.fullmatch(r"\d+(,\d+)*", visible):
+        cmd.append(f"--id={visible}")
+    try:
+        text = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for line in text.strip().splitlines():
+        try:
+            idx, util, used, total = (float(x) for x in line.split(","))
+        except ValueError:
+            continue
+        i = int(idx)
+        out[f"system/gpu_{i}_utilization_percentage"] = util
+        out[f"system/gpu_{i}_memory_usage_megabytes"] = used
+        out[f"system/gpu_{i}_memory_usage_percentage"] = 100.0 * used / total if total else 0.0
+    return out
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _tree_size(p: Path) -> int:
