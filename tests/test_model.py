@@ -267,6 +267,7 @@ def test_kv_cache_overwrites_shared_slots_and_fills_gaps_from_latest_slot():
     assert k.shape[0] == 4 and k[3].eq(5).all() and k[:3].eq(1).all()
     k, _ = cache.update(("core", 0, 0), t(6), t(6), offset=3)  # same slot again: overwrite
     assert k.shape[0] == 4 and k[3].eq(6).all()
+    assert torch.equal(cache.get(("core", 0, 0))[0], k) and cache.length(("core", 1, 0)) == 3
     # slot 1 never saw token 3 (that token exited early): filled from the latest slot (0).
     k, _ = cache.update(("core", 1, 0), t(7), t(7), offset=4)
     assert k.shape[0] == 5 and k[3].eq(6).all() and k[4].eq(7).all() and k[:3].eq(2).all()

@@ -36,6 +36,11 @@ class KVCache:
     def keys(self):
         return self._k.keys()
 
+    def get(self, key: tuple[str, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys/values of `key` for positions [0, length) (views, no copy)."""
+        n = self._len[key]
+        return self._k[key][:n], self._v[key][:n]
+
     def length(self, key: tuple[str, int, int]) -> int:
         """Number of valid positions stored under `key` (0 if absent)."""
         return self._len.get(key, 0)
