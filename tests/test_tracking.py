@@ -219,3 +219,30 @@ def test_bad_metric_name_and_use_after_close(tmp_path):
     tracker.close()
     with pytest.raises(RuntimeError, match="after close"):
         tracker.log_metrics({"train/loss": 1.0}, step=1)
+
+
+def test_mlflow_server_cli_start_is_idempotent_and_stop_stops(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.distributed import free_port
+    from pipeline.tracking.server import health_ok, process_alive
+
+    root, port = tmp_path / "srv", free_port()
+    args = ["mlflow-server", "start", "--root", str(root), "--port", str(port)]
+    try:
+        assert main(args) == 0
+        url = capsys.readouterr().out.strip()
+        assert url == f"http://127.0.0.1:{port}" and health_ok(url)
+        assert (root / "server.url").read_text().strip() == url
+        pid = int((root / "server.pid").read_text())
+        assert main(args) == 0  # already running: same URL, no second server
+        out, err = capsys.readouterr()
+        assert out.strip() == url and "already running" in err
+        assert int((root / "server.pid").read_text()) == pid
+        assert main(["mlflow-server", "status", "--root", str(root)]) == 0
+        assert url in capsys.readouterr().out
+    finally:
+        assert main(["mlflow-server", "stop", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == "stopped"
+    assert not process_alive(pid) and not health_ok(url)
+    assert main(["mlflow-server", "status", "--root", str(root)]) == 1
+    assert not (root / "server.pid").exists()
