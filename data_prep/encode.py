@@ -74,6 +74,7 @@ class ChunkEncoder:
             np.savez(f, **arrays)
         return {
             "index": index,
+            "planned_bytes": plan["chunk_bytes"][index],
             "documents": sum(len(doc_tokens[s]) for s in SPLITS),
             "tokens": sum(int(arrays[s].size) for s in SPLITS),
             "bytes": sum(nbytes.values()),

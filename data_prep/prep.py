@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.atomic import atomic_copy, atomic_write_json, sha256_file
+from pipeline.atomic import atomic_copy, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.config_io import save_resolved
 from pipeline.errors import RdptDataError
 
@@ -195,7 +195,8 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
         "split_seed": cfg.split_seed,
         "strict": cfg.strict,
     }
-    atomic_write_json(plan_path, plan)
+    # compact JSON: the C encoder (indent=... falls back to pure Python; plans are large)
+    atomic_write_text(plan_path, json.dumps(plan, separators=(",", ":")))
     return plan
 
 

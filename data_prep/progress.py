@@ -21,6 +21,7 @@ class EncodeProgress:
         self.t0 = time.monotonic()
         self.last_log = self.t0
         self.bytes = self.docs = self.tokens = self.chunks = 0
+        self.planned = 0  # input bytes of the chunks done (the bar's unit)
         tty = sys.stderr.isatty() if tty is None else tty
         self.bar = None
         if tty:
@@ -31,6 +32,7 @@ class EncodeProgress:
 
     def update(self, summary: dict) -> None:
         self.bytes += summary["bytes"]
+        self.planned += summary.get("planned_bytes", summary["bytes"])
         self.docs += summary["documents"]
         self.tokens += summary["tokens"]
         self.chunks += 1
@@ -41,11 +43,11 @@ class EncodeProgress:
             self.bar.set_postfix_str(f"{self.docs} docs, {rate / 1e6:.2f} M tok/s", refresh=False)
         elif now - self.last_log >= self.interval:
             self.last_log = now
-            done = min(self.bytes / self.total, 1.0)
+            done = min(self.planned / self.total, 1.0)
             elapsed = now - self.t0
             eta = elapsed * (1 - done) / done if done > 0 else float("nan")
-            say(f"{self.label}: {self.bytes / 2**20:.1f}/{self.total / 2**20:.1f} MiB "
-                f"({done:.0%}), {self.docs} docs, {self.bytes / 2**20 / elapsed:.1f} MiB/s, "
+            say(f"{self.label}: {self.planned / 2**20:.1f}/{self.total / 2**20:.1f} MiB "
+                f"({done:.0%}), {self.docs} docs, {self.planned / 2**20 / elapsed:.1f} MiB/s, "
                 f"{rate / 1e6:.2f} M tok/s, ETA {eta:.0f} s")
 
     def close(self) -> float:

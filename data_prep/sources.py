@@ -118,13 +118,13 @@ def expand_inputs(
     seen: set[str] = set()
     out: list[SourceFile] = []
     total = 0
-    for p in paths:
-        key = str(p.resolve())
+    for p in map(str, paths):
+        key = os.path.realpath(p)
         if key in seen:
             continue
         seen.add(key)
-        st = p.stat()
-        out.append(SourceFile(str(p.absolute()), st.st_size, st.st_mtime_ns))
+        st = os.stat(p)
+        out.append(SourceFile(os.path.abspath(p), st.st_size, st.st_mtime_ns))
         total += st.st_size
         if limit_bytes is not None and total >= limit_bytes:
             break

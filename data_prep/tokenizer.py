@@ -127,16 +127,17 @@ def tiktoken_from_hf(tokenizer_json: dict, name: str = "rdpt-bpe"):
     why = tiktoken_incompatibility(tokenizer_json)
     if why:
         raise ValueError(why)
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    # NOTE: str.translate to code points < 256 then latin-1 gives the raw bytes of a token.
+    to_byte = {ord(c): b for b, c in bytes_to_unicode().items()}
+    alphabet = set(bytes_to_unicode().values())
     specials = {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}
     ranks: dict[bytes, int] = {}
     for token, idx in tokenizer_json["model"]["vocab"].items():
         if token in specials:
             continue
-        try:
-            ranks[bytes(byte_of[c] for c in token)] = idx
-        except KeyError:
-            raise ValueError(f"vocabulary entry {token!r} is not byte-level") from None
+        if not alphabet.issuperset(token):
+            raise ValueError(f"vocabulary entry {token!r} is not byte-level")
+        ranks[token.translate(to_byte).encode("latin-1")] = idx
     if len(ranks) < 256 or any(bytes([b]) not in ranks for b in range(256)):
         raise ValueError("vocabulary lacks some of the 256 single bytes")
     # tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF merges the
