@@ -167,7 +167,10 @@ def eval_handler(args) -> int:
 
     _check_eval_args(args)
     args.target = str(resolve_target(args.target, args.tracking_uri))
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    from pipeline.distributed import env_rank
+
+    # NOTE: under torchrun / srun (WORLD_SIZE > 1) the ranks exist already: --nproc is ignored.
+    if args.nproc > 1 and env_rank()[1] == 1:
         return _spawn(args)
     run_eval(args)
     return 0

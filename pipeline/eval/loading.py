@@ -3,8 +3,10 @@ an MLflow run id) and load the model, its tokenizer and its dataset for evaluati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +85,9 @@ def load_model_and_tokenizer(target: str, tracking_uri: str | None = None,
     from pipeline.checkpoint import load_for_inference
 
     path = resolve_target(target, tracking_uri)
-    model, cfg, data_info, meta = load_for_inference(str(path))
+    # NOTE: DeepSpeed's ZeRO consolidation prints progress on stdout; keep stdout for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        model, cfg, data_info, meta = load_for_inference(str(path))
     if device:
         model = model.to(torch.device(device))
     tok_path: Path | None = None

@@ -1,0 +1,227 @@
+"""`rdpt eval` / `rdpt generate` on the real tiny training run (2-process DeepSpeed ZeRO-2 on real
+shards, logged to the real MLflow server): depth curve, adaptive exit, JSON/PNG/MLflow outputs,
+multi-process evaluation, lm-eval on a local task, generation, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_trained_run, mlflow_server, tmp_path_factory) -> Path:
+    """A copy of the trained run whose mlflow_run.json names a fresh MLflow run of its own
+    experiment (evaluation writes into the run dir and its MLflow run; the fixture is shared)."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path_factory.mktemp("eval") / "tiny-run"
+    shutil.copytree(tiny_trained_run, run_dir, symlinks=True)
+    client = MlflowClient(mlflow_server.url)
+    exp = f"test-eval-{uuid.uuid4().hex[:8]}"
+    run = client.create_run(client.create_experiment(exp), run_name="tiny-run")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    (run_dir / "mlflow_run.json").write_text(json.dumps({
+        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "experiment": exp,
+        "run_name": "tiny-run", "tracking_uri": mlflow_server.url}))
+    (run_dir / "mlflow_delivered.json").unlink(missing_ok=True)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def val_tokens(tiny_dataset, tmp_path_factory) -> Path:
+    """The first 12 validation sequences as a [12, 65] uint16 .npy file."""
+    from pipeline.data import iterate_sequences
+
+    inputs, targets = next(iterate_sequences(tiny_dataset, "val", batch_size=12))
+    arr = np.concatenate([inputs.numpy(), targets.numpy()[:, -1:]], axis=1).astype(np.uint16)
+    path = tmp_path_factory.mktemp("tokens") / "val12.npy"
+    np.save(path, arr)
+    return path
+
+
+def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    out_json = eval_run / "eval-test.json"
+    rc = main(["eval", str(eval_run), "--recurrences", "1,8", "--state-init", "zero",
+               "--max-sequences", "48", "--batch-size", "16", "--adaptive", "--max-r", "8",
+               "--json", str(out_json)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "loss against recurrence depth" in printed and "adaptive exit (kl" in printed
+    res = json.loads(out_json.read_text())
+    d = res["depth"]
+    # the trained model uses its depth: one iteration is clearly worse than eight
+    assert d["1"]["loss"] > d["8"]["loss"] + 0.02
+    assert d["8"]["ppl"] == pytest.approx(math.exp(d["8"]["loss"]))
+    assert res["tokens"] == 48 * 64 and res["step"] == 60
+    tel = res["telemetry"]
+    assert len(tel["rel_change"]) == len(tel["state_cosine"]) == len(tel["loss"]) == 8
+    assert tel["rel_change"][-1] < tel["rel_change"][0]
+    assert tel["loss"][7] == pytest.approx(d["8"]["loss"], rel=1e-9)
+    ad = res["adaptive"]
+    assert sum(ad["histogram"].values()) == ad["tokens"] == res["tokens"]
+    assert 1 <= ad["mean_depth"] <= 8
+    assert ad["equal_loss_r"] is None or ad["fixed_loss"][ad["equal_loss_r"] - 1] <= \
+        ad["loss"] * (1 + 1e-6)
+    pngs = {Path(p).name for p in res["plots"]}
+    assert pngs == {"loss_vs_r.png", "exit_histogram.png", "state_convergence.png",
+                    "loss_vs_tokens.png"}
+    for p in res["plots"]:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    saved = json.loads((eval_run / "mlflow_run.json").read_text())
+    assert res["mlflow_run_id"] == saved["run_id"]
+    client = MlflowClient(saved["tracking_uri"])
+    hist = client.get_metric_history(saved["run_id"], "eval/loss_r")
+    assert {m.step: m.value for m in hist} == pytest.approx({1: d["1"]["loss"],
+                                                             8: d["8"]["loss"]})
+    assert {m.step for m in client.get_metric_history(saved["run_id"], "eval/ppl_r")} == {1, 8}
+    assert client.get_metric_history(saved["run_id"], "eval/adaptive_mean_depth")[0].value == \
+        pytest.approx(ad["mean_depth"])
+    arts = {a.path for a in client.list_artifacts(saved["run_id"], "eval")}
+    assert {f"eval/{n}" for n in pngs} | {"eval/eval-test.json"} <= arts
+    assert client.get_run(saved["run_id"]).info.status == "FINISHED"
+
+
+def test_eval_tokens_two_processes_equal_one(eval_run, val_tokens, tmp_path):
+    common = ["eval", str(eval_run), "--tokens", str(val_tokens), "--recurrences", "1,3",
+              "--state-init", "random", "--seed", "7", "--batch-size", "4", "--no-mlflow",
+              "--no-telemetry", "--out-dir", str(tmp_path / "plots")]
+    env_before = dict(os.environ)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+        assert main([*common, "--nproc", "2", "--json", str(tmp_path / "two.json")]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert one["tokens"] == two["tokens"] == 12 * 64
+    for r in ("1", "3"):
+        assert two["depth"][r]["loss"] == pytest.approx(one["depth"][r]["loss"], rel=1e-6)
+    assert one["source"] == {"tokens": str(val_tokens.resolve())}
+
+
+MC_DOCS = [
+    {"question": "import json\n\ndef load(path):\n    with open(path) as f:\n        return",
+     "choices": [" json.load(f)", " 12 + class"], "answer": 0},
+    {"question": "for key, value in", "choices": [" items.items():", " return return"],
+     "answer": 0},
+    {"question": "class Message", "choices": ["(object):", " = = ("], "answer": 0},
+    {"question": "    def __init__(self", "choices": [", name):", " import"], "answer": 0},
+]
+ROLLING_DOCS = [{"text": "def get(self, key, default=None):\n    return self._data.get(key)\n"},
+                {"text": "import os\nimport sys\n\nprint(sys.argv)\n"}]
+
+
+def _write_tasks(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (folder / "roll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ROLLING_DOCS))
+    (folder / "rdpt_mc.yaml").write_text(f"""\
+task: rdpt_test_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {folder / 'mc.jsonl'}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    (folder / "rdpt_roll.yaml").write_text(f"""\
+task: rdpt_test_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'roll.jsonl'}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
+    return folder
+
+
+def test_lm_eval_local_task_score_changes_with_checkpoint(eval_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    tasks = _write_tasks(tmp_path / "tasks")
+    scores = {}
+    for step in ("00000030", "00000060"):
+        out = tmp_path / f"lm-{step}.json"
+        rc = main(["eval", str(eval_run / "checkpoints" / f"step-{step}"), "--recurrences", "4",
+                   "--state-init", "zero", "--max-sequences", "4", "--no-telemetry",
+                   "--no-mlflow", "--lm-eval-tasks", "rdpt_test_mc,rdpt_test_rolling",
+                   "--lm-eval-include", str(tasks), "--json", str(out),
+                   "--out-dir", str(tmp_path / f"plots-{step}")])
+        assert rc == 0
+        lm = json.loads(out.read_text())["lm_eval"]
+        assert lm["r"] == 4 and lm["mean_depth"] == 4
+        assert 0.0 <= lm["tasks"]["rdpt_test_mc"]["acc,none"] <= 1.0
+        scores[step] = lm["tasks"]["rdpt_test_rolling"]
+        assert math.isfinite(scores[step]["word_perplexity,none"])
+    # more training, a different (better) model: the score moves
+    assert scores["00000060"]["bits_per_byte,none"] != pytest.approx(
+        scores["00000030"]["bits_per_byte,none"], rel=1e-4)
+
+
+def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    assert main(["generate", str(eval_run), "--prompt", "def load(self", "--max-new-tokens",
+                 "12", "--recurrences", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    printed = capsys.readouterr()
+    assert printed.out.startswith("def load(self")
+    assert "tokens/s" in printed.err
+    assert 1 <= res["new_tokens"] <= 12 and res["tokens_per_s"] > 0
+    assert res["depths"] == [4] * res["new_tokens"]
+    out2 = tmp_path / "gen-adaptive.json"
+    assert main(["generate", str(eval_run), "--prompt", "import os\n", "--max-new-tokens", "12",
+                 "--adaptive", "--threshold", "1e-2", "--max-r", "16", "--kv-budget", "4",
+                 "--continuous-cot", "--temperature", "0.7", "--top-p", "0.9", "--seed", "1",
+                 "--json", str(out2)]) == 0
+    res2 = json.loads(out2.read_text())
+    assert res2["depths"][0] == 16  # the prompt is prefilled at the full depth
+    assert all(1 <= d <= 16 for d in res2["depths"])
+    assert res2["config"]["kv_budget"] == 4 and res2["config"]["adaptive"]
+
+
+def test_bad_input_gives_clear_errors(eval_run, mlflow_server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    cases = [
+        (["eval", "0123456789abcdef0123456789abcdef"], "nor a run id known to the MLflow server"),
+        (["eval", str(tmp_path / "nowhere")], "no checkpoint or run directory"),
+        (["eval", str(eval_run), "--recurrences", "1,0,4"], "r must be >= 1, got 0"),
+        (["eval", str(eval_run), "--recurrences", "-2"], "r must be >= 1, got -2"),
+        (["eval", str(eval_run), "--tokens", str(tmp_path / "missing.npy")], "no such file"),
+        (["generate", str(tmp_path / "nowhere"), "--prompt", "x"],
+         "no checkpoint or run directory"),
+    ]
+    empty_run = tmp_path / "empty-run"
+    (empty_run / "checkpoints").mkdir(parents=True)
+    cases.append((["eval", str(empty_run), "--no-mlflow"], "no complete, uncorrupted checkpoint"))
+    for argv, message in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, argv
+        assert message in err, (argv, err)
+        assert "Traceback" not in err
