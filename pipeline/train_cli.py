@@ -73,6 +73,20 @@ def resolve_with_dataset(cfg, nproc: int):
     return cfg
 
 
+def completed_step(run_dir: Path) -> int | None:
+    """Step of the run's latest complete checkpoint (None when there is none)."""
+    from pipeline.checkpoint import CheckpointManager, read_trainer_state
+    from pipeline.errors import RdptCheckpointError
+
+    latest = CheckpointManager(run_dir).latest()
+    if latest is None:
+        return None
+    try:
+        return int(read_trainer_state(latest)["step"])
+    except (RdptCheckpointError, KeyError, ValueError):
+        return None
+
+
 def train_handler(args) -> int:
     from pipeline.config import load_train_config
     from pipeline.config_io import save_resolved, to_yaml
@@ -96,6 +110,11 @@ def train_handler(args) -> int:
         print(to_yaml(cfg))
         print("# DeepSpeed config")
         print(json.dumps(deepspeed_config(cfg, dp, ga), indent=2))
+        return 0
+    done = completed_step(run_dir) if args.resume == "auto" else None
+    if done is not None and done >= cfg.train.max_steps:
+        print(f"rdpt train: {run_dir} is already complete (checkpoint at step {done} >= "
+              f"train.max_steps={cfg.train.max_steps}); nothing to do")
         return 0
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     resolved = run_dir / "resolved.yaml"
