@@ -35,7 +35,12 @@ import numpy as np  # noqa: E402
 from data_prep.config import PrepConfig  # noqa: E402
 from data_prep.prep import prepare  # noqa: E402
 from data_prep.sources import expand_inputs  # noqa: E402
-from data_prep.tokenizer import DEFAULT_SPECIAL_TOKENS, HFEncoder, make_encoder, train_bpe  # noqa: E402
+from data_prep.tokenizer import (  # noqa: E402
+    DEFAULT_SPECIAL_TOKENS,
+    HFEncoder,
+    make_encoder,
+    train_bpe,
+)
 
 
 def build_corpus(dest: Path, target_bytes: int) -> list[Path]:

@@ -227,12 +227,10 @@ def missing_chunks(plan: dict, out: Path) -> list[int]:
     return [i for i in range(len(plan["chunks"])) if not chunk_path(out / WORK, i).exists()]
 
 
-def _histogram(lengths: list[np.ndarray]) -> tuple[list[int], list[int]]:
-    data = np.concatenate(lengths) if lengths else np.zeros(0, np.uint32)
-    top = max(int(data.max()) if data.size else 1, 1)
-    edges = [0] + [2**k for k in range(0, int(np.ceil(np.log2(top + 1))) + 1)]
-    counts, _ = np.histogram(data, bins=edges)
-    return edges, [int(c) for c in counts]
+def _log2_edges(lengths: list[np.ndarray]) -> list[int]:
+    """Histogram bin edges 0, 1, 2, 4, ... up to the longest document."""
+    top = max((int(a.max()) for a in lengths if a.size), default=1)
+    return [0] + [2**k for k in range(0, int(np.ceil(np.log2(top + 1))) + 1)]
 
 
 def pack_phase(cfg: PrepConfig, plan: dict, out: Path) -> dict:
@@ -270,7 +268,7 @@ def pack_phase(cfg: PrepConfig, plan: dict, out: Path) -> dict:
             "input is empty: no document survived reading "
             f"(skipped: {skipped.reasons or 'none'})"
         )
-    edges, _ = _histogram([a for s in SPLITS for a in doc_tokens[s]])
+    edges = _log2_edges([a for s in SPLITS for a in doc_tokens[s]])
     hist = {"edges": edges}
     for s in SPLITS:
         data = np.concatenate(doc_tokens[s]) if doc_tokens[s] else np.zeros(0)
@@ -377,7 +375,7 @@ def prepare(
             return json.loads((out / MANIFEST).read_text())
         if finalize and state != "resume":
             raise RdptDataError(f"--finalize: {out} holds no encoded chunks of this dataset")
-        if state == "resume" and not finalize:
+        if state == "resume" and not finalize and task is None:
             say(f"{out}: resuming an interrupted preparation")
         plan = setup(cfg, out, sources, fp)
     if finalize:

@@ -55,7 +55,10 @@ class Skipped:
     def add(self, path: str, reason: str, where: str = "") -> None:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if len(self.examples) < 200:
-            self.examples.append({"path": path, "reason": reason, **({"at": where} if where else {})})
+            entry = {"path": path, "reason": reason}
+            if where:
+                entry["at"] = where
+            self.examples.append(entry)
 
 
 def stdlib_root() -> Path:
@@ -147,7 +150,8 @@ def plan_chunks(sources: list[SourceFile], chunk_bytes: int) -> list[list[Piece]
     size = 0
     for i, src in enumerate(sources):
         if src.kind == "jsonl" and src.size > chunk_bytes:
-            pieces = [(i, a, min(a + chunk_bytes, src.size)) for a in range(0, src.size, chunk_bytes)]
+            starts = range(0, src.size, chunk_bytes)
+            pieces = [(i, a, min(a + chunk_bytes, src.size)) for a in starts]
             sizes = [b - a for _, a, b in pieces]
         else:
             pieces, sizes = [(i, 0, -1)], [src.size]

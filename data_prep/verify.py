@@ -96,7 +96,8 @@ def verify_dataset(path: str | Path, decode: int = 0, quiet: bool = False) -> di
     if errors:
         raise RdptDataError(f"dataset {root} failed verification:\n  " + "\n  ".join(errors))
     if not quiet:
-        parts = [f"{s}: {r['shards']} shards, {r['sequences']} sequences" for s, r in report.items()]
+        parts = [f"{s}: {r['shards']} shards, {r['sequences']} sequences"
+                 for s, r in report.items()]
         say(f"{root}: OK ({'; '.join(parts)})")
     if decode:
         print_decoded(root, manifest, decode)

@@ -234,7 +234,8 @@ class ResumableLoader:
             raise RdptDataError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         self.info = open_dataset(path)
         self.split = split
-        self.mb, self.ga, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
+        self.mb, self.ga = micro_batch_size, grad_accum
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
         self.reader = SplitReader(self.info, split, verify_shards=verify_shards)
         self.global_batch = micro_batch_size * grad_accum * dp_size
