@@ -321,3 +321,33 @@ def test_embedded_corpus_is_the_stdlib_without_site_packages():
     assert not any("site-packages" in p for p in paths)
     assert paths == [f.path for f in expand_inputs(["@stdlib"], [".py"])]
     assert sum(f.size for f in files) > 10_000_000
+
+
+def test_pack_resumes_after_the_last_complete_shard(tmp_path, monkeypatch):
+    """A crash while packing (here: an exception raised after two shards) leaves only complete
+    shards under final names; the re-run keeps them untouched and writes the rest."""
+    import data_prep.pack as pack
+
+    base = dict(inputs=stdlib_subset()[:2], limit_bytes=200_000, tokenizer={"vocab_size": 400},
+                seq_len=32, val_fraction=0.1, shard_size_mb=0.02, workers=1)
+    prepare(PrepConfig(**base, output=str(tmp_path / "ref")))
+    out = tmp_path / "crashed"
+    real_write, written = pack.write_shard, []
+
+    def crash_after_two(path, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated crash while packing")
+        written.append(path)
+        return real_write(path, *args)
+
+    monkeypatch.setattr(pack, "write_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepConfig(**base, output=str(out)))
+    monkeypatch.setattr(pack, "write_shard", real_write)
+    assert not (out / "manifest.json").exists() and len(written) == 2
+    assert sorted(out.rglob("shard-*.tar")) == sorted(written)
+    stamps = {p: p.stat().st_mtime_ns for p in written}
+    prepare(PrepConfig(**base, output=str(out)))
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps
+    assert dataset_files(out) == dataset_files(tmp_path / "ref")
+    assert len(dataset_files(out)) > 4
