@@ -351,3 +351,19 @@ def test_pack_resumes_after_the_last_complete_shard(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in written} == stamps
     assert dataset_files(out) == dataset_files(tmp_path / "ref")
     assert len(dataset_files(out)) > 4
+
+
+def test_big_json_lines_file_is_cut_into_line_aligned_chunks(tmp_path):
+    """A JSON Lines file larger than a chunk is encoded in byte ranges; each line belongs to
+    the range it starts in, so every document appears exactly once, in order."""
+    rng = np.random.default_rng(0)
+    words = (stdlib_root() / "json" / "decoder.py").read_text().split()
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(1, 120)))) + f" ü{i}"
+            for i in range(400)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    out = tmp_path / "ds"
+    prepare(PrepConfig(inputs=[str(path)], output=str(out), tokenizer={"vocab_size": 400},
+                       seq_len=64, val_fraction=0.0, chunk_mb=0.004, workers=2))
+    assert path.stat().st_size > 20 * 0.004 * 2**20  # cut into > 20 ranges
+    assert decode_split(out, "train") == docs
