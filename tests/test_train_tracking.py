@@ -1,0 +1,88 @@
+"""Training keeps going while its MLflow server is stopped and restarted mid-run, and no
+metric is lost; checkpoints of the fixture run load for inference and export (safetensors and
+the HF Huginn layout) to weights that reproduce the trained model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_training import REPO, training_env
+
+STEPS = 24
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def test_training_survives_mlflow_server_restart(tiny_dataset, mlflow_server_factory, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server = mlflow_server_factory()
+    run_dir = tmp_path / "run"
+    cmd = [
+        str(REPO / ".venv/bin/python"), "-m", "pipeline", "train",
+        str(REPO / "configs/train/tiny.yaml"), f"data.path={tiny_dataset}", f"run.dir={run_dir}",
+        "run.name=mlflow-outage", f"train.max_steps={STEPS}", "train.global_batch_size=4",
+        "train.log_interval=1", "eval.interval=0", "checkpoint.interval=12",
+        "debug.sleep_per_step_s=0.15", f"tracking.uri={server.url}",
+        "tracking.experiment=outage", "--nproc", "1",
+    ]
+    log = open(tmp_path / "console.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=training_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while _steps_logged(run_dir) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "console.log").read_text()[-3000:]
+        time.sleep(0.1)
+    server.stop()
+    down_at = _steps_logged(run_dir)
+    while _steps_logged(run_dir) < down_at + 6:  # keeps training while the server is down
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    server = mlflow_server_factory(root=server.root, port=server.port)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "console.log").read_text()[-3000:]
+
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(server.url)
+    history = client.get_metric_history(run_id, "train/loss")
+    local = {json.loads(line)["step"]: json.loads(line)["train/loss"]
+             for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1)) == sorted(local)
+    assert all(m.value == pytest.approx(local[m.step]) for m in history)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
+    import torch
+
+    from pipeline.checkpoint import export_checkpoint, load_for_inference
+    from pipeline.model.consolidated import load_consolidated
+    from pipeline.model.hf_convert import read_hf_dir
+
+    model, cfg, data, meta = load_for_inference(tiny_trained_run)
+    assert meta["step"] == 60 and meta["checkpoint"].endswith("step-00000060")
+    assert cfg.parallel.zero_stage == 2 and data.vocab_size == cfg.model.vocab_size
+    ids = torch.arange(32).reshape(2, 16) % cfg.model.vocab_size
+    with torch.no_grad():
+        ref = model(ids, num_steps=4, state_init="zero").logits_BSV
+    out = export_checkpoint(tiny_trained_run, tmp_path / "st")
+    mcfg, sd = load_consolidated(out)
+    assert mcfg == cfg.model
+    for name, p in model.named_parameters():
+        assert torch.equal(sd[name], p.detach()), name
+    hf = export_checkpoint(tiny_trained_run / "checkpoints/step-00000030", tmp_path / "hf",
+                           fmt="hf")
+    hf_cfg, hf_sd = read_hf_dir(hf)
+    assert "transformer.wte.weight" in hf_sd and hf_cfg
+    assert torch.isfinite(ref).all()
