@@ -139,7 +139,9 @@ def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
     try:
         for s in range(150, 200):
             tracker.log_metrics({"train/loss": value(s)}, step=s)
-        assert tracker.close("KILLED", timeout=1.0) is False
+        t0 = time.perf_counter()
+        assert tracker.close("KILLED", timeout=120, down_grace=2.0) is False
+        assert time.perf_counter() - t0 < 30  # gave up on the hung server, not after 120 s
     finally:
         os.killpg(server.pid, signal.SIGCONT)
     resumed = RunTracker(run_dir, server.url, experiment_name, "outage", system_metrics_interval=0)

@@ -262,34 +262,50 @@ class RunTracker:
         if upload:
             self.log_artifact(p, f"checkpoints/{name}" if p.is_dir() else "checkpoints")
 
-    def flush(self, timeout: float = 30.0) -> bool:
+    def flush(self, timeout: float = 30.0, down_grace: float | None = None) -> bool:
         """Wait until everything queued reached MLflow; False on timeout (nothing is lost:
-        it stays queued, and in metrics.jsonl)."""
+        it stays queued, and in metrics.jsonl).
+
+        `down_grace`: give up earlier, once the server has been unreachable for that many
+        seconds during this call (None: wait for the whole timeout).
+        """
         if not self.enabled or self._worker is None:
             return True
         deadline = time.monotonic() + timeout
+        down_since = None
         self._wake.set()
         with self._changed:
             while self._queue or self._sending:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if self._server_ok:
+                    down_since = None
+                elif down_since is None:
+                    down_since = now
+                if down_grace is not None and down_since is not None and \
+                        now - down_since >= down_grace:
+                    return False
+                left = deadline - now
                 if left <= 0 or not self._worker.is_alive():
                     return False
                 self._changed.wait(min(left, 0.5))
                 self._wake.set()
         return True
 
-    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> bool:
+    def close(self, status: str = "FINISHED", timeout: float = 30.0,
+              down_grace: float = 5.0) -> bool:
         """Mark the run `status` (FINISHED, FAILED, KILLED), flush, stop the thread.
 
-        Returns False when something could not be delivered in `timeout` seconds; those
-        metrics are still in metrics.jsonl and a tracker on the same run dir replays them.
+        Waits up to `timeout` s while the server answers, but only `down_grace` s once it is
+        unreachable (a preempted job must not spend its grace period on a dead server).
+        Returns False when something was not delivered; it is in metrics.jsonl and a tracker
+        on the same run dir (the resumed job) replays it.
         """
         if self._closed:
             return True
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
         self._enqueue(_Op("status", status))
-        ok = self.flush(timeout)
+        ok = self.flush(timeout, down_grace=down_grace)
         with self._lock:
             self._stop = True
             self._closed = True
