@@ -12,7 +12,8 @@ no pdsh and no hostfile:
   LOCAL_WORLD_SIZE = tasks on this node, NODE_RANK = SLURM_NODEID.
 - MASTER_ADDR = the first host of the step's node list (SLURM_STEP_NODELIST, else
   SLURM_JOB_NODELIST), expanded with `scontrol show hostnames` (a pure-Python expansion of the
-  same syntax when scontrol is missing). Task 0 runs on that host.
+  same syntax when scontrol is missing). Task 0 runs on that host. When that node name does not
+  resolve, its NodeAddr from `scontrol show node` is used instead.
 - MASTER_PORT = a port in [20000, 30000) derived from SLURM_JOB_ID: identical in every task of
   the job without any communication, below the Linux ephemeral range, and different for jobs
   that share a node (unless their ids are 10000 apart). A requeued job keeps its id and port.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 from typing import MutableMapping
 
@@ -114,6 +116,26 @@ def _expand_entry(entry: str) -> list[str]:
     return out
 
 
+def master_address(host: str) -> str:
+    """`host` when it resolves (the usual case), else the NodeAddr Slurm has for it.
+
+    Node names need not be DNS names (NodeName=n1 NodeAddr=10.0.0.11): then the address Slurm
+    itself uses to reach the node is the one that works.
+    """
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        pass
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True,
+                             text=True, timeout=30)
+        m = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+        if out.returncode == 0 and m:
+            return m.group(1)
+    return host
+
+
 def _tasks_on_this_node(env: MutableMapping[str, str]) -> int | None:
     """Tasks on the current node from SLURM_STEP_TASKS_PER_NODE (`2(x3),1`) and SLURM_NODEID."""
     spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
@@ -152,7 +174,7 @@ def apply_slurm_env(environ: MutableMapping[str, str] | None = None) -> dict[str
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
         hosts = expand_hostlist(nodelist)
-        new["MASTER_ADDR"] = hosts[0] if hosts else "127.0.0.1"
+        new["MASTER_ADDR"] = master_address(hosts[0]) if hosts else "127.0.0.1"
     if "MASTER_PORT" not in env:
         new["MASTER_PORT"] = str(master_port_for_job(env["SLURM_JOB_ID"]))
     env.update(new)

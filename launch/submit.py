@@ -34,6 +34,7 @@ from launch.site import SiteConfig
 from pipeline.errors import RdptError, RdptLaunchError
 from pipeline.exitcodes import REQUEUE
 
+STEP_EXIT_WAIT_S = 120  # srun --wait: other ranks' grace after the first one exits
 TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 
 
@@ -266,7 +267,11 @@ def plan_train(
         site, ["train", str(config_file), "--resume", "auto"]
     )
     srun_container, _ = container_prefix(site)
-    srun_opts = ["--kill-on-bad-exit=1", "--export=ALL", *srun_container]
+    # NOTE: not --kill-on-bad-exit: the first rank to exit 85 would get the others killed
+    # while they finish exiting (srun then returns 143, not 85). --wait bounds how long the
+    # other ranks may live after the first one exits (a crashed rank leaves them in a collective).
+    srun_opts = ["--kill-on-bad-exit=0", f"--wait={STEP_EXIT_WAIT_S}", "--export=ALL",
+                 *srun_container]
     if opts.cpus_per_task:
         # NOTE: srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05).
         srun_opts.append(f"--cpus-per-task={opts.cpus_per_task}")

@@ -12,6 +12,7 @@ from launch.slurm_env import (
     apply_slurm_env,
     expand_hostlist,
     expand_hostlist_python,
+    master_address,
     master_port_for_job,
 )
 
@@ -98,7 +99,8 @@ def test_hostlist_python_matches_scontrol(slurm_cluster, nodelist):
     assert ref[0] in expand_hostlist(nodelist)
 
 
-def test_real_srun_one_node(slurm_cluster, tmp_path):
+def test_real_srun_one_node(slurm_cluster, tmp_path, monkeypatch):
+    slurm_cluster.activate(monkeypatch)  # for master_address() below
     script = tmp_path / "print_env.py"
     script.write_text(PRINT_ENV)
     out = slurm_cluster.run("srun", "-n2", sys.executable, str(script), cwd=tmp_path)
@@ -106,7 +108,9 @@ def test_real_srun_one_node(slurm_cluster, tmp_path):
     assert [r["RANK"] for r in rows] == ["0", "1"]
     assert [r["LOCAL_RANK"] for r in rows] == ["0", "1"]
     assert {r["WORLD_SIZE"] for r in rows} == {"2"} and {r["LOCAL_WORLD_SIZE"] for r in rows} == {"2"}
-    assert {r["MASTER_ADDR"] for r in rows} == {"n1"}
+    # node name n1 is not a DNS name on this machine: its NodeAddr (127.0.0.1) is used
+    assert {r["MASTER_ADDR"] for r in rows} == {master_address("n1")}
+    assert master_address("n1") in ("n1", "127.0.0.1")
     job = int(rows[0]["job"])
     assert {r["MASTER_PORT"] for r in rows} == {str(master_port_for_job(job))}
     # a torchrun-style launcher inside the step already set the rank variables: left alone

@@ -82,6 +82,7 @@ def test_dry_run_renders_every_train_option(project, capsys, tiny_dataset):
     assert "export OMP_NUM_THREADS=6" in first
     assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in first
     assert "--container-mounts=/scratch:/scratch" in first and "--cpus-per-task=6" in first
+    assert "srun --kill-on-bad-exit=0 --wait=120 --export=ALL" in first
     run_dir = project / "runs" / "big"
     assert (f"/opt/venvs/rdpt/bin/python -m pipeline.cli train {run_dir}/resolved.yaml "
             "--resume auto") in first
