@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.errors import RdptConfigError, RdptDataError
 
 DEFAULT_RECURRENCES = "1,2,4,8,16,32,64"
+DEFAULT_MAX_SEQUENCES = 256
 
 EVAL_EPILOG = """\
 examples:
@@ -101,11 +102,15 @@ def register(subparsers) -> None:
     src.add_argument("--tokens", default=None,
                      help="a [batch, seq] integer .npy array; next-token loss within each row")
     p.add_argument("--split", default="val", help="dataset split (default val)")
-    p.add_argument("--max-sequences", type=_positive_int, default=None,
-                   help="evaluate at most N sequences (default all)")
+    p.add_argument("--max-sequences", type=int, default=DEFAULT_MAX_SEQUENCES,
+                   help=f"evaluate the first N sequences (default {DEFAULT_MAX_SEQUENCES}; "
+                   "0 = all)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--no-telemetry", action="store_true",
                    help="skip per-iteration telemetry (state change, cosine, loss per iteration)")
+    p.add_argument("--telemetry-sequences", type=_positive_int, default=64,
+                   help="sequences for the per-iteration telemetry (default 64: it decodes "
+                   "after every iteration)")
     p.add_argument("--json", default=None, help="results file (default <run_dir>/eval-step<N>.json)")
     p.add_argument("--out-dir", default=None, help="plot folder (default <run_dir>/eval)")
     p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval task names")
@@ -157,6 +162,8 @@ def _check_eval_args(args) -> list[int]:
                             "(no manifest.json)")
     if args.lm_eval_include and not Path(args.lm_eval_include).exists():
         raise RdptConfigError(f"--lm-eval-include: no such file or folder {args.lm_eval_include}")
+    if args.max_sequences < 0:
+        raise RdptConfigError(f"--max-sequences: must be >= 0 (0 = all), got {args.max_sequences}")
     if args.state_init is None:
         args.state_init = "random"
     return rs
@@ -291,7 +298,7 @@ def run_eval(args) -> dict | None:
     if args.tokens:
         source = {"tokens": str(Path(args.tokens).resolve())}
         batches = load_token_batches(args.tokens, args.batch_size, rank, world, vocab,
-                                     args.max_sequences)
+                                     args.max_sequences or None)
     else:
         data = args.data or (str(loaded.data_path) if loaded.data_path else None)
         if not data or not (Path(data) / "manifest.json").is_file():
@@ -300,15 +307,27 @@ def run_eval(args) -> dict | None:
                 "pass --data DIR or --tokens FILE.npy")
         source = {"data": str(Path(data).resolve()), "split": args.split}
         batches = load_dataset_batches(data, args.split, args.batch_size, rank, world,
-                                       args.max_sequences)
+                                       args.max_sequences or None)
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
     telemetry = not args.no_telemetry
-    sweep_max = max(rs[-1], args.max_r if rule else 0)
-    sweep_rs = sorted(set(rs) | ({sweep_max} if rule else set()))
     progress = rank == 0 and sys.stderr.isatty()
+    # Adaptive exit is compared against the fixed-r loss at every r up to max_r on the same data,
+    # so then the main sweep decodes after every iteration (and records telemetry on the way);
+    # otherwise it decodes only at the requested r and telemetry runs on a small subset.
+    sweep_rs = sorted(set(rs) | ({args.max_r} if rule else set()))
     sweep = sweep_depths(model, batches, sweep_rs, args.state_init, args.seed,
-                         telemetry=telemetry, loss_every_iteration=telemetry or rule is not None,
-                         progress=progress)
+                         telemetry=telemetry and rule is not None,
+                         loss_every_iteration=rule is not None, progress=progress)
+    tel = sweep.telemetry if rule is not None else {}
+    if telemetry and rule is None:
+        tel_batches, n = [], 0
+        for b in batches:
+            if n >= max(1, args.telemetry_sequences // world):
+                break
+            tel_batches.append(b)
+            n += b[0].shape[0]
+        tel = sweep_depths(model, tel_batches, [rs[-1]], args.state_init, args.seed,
+                           telemetry=True, loss_every_iteration=True).telemetry
     results = {
         "target": args.target,
         "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
@@ -316,6 +335,7 @@ def run_eval(args) -> dict | None:
         "source": source,
         "world_size": world,
         **sweep.to_dict(),
+        "telemetry": tel,
     }
     results["recurrences"] = rs
     results["depth"] = {str(r): results["depth"][str(r)] for r in rs}

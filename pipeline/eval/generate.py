@@ -123,10 +123,8 @@ def fill_unwritten_slots(cache, offset: int, written: int, last_slot: int) -> No
     for block, slot, layer in list(cache.keys()):
         if block != "core" or slot != written - 1:
             continue
-        src = (block, slot, layer)
-        # NOTE: reads KVCache's buffers directly (it has no public read-without-write call).
-        k_SBNh = cache._k[src][offset:offset + 1]
-        v_SBNh = cache._v[src][offset:offset + 1]
+        k_all, v_all = cache.get((block, slot, layer))
+        k_SBNh, v_SBNh = k_all[offset:offset + 1], v_all[offset:offset + 1]
         for dst_slot in range(written, last_slot):
             cache.update((block, dst_slot, layer), k_SBNh, v_SBNh, offset)
 
