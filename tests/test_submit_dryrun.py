@@ -189,3 +189,13 @@ def test_help_has_examples(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "example" in out and "rdpt " in out.split("example", 1)[1]
+
+
+def test_example_site_config_is_valid(project, capsys, tiny_dataset):
+    rc, out, err = run_cli(capsys, "submit", "train", TINY, "--site",
+                           str(REPO / "configs/site/example.yaml"), "--dry-run",
+                           f"data.path={tiny_dataset}", "train.micro_batch_size=2")
+    assert rc == 0, err
+    (script,) = scripts_of(out)
+    assert "#SBATCH --gpus-per-node=8\n" in script and "#SBATCH --account=my-project\n" in script
+    assert "module load cuda/12.4" in script and "export NCCL_DEBUG=WARN" in script
