@@ -120,6 +120,12 @@ def _skipped_optimizer_step(*args, **kwargs) -> None:
     return None
 
 
+def torch_optimizer_step(engine, cfg: TrainConfig) -> bool:
+    """True when DeepSpeed steps a plain optimizer itself (ZeRO-0 without its bf16 wrapper),
+    which has no overflow check of its own."""
+    return cfg.parallel.zero_stage == 0 and isinstance(engine.optimizer, torch.optim.Optimizer)
+
+
 def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig,
                stop: StopFlag, device) -> tuple[float, bool, bool, float]:
     """One optimizer step over grad_accum micro-batches.
@@ -150,7 +156,7 @@ def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig
                 stats = stats.to(device)
                 dist.all_reduce(stats)
                 stats = stats.cpu()
-        if i == len(batches) - 1 and stats[1] > 0 and cfg.parallel.zero_stage == 0:
+        if i == len(batches) - 1 and stats[1] > 0 and torch_optimizer_step(engine, cfg):
             # ZeRO>=1 skips a non-finite step inside DeepSpeed; ZeRO-0 hands the optimizer
             # to torch, so this one step() runs without it (the engine still counts it).
             engine.optimizer.step = _skipped_optimizer_step

@@ -27,6 +27,20 @@ examples:
 
 
 def register(subparsers) -> None:
+    from launch.cli import OverridesParser
+
+    # NOTE: overrides are accepted after options too (`CONFIG --nproc 2 optim.lr=1e-3`); the
+    # dispatch table's subparsers action builds plain parsers, so swap the class for this one.
+    default_class = subparsers._parser_class
+    subparsers._parser_class = OverridesParser
+    try:
+        _register_train(subparsers)
+    finally:
+        subparsers._parser_class = default_class
+    _register_export(subparsers)
+
+
+def _register_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a recurrent-depth model (DeepSpeed ZeRO, MLflow)",
         description="Pretrain a recurrent-depth LM on a prepared dataset with DeepSpeed ZeRO; "
@@ -41,6 +55,8 @@ def register(subparsers) -> None:
                    help="validate, print the resolved config and the DeepSpeed config, exit")
     p.set_defaults(func=train_handler)
 
+
+def _register_export(subparsers) -> None:
     e = subparsers.add_parser(
         "export", help="export a checkpoint to safetensors or the HF Huginn layout",
         description="Consolidate a training checkpoint (ZeRO 0-3) into full weights.",

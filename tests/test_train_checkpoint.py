@@ -125,3 +125,28 @@ def checkpoint_checks(rank, world, tmp: str):
 def test_checkpoint_manager_with_a_real_deepspeed_engine(tmp_path):
     assert run_distributed(checkpoint_checks, world_size=1, args=(str(tmp_path),),
                            env={"OMP_NUM_THREADS": "1"}) == [True]
+
+
+def test_process_killed_while_writing_a_checkpoint_resumes_from_the_previous(tiny_dataset,
+                                                                            tmp_path):
+    import subprocess
+
+    from fixtures_training import REPO, training_env
+
+    run_dir = tmp_path / "run"
+    cmd = [str(REPO / ".venv/bin/python"), "-m", "pipeline", "train",
+           str(REPO / "configs/train/tiny.yaml"), f"data.path={tiny_dataset}",
+           f"run.dir={run_dir}", "train.max_steps=6", "train.global_batch_size=4",
+           "checkpoint.interval=2", "eval.interval=0", "tracking.enabled=false", "--nproc", "1"]
+    crashed = subprocess.run(cmd + ["debug.crash_in_checkpoint_at_step=4"], cwd=REPO,
+                             env=training_env(), capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == 1, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / ".tmp-step-00000004").is_dir() and not (ckpts / "step-00000004").exists()
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    resumed = subprocess.run(cmd + ["--resume", "auto"], cwd=REPO, env=training_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "step-00000002 (step 2)" in (run_dir / "logs/train.log").read_text()
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latest", "step-00000004", "step-00000006"]  # keep_last 3 of tiny.yaml is 2
