@@ -202,3 +202,19 @@ def test_sampling_greedy_temperature_top_p():
         GenerationConfig(top_p=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         GenerationConfig(num_steps=0)
+
+
+@pytest.mark.gpu
+def test_cuda_sweep_and_generation_match_cpu(tiny_model, batches):
+    cpu = evaluate_depths(tiny_model, batches, [1, 4], "zero")
+    prompt = [5, 6, 7, 8]
+    ref = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, num_steps=4)).new_ids
+    tiny_model.cuda()
+    try:
+        gpu = evaluate_depths(tiny_model, batches, [1, 4], "zero")
+        res = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, num_steps=4))
+    finally:
+        tiny_model.cpu()
+    for r in (1, 4):
+        assert gpu[r] == pytest.approx(cpu[r], rel=1e-4)
+    assert res.new_ids == ref

@@ -27,7 +27,8 @@ def eval_run(tiny_trained_run, mlflow_server, tmp_path_factory) -> Path:
     shutil.copytree(tiny_trained_run, run_dir, symlinks=True)
     client = MlflowClient(mlflow_server.url)
     exp = f"test-eval-{uuid.uuid4().hex[:8]}"
-    run = client.create_run(client.create_experiment(exp), run_name="tiny-run")
+    run = client.create_run(client.create_experiment(exp), run_name="tiny-run",
+                            tags={"rdpt.run_dir": str(run_dir)})
     client.set_terminated(run.info.run_id, "FINISHED")
     (run_dir / "mlflow_run.json").write_text(json.dumps({
         "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "experiment": exp,
@@ -112,6 +113,28 @@ def test_eval_tokens_two_processes_equal_one(eval_run, val_tokens, tmp_path):
     for r in ("1", "3"):
         assert two["depth"][r]["loss"] == pytest.approx(one["depth"][r]["loss"], rel=1e-6)
     assert one["source"] == {"tokens": str(val_tokens.resolve())}
+
+
+def test_eval_by_mlflow_run_id_and_new_eval_run_for_bare_checkpoint(
+        eval_run, val_tokens, mlflow_server, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((eval_run / "mlflow_run.json").read_text())["run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    common = ["--tokens", str(val_tokens), "--recurrences", "2", "--no-telemetry",
+              "--out-dir", str(tmp_path / "plots")]
+    assert main(["eval", run_id, *common, "--no-mlflow", "--json", str(tmp_path / "a.json")]) == 0
+    res = json.loads((tmp_path / "a.json").read_text())
+    assert Path(res["run_dir"]) == eval_run.resolve() and res["step"] == 60
+    # a checkpoint copied out of its run directory: a new MLflow run linked by a tag
+    bare = tmp_path / "exported" / "step-00000030"
+    shutil.copytree(eval_run / "checkpoints" / "step-00000030", bare)
+    assert main(["eval", str(bare), *common, "--json", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["mlflow_run_id"] and res["mlflow_run_id"] != run_id and res["step"] == 30
+    run = MlflowClient(mlflow_server.url).get_run(res["mlflow_run_id"])
+    assert run.data.tags["rdpt.eval_of"] == str(bare.resolve())
+    assert run.data.metrics["eval/loss_r"] == pytest.approx(res["depth"]["2"]["loss"])
 
 
 MC_DOCS = [

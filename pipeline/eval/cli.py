@@ -111,7 +111,8 @@ def register(subparsers) -> None:
     p.add_argument("--telemetry-sequences", type=_positive_int, default=64,
                    help="sequences for the per-iteration telemetry (default 64: it decodes "
                    "after every iteration)")
-    p.add_argument("--json", default=None, help="results file (default <run_dir>/eval-step<N>.json)")
+    p.add_argument("--json", default=None,
+                   help="results file (default <run_dir>/eval-step<N>.json)")
     p.add_argument("--out-dir", default=None, help="plot folder (default <run_dir>/eval)")
     p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval task names")
     p.add_argument("--lm-eval-include", default=None,
@@ -164,6 +165,8 @@ def _check_eval_args(args) -> list[int]:
         raise RdptConfigError(f"--lm-eval-include: no such file or folder {args.lm_eval_include}")
     if args.max_sequences < 0:
         raise RdptConfigError(f"--max-sequences: must be >= 0 (0 = all), got {args.max_sequences}")
+    # lm-eval scores one request at a time in padded batches: deterministic zeros unless asked
+    args.lm_eval_state_init = args.state_init or "zero"
     if args.state_init is None:
         args.state_init = "random"
     return rs
@@ -345,13 +348,14 @@ def run_eval(args) -> dict | None:
                                      fixed_curve=sweep.telemetry["loss"][: args.max_r],
                                      progress=progress)
         results["adaptive"] = adaptive.to_dict()
-    if args.lm_eval_tasks and rank == 0:
-        results["lm_eval"] = _run_lm_eval(args, loaded, rs, rule)
-    results["seconds"] = time.monotonic() - t0
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
         return None
+    # NOTE: after the barrier: lm-eval runs on rank 0 alone and may outlast a collective timeout.
+    if args.lm_eval_tasks:
+        results["lm_eval"] = _run_lm_eval(args, loaded, rs, rule)
+    results["seconds"] = time.monotonic() - t0
     from pipeline.eval.report import print_table, write_outputs
 
     print_table(results)
@@ -367,14 +371,14 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
     r = args.lm_eval_r or (args.max_r if rule else rs[-1])
     lm = RdptLM(loaded.model, loaded.tokenizer, eot_id=loaded.eot_id,
                 max_length=loaded.max_length, num_steps=r, exit_rule=rule,
-                state_init="zero" if args.state_init == "zero" else args.state_init,
-                seed=args.seed, batch_size=args.batch_size)
+                state_init=args.lm_eval_state_init, seed=args.seed, batch_size=args.batch_size)
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     limit = args.lm_eval_limit
     if limit is not None and limit >= 1:
         limit = int(limit)
     scores = run_lm_eval(lm, tasks, include_path=args.lm_eval_include, limit=limit)
-    return {"r": r, "adaptive": rule is not None, "mean_depth": lm.mean_depth, "tasks": scores}
+    return {"r": r, "adaptive": rule is not None, "state_init": args.lm_eval_state_init,
+            "mean_depth": lm.mean_depth, "tasks": scores}
 
 
 # ---------------------------------------------------------------------------------- generate

@@ -44,8 +44,9 @@ def print_table(results: dict) -> None:
     if lm:
         print(f"\nlm-eval at r={lm['r']}{' (adaptive)' if lm['adaptive'] else ''}:")
         for task, metrics in lm["tasks"].items():
-            vals = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool))
+            vals = ", ".join(f"{k.split(',')[0]}={v:.4f}" for k, v in metrics.items()
+                             if "," in k and isinstance(v, (int, float))
+                             and not isinstance(v, bool))
             print(f"  {task}: {vals}")
 
 
@@ -122,7 +123,7 @@ def eval_metrics(results: dict) -> list[tuple[dict, int]]:
         m = {}
         for task, metrics in lm["tasks"].items():
             for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool):
                     m[f"eval/lm_eval/{_metric_key(task)}/{_metric_key(k.split(',')[0])}"] = v
         if m:
             groups.append((m, step))
