@@ -72,8 +72,8 @@ class GenerationResult:
 
     @property
     def tokens_per_s(self) -> float:
-        decode = self.seconds - self.prefill_seconds
-        return len(self.new_ids) / self.seconds if self.seconds > 0 and decode >= 0 else 0.0
+        """New tokens per second of the whole call (prefill included)."""
+        return len(self.new_ids) / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def mean_depth(self) -> float:
