@@ -60,7 +60,7 @@ def main() -> int:
     )
     eval_json = run_dir / "eval-demo.json"
     rdpt("eval", str(run_dir), "--recurrences", "1,2,4,8,16,32", "--state-init", "zero",
-         "--json", str(eval_json))
+         "--max-sequences", "64", "--json", str(eval_json))
 
     results = json.loads(eval_json.read_text())
     print("\n== demo summary ==")
