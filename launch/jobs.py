@@ -40,7 +40,12 @@ def job_rows(limit: int | None = None) -> list[dict[str, Any]]:
         }
         if jid in live:
             row.update({k: live[jid][k] for k in ("state", "nodes", "elapsed", "reason")})
-        if rec.get("array") is None and (jid not in live or row["state"] != "PENDING"):
+        if rec.get("array") and slurm_tools.available("scontrol"):
+            tasks = slurm_tools.scontrol_jobs(jid)  # one record per task (pending ones merged)
+            if tasks:
+                row.update(state=summarise_states(tasks), nodes=tasks[0].get("NumNodes", ""),
+                           elapsed=max(t.get("RunTime", "") for t in tasks))
+        elif jid not in live or row["state"] != "PENDING":
             info = slurm_tools.scontrol_job(jid) if slurm_tools.available("scontrol") else None
             if info:
                 row["restarts"] = info.get("Restarts", "")
@@ -65,13 +70,38 @@ def job_rows(limit: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def summarise_states(tasks: list[dict[str, str]]) -> str:
+    """Array task records -> `COMPLETED` when all agree, else `COMPLETED:2,RUNNING:1`."""
+    counts: dict[str, int] = {}
+    for t in tasks:
+        ids = t.get("ArrayTaskId", "0")
+        n = _count_ids(ids)
+        counts[t.get("JobState", "UNKNOWN")] = counts.get(t.get("JobState", "UNKNOWN"), 0) + n
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+def _count_ids(spec: str) -> int:
+    """`0-2,5` -> 4 (a `%N` throttle suffix is ignored)."""
+    total = 0
+    for part in spec.split("%")[0].split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            total += int(hi) - int(lo) + 1
+        elif part.strip().isdigit():
+            total += 1
+    return total or 1
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return f"no jobs submitted from this project ({registry.registry_path()} is empty)"
     header = ["JOBID", "NAME", "STATE", "NODES", "ELAPSED", "RESTARTS", "RUN DIR", "MLFLOW RUN"]
     table = [header]
     for r in rows:
-        state = r["state"] + (f" ({r['reason']})" if r["state"] == "PENDING" and r["reason"] else "")
+        reason = r["reason"].strip("()")  # squeue %R says "(Dependency)", scontrol "Dependency"
+        state = r["state"] + (f" ({reason})" if r["state"] == "PENDING" and reason else "")
         run_dir = _short(r["run_dir"])
         table.append(
             [r["id"], r["name"], state, str(r["nodes"]), r["elapsed"], str(r["restarts"]),

@@ -107,7 +107,8 @@ def test_real_srun_one_node(slurm_cluster, tmp_path, monkeypatch):
     rows = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda r: r["RANK"])
     assert [r["RANK"] for r in rows] == ["0", "1"]
     assert [r["LOCAL_RANK"] for r in rows] == ["0", "1"]
-    assert {r["WORLD_SIZE"] for r in rows} == {"2"} and {r["LOCAL_WORLD_SIZE"] for r in rows} == {"2"}
+    assert {r["WORLD_SIZE"] for r in rows} == {"2"}
+    assert {r["LOCAL_WORLD_SIZE"] for r in rows} == {"2"}
     # node name n1 is not a DNS name on this machine: its NodeAddr (127.0.0.1) is used
     assert {r["MASTER_ADDR"] for r in rows} == {master_address("n1")}
     assert master_address("n1") in ("n1", "127.0.0.1")

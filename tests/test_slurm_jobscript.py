@@ -152,6 +152,14 @@ def test_chain_hands_over_then_stops(slurm_cluster, tmp_path, monkeypatch, tiny_
     second = slurm_cluster.job(jobs[1])
     assert second["JobState"] == "PENDING" and f"afterany:{jobs[0]}" in second["Dependency"]
     wait_for_event(run_dir, "start")
+    listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs", "--json"],
+                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    states = [(r["id"], r["state"]) for r in map(json.loads, listed.splitlines())]
+    assert states == [(str(jobs[0]), "RUNNING"), (str(jobs[1]), "PENDING"),
+                      (str(jobs[2]), "PENDING")]
+    table = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs"], capture_output=True,
+                           text=True, cwd=tmp_path, check=True).stdout
+    assert "PENDING (Dependency)" in table and "runs/chain" in table
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(jobs[0]))
     first = slurm_cluster.wait_finished(jobs[0], timeout=60)
     # not the last job of the chain: it hands over instead of requeueing itself

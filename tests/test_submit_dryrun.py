@@ -25,7 +25,10 @@ env:
   setup: ["source /opt/venvs/rdpt/bin/activate"]
   python: /opt/venvs/rdpt/bin/python
   variables: {NCCL_DEBUG: WARN, HF_HOME: /scratch/hf}
-  container: {image: "nvcr.io#nvidia/pytorch:24.05-py3", runtime: pyxis, mounts: ["/scratch:/scratch"]}
+  container:
+    image: "nvcr.io#nvidia/pytorch:24.05-py3"
+    runtime: pyxis
+    mounts: ["/scratch:/scratch"]
 """
 
 

@@ -99,6 +99,7 @@ def reference(slurm_cluster, project, tiny_dataset, mlflow_server):
             "losses": losses(run_dir)}
 
 
+@pytest.mark.slow
 def test_two_process_job_completes_with_mlflow_metrics(reference, mlflow_server, project):
     from mlflow.tracking import MlflowClient
 
@@ -142,6 +143,7 @@ def test_two_node_job_matches_single_node_loss(slurm_cluster_2nodes, project, ti
     assert losses(run_dir) == pytest.approx(reference["losses"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_preemption_requeue_resumes_to_the_same_loss(slurm_cluster, project, tiny_dataset,
                                                      reference, mlflow_server):
     from mlflow.tracking import MlflowClient
@@ -175,6 +177,7 @@ def test_preemption_requeue_resumes_to_the_same_loss(slurm_cluster, project, tin
     assert {m.step for m in history} == set(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_chain_of_two_jobs_continues_the_run(slurm_cluster, project, tiny_dataset, reference):
     run_dir, jobs, _ = submit_train(
         slurm_cluster, project, tiny_dataset, "chained", "--ntasks-per-node", "2", "--chain",
@@ -214,6 +217,11 @@ def test_prep_array_matches_local_prep(slurm_cluster, project):
     tasks = {m.group(1): m.group(2) for m in
              re.finditer(r"ArrayTaskId=(\d+) .*?JobState=(\w+)", records)}
     assert tasks == {"0": "COMPLETED", "1": "COMPLETED", "2": "COMPLETED"}, records
+    rows = [json.loads(line) for line in slurm_cluster.run(
+        sys.executable, "-m", "pipeline.cli", "jobs", "--json", cwd=project).stdout.splitlines()]
+    states = {r["id"]: (r["kind"], r["state"]) for r in rows}
+    assert states[str(array_job)] == ("prep-array", "COMPLETED")
+    assert states[str(final_job)] == ("prep-finalize", "COMPLETED")
     logs = sorted(Path(res["scripts"][0]).parent.glob(f"prep-{array_job}_*.out"))
     assert [f"prep task {i} of 3" in p.read_text() for i, p in enumerate(logs)] == [True] * 3
     out = project / "prep-array"
