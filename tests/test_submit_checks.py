@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,34 @@ def test_unwritable_run_dir_and_changed_config(project, capsys, slurm_cluster, t
     rc, out, err = submit(capsys, *args, "train.max_steps=600")  # extending a run is fine
     assert rc == 0, err
     assert queue(slurm_cluster) == before and not (project / ".rdpt").exists()
+
+
+def test_submit_prints_job_run_dir_and_mlflow_then_cancel(project, capsys, slurm_cluster,
+                                                          tiny_dataset, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    rc, out, err = submit(capsys, "--gpus-per-node", "0", "--ntasks-per-node", "2",
+                          "--partition", "restricted", "--account", "beta", "--time", "10:00",
+                          f"data.path={tiny_dataset}", "run.name=printed",
+                          f"tracking.uri={mlflow_server.url}", "tracking.experiment=printed")
+    assert rc == 0, err
+    lines = out.splitlines()
+    run_dir = project / "runs" / "printed"
+    job = int(lines[0].split()[2].rstrip(":"))
+    assert lines[0] == f"submitted job {job}: {next((run_dir / 'slurm').glob('*.sbatch'))}"
+    assert lines[1] == f"run directory: {run_dir}"
+    assert lines[2] == f"log:           {run_dir}/slurm/slurm-{job}.out"
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert lines[3].startswith(f"mlflow run:    {run_id} (experiment 'printed' at "
+                               f"{mlflow_server.url})")
+    assert MlflowClient(mlflow_server.url).get_run(run_id).info.run_name == "printed"
+    info = slurm_cluster.job(job)
+    assert (info["Partition"], info["Account"]) == ("restricted", "beta")
+    record = json.loads((project / ".rdpt" / "jobs.jsonl").read_text())
+    assert (record["job_id"], record["run_dir"], record["mlflow_run_id"]) == (
+        job, str(run_dir), run_id)
+    assert main(["jobs", "cancel", str(job)]) == 0
+    assert capsys.readouterr().out.strip() == f"cancelled {job}"
+    assert slurm_cluster.wait_finished(job, timeout=60)["JobState"] == "CANCELLED"
+    assert main(["jobs", "cancel", "999999"]) == 2
+    assert "job 999999 was not submitted from this project" in capsys.readouterr().err
