@@ -132,7 +132,9 @@ def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig
 
     Returns (mean loss, non-finite, stop requested, grad norm), identical on every rank.
     """
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # NOTE: everything stays on the device until the one all-reduce per step (no host syncs
+    # per micro-batch); that all-reduce is where the ranks agree on finite / stop.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     nan_injected = step in cfg.debug.nan_at_steps
     stats = None
     for i, mb in enumerate(batches):
@@ -143,19 +145,18 @@ def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig
         if nan_injected:
             loss = loss * float("nan")  # testing: poisons the loss and the gradients
         engine.backward(loss)
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
         if i == len(batches) - 1:
             # NOTE: before the boundary step: every rank must agree whether to apply it.
-            local_bad = float(not math.isfinite(loss_sum.item()))
-            sq = grad_sq_norm_local(engine) if cfg.parallel.zero_stage == 0 else 0.0
-            if not math.isfinite(sq):
-                local_bad = 1.0
-            stats = torch.tensor([loss_sum.item(), local_bad, float(stop.signum is not None), sq],
-                                 dtype=torch.float64)
+            sq = grad_sq_norm_local(engine, device) if cfg.parallel.zero_stage == 0 \
+                else torch.zeros((), dtype=torch.float64, device=device)
+            bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(sq)).double()
+            stopping = torch.tensor(float(stop.signum is not None), dtype=torch.float64,
+                                    device=device)
+            stats = torch.stack([loss_sum, bad, stopping, sq])
             if dist.is_initialized():
-                stats = stats.to(device)
                 dist.all_reduce(stats)
-                stats = stats.cpu()
+            stats = stats.cpu()
         if i == len(batches) - 1 and stats[1] > 0 and torch_optimizer_step(engine, cfg):
             # ZeRO>=1 skips a non-finite step inside DeepSpeed; ZeRO-0 hands the optimizer
             # to torch, so this one step() runs without it (the engine still counts it).

@@ -74,17 +74,18 @@ def validate(engine, cfg, dp_rank: int, dp: int, device) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def grad_sq_norm_local(engine) -> float:
+def grad_sq_norm_local(engine, device) -> torch.Tensor:
     """This rank's share of the squared global gradient norm (ZeRO-0, after DP all-reduce):
     tensor-parallel shards count on every TP rank, replicated parameters on TP rank 0 only;
-    summed over all ranks and divided by dp this gives the squared global norm."""
+    summed over all ranks and divided by dp this gives the squared global norm (fp64, on
+    `device`, no host sync)."""
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for p in engine.module.parameters():
         if p.grad is None:
             continue
         if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            total += float(p.grad.detach().float().pow(2).sum())
+            total += p.grad.detach().double().pow(2).sum()
     return total
