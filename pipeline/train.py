@@ -46,13 +46,24 @@ H100_BF16_PEAK = 989e12
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+def record_early_signals() -> list[int]:
+    """Catch SIGUSR1/SIGTERM from process start (imports, model build) until StopFlag exists;
+    without this a signal in that window would kill the process before it can checkpoint."""
+    received: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    return received
+
+
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; the loop finishes its step, all ranks agree, checkpoint, exit 85."""
 
-    def __init__(self) -> None:
+    def __init__(self, early: list[int] | None = None) -> None:
         self.signum: int | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        if early:
+            self.signum = early[0]
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
@@ -178,8 +189,10 @@ def train_step(engine, batches, r: int, n_grad: int, step: int, cfg: TrainConfig
     return mean_loss, nonfinite, bool(stats[2] > 0), grad_norm
 
 
-def main(cfg: TrainConfig, resume: str = "auto") -> int:
-    """Train `cfg` on the ranks given by the environment; return a process exit code."""
+def main(cfg: TrainConfig, resume: str = "auto", early_signals: list[int] | None = None) -> int:
+    """Train `cfg` on the ranks given by the environment; return a process exit code.
+
+    `early_signals`: from record_early_signals(), called as early as the caller could."""
     from launch.slurm_env import apply_slurm_env
     from pipeline.data import ResumableLoader, open_dataset
     from pipeline.distributed import init_process_group
@@ -193,7 +206,7 @@ def main(cfg: TrainConfig, resume: str = "auto") -> int:
     run_dir = cfg.run_dir()
     setup_logging(run_dir, rank)
     exit_with_parent()
-    stop = StopFlag()
+    stop = StopFlag(early_signals)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
 
@@ -364,11 +377,12 @@ def run_validation(engine, cfg, tracker, step, dp_rank, dp, device) -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
+    early = record_early_signals()
     parser = argparse.ArgumentParser(description="rdpt training worker (one rank)")
     parser.add_argument("config", help="resolved TrainConfig YAML (written by `rdpt train`)")
     parser.add_argument("--resume", default="auto")
     args = parser.parse_args(argv)
-    return main(load_train_config(args.config), resume=args.resume)
+    return main(load_train_config(args.config), resume=args.resume, early_signals=early)
 
 
 if __name__ == "__main__":

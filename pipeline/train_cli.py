@@ -104,6 +104,23 @@ def completed_step(run_dir: Path) -> int | None:
 
 
 def train_handler(args) -> int:
+    import signal
+
+    # NOTE: first thing, before the heavy imports: a SIGUSR1/SIGTERM from Slurm during start-up
+    # must lead to a checkpoint and exit 85, not kill the process (see pipeline.train).
+    early: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum))
+                for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return _train(args, early, previous)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(args, early: list[int], previous: dict) -> int:
+    import signal
+
     from pipeline.config import load_train_config
     from pipeline.config_io import save_resolved, to_yaml
     from pipeline.errors import RdptConfigError
@@ -140,7 +157,14 @@ def train_handler(args) -> int:
     if external or world == 1:
         from pipeline.train import main
 
-        return main(cfg, resume=args.resume)
+        return main(cfg, resume=args.resume, early_signals=early)
+    for sig, handler in previous.items():  # the elastic agent forwards signals to the workers
+        signal.signal(sig, handler)
+    if early:
+        print("rdpt train: stop signal received before the workers started; not starting them")
+        from pipeline.exitcodes import REQUEUE
+
+        return REQUEUE
     from pipeline.launcher import launch_local
 
     return launch_local(resolved, world, args.resume, run_dir)
