@@ -12,9 +12,6 @@ from typing import Any
 from launch import registry, slurm_tools
 from pipeline.errors import RdptLaunchError
 
-COLUMNS = ("id", "name", "state", "nodes", "elapsed", "run_dir", "mlflow_run")
-
-
 def job_rows(limit: int | None = None) -> list[dict[str, Any]]:
     """One row per registered job: registry fields + state/nodes/elapsed from Slurm."""
     records = registry.read()

@@ -13,7 +13,6 @@ checks it on a real cluster).
 from __future__ import annotations
 
 import re
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +156,3 @@ def submit_prep(plan: PrepPlan) -> SubmitResult:
             }
         )
     return SubmitResult(ids, plan.output, [j.script_path for j in plan.jobs])
-
-
-def describe(plan: PrepPlan) -> str:
-    return f"prep of {shlex.quote(str(plan.output))} in {plan.array} array task(s)"

@@ -14,18 +14,6 @@ from typing import Sequence
 
 from pipeline.errors import RdptLaunchError
 
-FINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "PREEMPTED",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
-
 
 def available(command: str = "sbatch") -> bool:
     return shutil.which(command) is not None

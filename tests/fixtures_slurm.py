@@ -18,7 +18,9 @@ apt-get when missing (needs root). Client commands need `cluster.env` (SLURM_CON
 SLURM_* variables); `cluster.activate(monkeypatch)` applies it to the test process.
 
 Cluster facts tests may rely on: SlurmUser=root; cred_expire=5 (a requeued job restarts ~7 s
-later); jobcomp/filetxt (`sacct -c`); kill_invalid_depend; a 30 s limit/signal tick.
+later); jobcomp/filetxt (`sacct -c`); kill_invalid_depend; a 30 s limit/signal tick; KillWait=5;
+partitions `debug` (default) and `restricted` (AllowAccounts=alpha,beta); job ids start at a
+random multiple of 100 below 9000 (`cluster.first_job_id`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ CPUS_PER_NODE = 2
 
 SLURM_CONF = """\
 ClusterName=rdpt
+FirstJobId={first_job_id}
 SlurmctldHost=localhost({ctl_addr})
 SlurmctldPort={ctl_port}
 SlurmdPort={slurmd_port}
@@ -128,6 +131,9 @@ class SlurmCluster:
         self.bridge: str | None = None
         self.node_addrs: dict[str, str] = {}
         self.slurmctld: subprocess.Popen | None = None
+        # NOTE: jobs derive MASTER_PORT from their id (launch/slurm_env.py); random first ids
+        # keep clusters of concurrent test sessions (all in one port space) from colliding.
+        self.first_job_id = random.randrange(100, 9000, 100)
 
     # ---------------------------------------------------------------- client helpers
     def activate(self, monkeypatch) -> None:
@@ -238,7 +244,7 @@ class SlurmCluster:
         self.ctl_port = _free_port()
         self.conf.write_text(SLURM_CONF.format(
             d=d, ctl_addr=ctl_addr, ctl_port=self.ctl_port, slurmd_port=_free_port(),
-            node_lines=node_lines))
+            node_lines=node_lines, first_job_id=self.first_job_id))
         self.slurmctld = self._popen(["slurmctld", "-D", "-f", str(self.conf)])
 
         # NOTE: a client call before slurmctld listens stalls ~1 s in a retry: connect first.
