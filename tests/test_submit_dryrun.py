@@ -202,3 +202,16 @@ def test_example_site_config_is_valid(project, capsys, tiny_dataset):
     (script,) = scripts_of(out)
     assert "#SBATCH --gpus-per-node=8\n" in script and "#SBATCH --account=my-project\n" in script
     assert "module load cuda/12.4" in script and "export NCCL_DEBUG=WARN" in script
+
+
+def test_prep_bad_input(project, capsys):
+    (project / "no-output.yaml").write_text("inputs: [corpus]\nseq_len: 64\n")
+    rc, out, err = run_cli(capsys, "submit", "prep", "no-output.yaml", "--array", "2",
+                           "--dry-run")
+    assert rc == 2 and "no-output.yaml: `output` is not set" in err
+    rc, out, err = run_cli(capsys, "submit", "prep", "no-output.yaml", "--array", "0",
+                           "--dry-run", "output=x")
+    assert rc == 2 and "--array must be between 1 and 10000, got 0" in err
+    rc, out, err = run_cli(capsys, "submit", "prep", "no-output.yaml", "--array", "2",
+                           "--dry-run", "output=x", "seq_len=zero")
+    assert rc == 2 and "seq_len" in err and "expected an integer" in err
