@@ -82,7 +82,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS):
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned params are flat
+        if ndim < 2 or any(m in name for m in NO_DECAY_MARKERS):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -163,6 +164,24 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp: int, grad_accum: 
         dist_init_required=False,
     )
     return engine
+
+
+def construction_context(cfg: TrainConfig, dp: int, grad_accum: int):
+    """Where to build the model: under ZeRO-3, inside `deepspeed.zero.Init`, so every parameter
+    is partitioned as soon as its module is built (no rank ever holds the full model)."""
+    import contextlib
+
+    if cfg.parallel.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    skip_shm_comm_build()
+    ds = deepspeed_config(cfg, dp, grad_accum)
+    # NOTE: zero.Init checks the batch arithmetic against a world size of its own; it needs
+    # only the ZeRO section, so give it no global batch to disagree with.
+    for key in ("train_batch_size", "gradient_accumulation_steps"):
+        ds.pop(key)
+    return deepspeed.zero.Init(config_dict_or_path=ds, mpu=MegatronMpu(), dtype=torch.float32)
 
 
 def set_lr(engine, lr: float) -> None:

@@ -35,7 +35,8 @@ from pipeline.config import TrainConfig, load_train_config, parallel_dims
 from pipeline.config_io import flatten, to_yaml
 from pipeline.launcher import write_exit
 from pipeline.engine import (
-    MegatronMpu, build_engine, deepspeed_config, global_grad_norm, resolve_precision, set_lr,
+    MegatronMpu, build_engine, construction_context, deepspeed_config, global_grad_norm,
+    resolve_precision, set_lr,
 )
 from pipeline.recurrence import sample_num_steps
 from pipeline.schedules import lr_at
@@ -217,7 +218,8 @@ def main(cfg: TrainConfig, resume: str = "auto", early_signals: list[int] | None
     from megatron.core import parallel_state as ps
 
     dp_rank = ps.get_data_parallel_rank()
-    model = build_model(cfg.model, params_dtype=torch.float32)
+    with construction_context(cfg, dp, grad_accum):
+        model = build_model(cfg.model, params_dtype=torch.float32)
     engine = build_engine(model, cfg, dp, grad_accum, mpu=MegatronMpu())
     if rank == 0:
         atomic_write_json(run_dir / "logs" / "deepspeed_config.json",
