@@ -310,19 +310,22 @@ class ResumableLoader:
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
 
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce(epoch: int, position: int) -> None:
             try:
                 while not stop.is_set():
                     item = self._step(epoch, position)
                     _, epoch, position = item
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    put(item)
             except BaseException as e:  # handed to the consumer, which re-raises it
-                q.put(e)
+                put(e)
 
         thread = threading.Thread(target=produce, args=(self.epoch, self.position),
                                   name="rdpt-data-prefetch", daemon=True)
