@@ -4,8 +4,9 @@
     result = submit_prep(plan)   # array job, then finalize with --dependency=afterok:<array>
 
 Task I of M runs `rdpt prep <config> --task-index env` (it reads SLURM_ARRAY_TASK_ID and
-SLURM_ARRAY_TASK_COUNT) and writes its own shards; the finalize job runs
-`rdpt prep <config> --finalize`, which packs them into one manifest and verifies it. The result
+SLURM_ARRAY_TASK_COUNT) and tokenises its share of the input chunks (chunk c goes to task
+c % M); the finalize job runs `rdpt prep <config> --finalize`, which packs the chunks in order
+into shards, writes one manifest and verifies it. The result
 is identical to a single-process `rdpt prep <config>` (the DATA area guarantees it; a test
 checks it on a real cluster).
 """

@@ -348,10 +348,12 @@ class ResumableLoader:
 
 def iterate_sequences(path: str | Path, split: str = "val", batch_size: int = 8, dp_rank: int = 0,
                       dp_size: int = 1, max_sequences: int | None = None,
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      ) -> Iterator[MicroBatch]:
     """Evaluation order: the first `max_sequences` sequences of `split` in stored order, rank r
-    of dp_size taking the contiguous block [r*n//dp_size, (r+1)*n//dp_size); yields (inputs,
-    targets) LongTensor [<=batch_size, seq_len] (the last batch may be smaller)."""
+    of dp_size taking the contiguous block [r*n//dp_size, (r+1)*n//dp_size); yields
+    MicroBatch(inputs, targets, sample_ids) with LongTensors [<=batch_size, seq_len] (the last
+    batch may be smaller). The sample ids are global sequence indices, so a random initial
+    state seeded by them does not depend on the number of ranks."""
     info = open_dataset(path)
     reader = SplitReader(info, split)
     n = reader.num_sequences if max_sequences is None else min(max_sequences,
@@ -361,6 +363,6 @@ def iterate_sequences(path: str | Path, split: str = "val", batch_size: int = 8,
         for start in range(lo, hi, batch_size):
             ids = np.arange(start, min(start + batch_size, hi), dtype=np.int64)
             t = torch.from_numpy(reader.sequences(ids))
-            yield t[:, :-1].contiguous(), t[:, 1:].contiguous()
+            yield MicroBatch(t[:, :-1].contiguous(), t[:, 1:].contiguous(), torch.from_numpy(ids))
     finally:
         reader.close()

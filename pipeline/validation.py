@@ -50,10 +50,10 @@ def validate(engine, cfg, dp_rank: int, dp: int, device) -> dict[str, float]:
     r_tele = max(cfg.eval.recurrences)
     for r in cfg.eval.recurrences:
         acc = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, cosine sum, change sum
-        for inputs, targets in batches:
+        for inputs, targets, sample_ids in batches:
             res = engine(inputs.to(device), targets.to(device), num_steps=r, backprop_depth=None,
                          state_init="random", state_seed=VAL_STATE_SEED,
-                         sample_ids_B=None, telemetry=(r == r_tele))
+                         sample_ids_B=sample_ids.to(device), telemetry=(r == r_tele))
             acc[0] += res.loss_BS.double().sum().cpu()
             acc[1] += res.loss_BS.numel()
             if res.telemetry is not None:

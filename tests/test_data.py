@@ -107,16 +107,17 @@ def test_epochs_are_reshuffled_permutations_and_resume_across_the_boundary(tiny_
 def test_iterate_sequences_is_fixed_order_and_split_by_rank(tiny_dataset):
     info = open_dataset(tiny_dataset)
     n = info.num_sequences("val")
-    full = [x for x, _ in iterate_sequences(tiny_dataset, "val", batch_size=7)]
+    full = [x for x, _, _ in iterate_sequences(tiny_dataset, "val", batch_size=7)]
     assert sum(x.shape[0] for x in full) == n
-    halves = [torch.cat([x for x, _ in iterate_sequences(tiny_dataset, "val", batch_size=5,
+    halves = [torch.cat([x for x, _, _ in iterate_sequences(tiny_dataset, "val", batch_size=5,
                                                          dp_rank=r, dp_size=2)])
               for r in range(2)]
     assert torch.equal(torch.cat(halves), torch.cat(full))
     capped = list(iterate_sequences(tiny_dataset, "val", batch_size=4, max_sequences=10))
-    assert [x.shape for x, _ in capped] == [torch.Size([4, info.seq_len])] * 2 + [
+    assert [x.shape for x, _, _ in capped] == [torch.Size([4, info.seq_len])] * 2 + [
         torch.Size([2, info.seq_len])]
-    x, y = capped[0]
+    assert torch.equal(torch.cat([ids for _, _, ids in capped]), torch.arange(10))
+    x, y, _ = capped[0]
     assert torch.equal(x[:, 1:], y[:, :-1]) and int(y.max()) < info.vocab_size
     assert info.manifest_sha256 == __import__("hashlib").sha256(
         (tiny_dataset / "manifest.json").read_bytes()).hexdigest()

@@ -42,7 +42,7 @@ def val_tokens(tiny_dataset, tmp_path_factory) -> Path:
     """The first 12 validation sequences as a [12, 65] uint16 .npy file."""
     from pipeline.data import iterate_sequences
 
-    inputs, targets = next(iterate_sequences(tiny_dataset, "val", batch_size=12))
+    inputs, targets, _ = next(iterate_sequences(tiny_dataset, "val", batch_size=12))
     arr = np.concatenate([inputs.numpy(), targets.numpy()[:, -1:]], axis=1).astype(np.uint16)
     path = tmp_path_factory.mktemp("tokens") / "val12.npy"
     np.save(path, arr)

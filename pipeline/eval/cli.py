@@ -256,27 +256,15 @@ def load_dataset_batches(path: str, split: str, batch_size: int, rank: int, worl
     """This rank's share of a prepared dataset's `split` as (inputs, targets, sample_ids)
     batches; sample ids are global sequence indices, so a random initial state does not depend
     on the number of processes."""
-    import torch
-
     from pipeline.data import iterate_sequences, open_dataset
 
     info = open_dataset(path)
     if split not in info.manifest.get("splits", {}):
         raise RdptDataError(f"--split: dataset {path} has no split {split!r} "
                             f"(has {sorted(info.manifest.get('splits', {}))})")
-    n = info.num_sequences(split)
-    if max_sequences is not None:
-        n = min(n, max_sequences)
-    # NOTE: iterate_sequences gives rank r the contiguous block [r*n//world, (r+1)*n//world).
-    next_id = rank * n // world
-    out = []
-    for inputs, targets in iterate_sequences(path, split=split, batch_size=batch_size,
-                                             dp_rank=rank, dp_size=world,
-                                             max_sequences=max_sequences):
-        ids = torch.arange(next_id, next_id + inputs.shape[0], dtype=torch.long)
-        next_id += inputs.shape[0]
-        out.append((inputs, targets, ids))
-    return out
+    return [tuple(mb) for mb in iterate_sequences(path, split=split, batch_size=batch_size,
+                                                  dp_rank=rank, dp_size=world,
+                                                  max_sequences=max_sequences)]
 
 
 def run_eval(args) -> dict | None:
