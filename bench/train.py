@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    init_process_group()
+    init_process_group(export_env=True)  # DeepSpeed reads the rank variables
     initialize_parallel(tp=1, seed=0)
 
     # full stack

@@ -19,9 +19,13 @@ no pdsh and no hostfile:
   that share a node (unless their ids are 10000 apart). A requeued job keeps its id and port.
 
 It is a no-op outside an srun step (a login shell, the batch script itself, a laptop), and it
-never overrides what a torchrun-style launcher already set: if RANK, WORLD_SIZE or LOCAL_RANK is
-present, the rank variables are left alone; MASTER_ADDR / MASTER_PORT are only filled in when
-missing (so `export MASTER_PORT=...` in a job script wins).
+never overrides what a torchrun-style launcher set: when torch's elastic agent started this
+process (TORCHELASTIC_RUN_ID is present) the rank variables are left alone. Otherwise Slurm's
+ranks win over RANK / WORLD_SIZE / LOCAL_RANK found in the environment: sbatch exports the
+submitting shell's environment, and a stale `RANK=0 WORLD_SIZE=1` from there would make every
+task rank 0 of 1. MASTER_ADDR / MASTER_PORT are only filled in when missing (so
+`export MASTER_PORT=...` in a job script wins; the rendered job script clears values inherited
+from the submitting shell first).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ PORT_BASE = 20000
 PORT_SPAN = 10000
 
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+ELASTIC_AGENT_VAR = "TORCHELASTIC_RUN_ID"  # set by torchrun / torch's elastic agent
 
 
 def in_srun_step(environ: MutableMapping[str, str] | None = None) -> bool:
@@ -162,14 +167,14 @@ def apply_slurm_env(environ: MutableMapping[str, str] | None = None) -> dict[str
     if not in_srun_step(env):
         return {}
     new: dict[str, str] = {}
-    if not any(v in env for v in RANK_VARS):
+    if ELASTIC_AGENT_VAR not in env:
         new["RANK"] = env["SLURM_PROCID"]
         new["WORLD_SIZE"] = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS", "1")
         new["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         local_world = _tasks_on_this_node(env)
-        if local_world is not None and "LOCAL_WORLD_SIZE" not in env:
+        if local_world is not None:
             new["LOCAL_WORLD_SIZE"] = str(local_world)
-        if "SLURM_NODEID" in env and "NODE_RANK" not in env:
+        if "SLURM_NODEID" in env:
             new["NODE_RANK"] = env["SLURM_NODEID"]
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")

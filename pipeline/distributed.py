@@ -27,17 +27,30 @@ def env_rank() -> tuple[int, int, int]:
     )
 
 
-def init_process_group(backend: str | None = None, timeout_s: float = 600) -> None:
+def init_process_group(backend: str | None = None, timeout_s: float = 600,
+                       export_env: bool = False) -> None:
     """Initialise torch.distributed from the environment (idempotent).
 
-    gloo on CPU, NCCL when CUDA is available. A single process still gets a (world size 1)
-    group so DeepSpeed and megatron-core find one. We create the group ourselves rather than
-    through `deepspeed.init_distributed`, which JIT-compiles a comm op for ~1 min on CPU.
+    gloo on CPU, NCCL when CUDA is available. A process that no launcher started still gets a
+    (world size 1) group on a free loopback port so DeepSpeed and megatron-core find one.
+    Such a process's environment is left alone unless `export_env` (training sets it:
+    DeepSpeed reads RANK/WORLD_SIZE/MASTER_* itself); evaluation or checkpoint loading called
+    from a library or a test must not leave rank variables behind for later launches.
+    We create the group ourselves rather than through `deepspeed.init_distributed`, which
+    JIT-compiles a comm op for ~1 min on CPU.
     """
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    launched = "WORLD_SIZE" in os.environ
+    if not launched and not export_env:
+        dist.init_process_group(backend=backend, rank=0, world_size=1, timeout=timeout,
+                                init_method=f"tcp://127.0.0.1:{free_port()}")
         return
     rank, world, local_rank = env_rank()
     os.environ.setdefault("RANK", str(rank))
@@ -48,13 +61,6 @@ def init_process_group(backend: str | None = None, timeout_s: float = 600) -> No
         if world > 1:
             raise RuntimeError("MASTER_PORT must be set when WORLD_SIZE > 1")
         os.environ["MASTER_PORT"] = str(free_port())
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        backend=backend,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)

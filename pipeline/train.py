@@ -202,7 +202,7 @@ def main(cfg: TrainConfig, resume: str = "auto", early_signals: list[int] | None
 
     t_start = time.time()
     apply_slurm_env()
-    init_process_group()
+    init_process_group(export_env=True)  # DeepSpeed reads the rank variables
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = cfg.run_dir()
     setup_logging(run_dir, rank)

@@ -20,6 +20,17 @@ os.environ.setdefault("DS_BUILD_OPS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Tests that call rdpt in-process (a one-rank training run exports RANK/WORLD_SIZE/MASTER_*
+    for DeepSpeed) must not hand those variables to later tests' launches."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

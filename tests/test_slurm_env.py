@@ -78,10 +78,19 @@ def test_noop_outside_a_step():
 
 
 def test_torchrun_variables_win():
-    env = {**STEP, "RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "MASTER_PORT": "29500"}
+    env = {**STEP, "RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "MASTER_PORT": "29500",
+           "TORCHELASTIC_RUN_ID": "job-4242"}
     new = apply_slurm_env(env)
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "16" and env["MASTER_PORT"] == "29500"
     assert set(new) == {"MASTER_ADDR"}  # only what was missing
+
+
+def test_stale_rank_variables_from_the_submitting_shell_lose():
+    # sbatch exports the submitter's environment: RANK=0 WORLD_SIZE=1 left over from a local
+    # run must not make every task rank 0 of 1.
+    env = {**STEP, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    apply_slurm_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
 
 
 def test_port_is_per_job_and_in_range():
@@ -115,11 +124,17 @@ def test_real_srun_one_node(slurm_cluster, tmp_path, monkeypatch):
     job = int(rows[0]["job"])
     assert {r["MASTER_PORT"] for r in rows} == {str(master_port_for_job(job))}
     # a torchrun-style launcher inside the step already set the rank variables: left alone
-    out = slurm_cluster.run("srun", "-n1", "--export=ALL,RANK=7,WORLD_SIZE=9,LOCAL_RANK=2",
-                            sys.executable, str(script), cwd=tmp_path)
+    out = slurm_cluster.run(
+        "srun", "-n1", "--export=ALL,RANK=7,WORLD_SIZE=9,LOCAL_RANK=2,TORCHELASTIC_RUN_ID=x",
+        sys.executable, str(script), cwd=tmp_path)
     row = json.loads(out.stdout)
     assert (row["RANK"], row["WORLD_SIZE"], row["LOCAL_RANK"]) == ("7", "9", "2")
     assert "RANK" not in row["new"] and "MASTER_PORT" in row["new"]
+    # stale rank variables exported from the submitting shell: Slurm's ranks win
+    out = slurm_cluster.run("srun", "-n2", "--export=ALL,RANK=0,WORLD_SIZE=1,LOCAL_RANK=0",
+                            sys.executable, str(script), cwd=tmp_path)
+    rows = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda r: r["RANK"])
+    assert [(r["RANK"], r["WORLD_SIZE"]) for r in rows] == [("0", "2"), ("1", "2")]
 
 
 def test_gloo_all_reduce_across_two_node_namespaces(slurm_cluster_2nodes, tmp_path):
