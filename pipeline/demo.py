@@ -41,6 +41,20 @@ def ensure_tracking(demo_dir: Path) -> str:
     return uri
 
 
+def training_summary(metrics_jsonl: Path) -> tuple[tuple | None, tuple | None]:
+    """(mean of the first 3 and last 3 logged train losses), (first and last val/loss_r1);
+    the last line per step counts (a resumed run may repeat steps)."""
+    by_step: dict[int, dict] = {}
+    for line in metrics_jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        by_step.setdefault(rec["step"], {}).update(rec)
+    rows = [by_step[k] for k in sorted(by_step)]
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    val = [r["val/loss_r1"] for r in rows if "val/loss_r1" in r]
+    t = (sum(train[:3]) / len(train[:3]), sum(train[-3:]) / len(train[-3:])) if train else None
+    return t, ((val[0], val[-1]) if val else None)
+
+
 def main() -> int:
     demo_dir = Path(os.environ.get("DEMO_DIR", ROOT / "demo")).resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
@@ -63,11 +77,16 @@ def main() -> int:
          "--max-sequences", "64", "--json", str(eval_json))
 
     results = json.loads(eval_json.read_text())
+    train, val = training_summary(run_dir / "metrics.jsonl")
     print("\n== demo summary ==")
     print(f"dataset      {data_dir}")
     print(f"run dir      {run_dir}")
     print(f"eval json    {eval_json}")
     print(f"MLflow UI    {uri}")
+    if train:
+        print(f"train loss   {train[0]:.3f} (first 3 logs) -> {train[1]:.3f} (last 3 logs)")
+    if val:
+        print(f"val loss r=1 {val[0]:.3f} (first validation) -> {val[1]:.3f} (last)")
     depth = results.get("depth", results)
     print("r    loss     ppl")
     for r, v in sorted(((int(k), v) for k, v in depth.items() if str(k).isdigit())):
