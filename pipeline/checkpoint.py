@@ -22,6 +22,7 @@ tokenizer path, meta). For export: `export_checkpoint(ckpt, out_dir, fmt)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,15 @@ from pipeline.atomic import atomic_write_json, atomic_write_text, fsync_dir, sha
 from pipeline.errors import RdptCheckpointError
 
 log = logging.getLogger("rdpt.checkpoint")
+
+# Non-tensor objects DeepSpeed pickles into its checkpoint files (ZeRO 0-3, fp32/bf16/fp16).
+# Loading allows exactly these on top of torch's weights_only defaults: no arbitrary unpickling.
+_DEEPSPEED_SAFE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 FILES_LIST = "files.sha256.json"
@@ -248,9 +258,10 @@ class CheckpointManager:
     def load(self, engine, ckpt: Path) -> dict[str, Any]:
         """Restore engine (model + optimizer) and this rank's RNG; return the trainer state."""
         state = read_trainer_state(ckpt)
-        load_path, _ = engine.load_checkpoint(
-            str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_loads():
+            load_path, _ = engine.load_checkpoint(
+                str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if load_path is None:
             raise RdptCheckpointError(f"DeepSpeed could not load {ckpt / DS_TAG}")
         rank, _ = _rank_world()
@@ -258,6 +269,30 @@ class CheckpointManager:
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return state
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside the block, DeepSpeed's own included, runs with weights_only=True
+    (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and allows only the DeepSpeed classes listed above, so a
+    tampered checkpoint cannot execute code when it is resumed, evaluated or exported."""
+    import importlib
+
+    allowed = []
+    for module, name in _DEEPSPEED_SAFE_GLOBALS:
+        obj = getattr(importlib.import_module(module), name, None)
+        if obj is not None:
+            allowed.append(obj)
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
@@ -350,16 +385,15 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{ckpt}: consolidating a tensor-parallel (tp={par['tp']}) checkpoint is not "
             f"supported; train with parallel.tp=1 or convert with the model converter"
         )
-    if par.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads():
+        if par.get("zero_stage", 0) >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-    else:
-        # NOTE: DeepSpeed's model-states file holds non-tensor metadata, so it needs the full
-        # unpickler; it is a file this run wrote itself, verified against files.sha256.json.
-        blob = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=False)
-        sd = blob["module"]
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        else:
+            blob = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                              weights_only=True)
+            sd = blob["module"]
     return {k: v.detach().float().contiguous() for k, v in sd.items() if torch.is_tensor(v)}
 
 

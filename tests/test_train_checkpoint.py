@@ -150,3 +150,33 @@ def test_process_killed_while_writing_a_checkpoint_resumes_from_the_previous(tin
     assert "step-00000002 (step 2)" in (run_dir / "logs/train.log").read_text()
     assert sorted(p.name for p in ckpts.iterdir()) == [
         "latest", "step-00000004", "step-00000006"]  # keep_last 3 of tiny.yaml is 2
+
+
+class _Payload:
+    """Unpickling this runs code (creates a file): what a tampered checkpoint would carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_loads_never_unpickle_arbitrary_objects(tmp_path, tiny_trained_run):
+    import pickle
+
+    import torch
+
+    from pipeline.checkpoint import consolidated_state_dict, resolve_checkpoint, weights_only_loads
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "x": _Payload(str(marker))}, evil)
+    with weights_only_loads():
+        # DeepSpeed passes weights_only=False itself: the guard forces the safe unpickler
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(evil, weights_only=False)
+    assert not marker.exists()
+    # a real DeepSpeed checkpoint of a training run still loads under the guard
+    sd = consolidated_state_dict(resolve_checkpoint(tiny_trained_run))
+    assert sd and all(torch.isfinite(v).all() for v in sd.values())
