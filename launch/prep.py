@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch import registry, slurm_tools
 from launch.render import (
     SbatchOptions,
     environment_block,
@@ -34,6 +33,7 @@ from launch.submit import (
     check_cluster_or_warn,
     check_options,
     check_paths,
+    sbatch_jobs,
 )
 from pipeline.errors import RdptLaunchError
 
@@ -136,24 +136,9 @@ def submit_prep(plan: PrepPlan) -> SubmitResult:
 
     plan.job_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.job_dir / "prep.yaml", plan.resolved_yaml)
-    ids: list[int] = []
-    for job in plan.jobs:
-        atomic_write_text(job.script_path, job.script)
-        job.script_path.chmod(0o755)
-        dep = f"{job.dependency}:{ids[-1]}" if job.dependency else None
-        job_id = slurm_tools.sbatch(job.script_path, dependency=dep)
-        ids.append(job_id)
-        registry.append(
-            {
-                "job_id": job_id,
-                "kind": "prep-finalize" if job.dependency else "prep-array",
-                "name": job.name,
-                "run_dir": str(plan.output),
-                "script": str(job.script_path),
-                "log": str(plan.job_dir),
-                "array": None if job.dependency else plan.array,
-                "dependency": dep,
-                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-        )
+    ids = sbatch_jobs(plan.jobs, plan.output, lambda k, job, job_id: {
+        "kind": "prep-finalize" if job.dependency else "prep-array",
+        "log": str(plan.job_dir),
+        "array": None if job.dependency else plan.array,
+    })
     return SubmitResult(ids, plan.output, [j.script_path for j in plan.jobs])

@@ -373,30 +373,40 @@ def submit_train(plan: TrainPlan) -> SubmitResult:
     log_dir.mkdir(parents=True, exist_ok=True)  # NOTE: a missing -o directory fails the job
     atomic_write_text(plan.run_dir / "resolved.yaml", plan.resolved_yaml)
     mlflow = ensure_mlflow_run(plan)
+    ids = sbatch_jobs(plan.jobs, plan.run_dir, lambda k, job, job_id: {
+        "kind": "train",
+        "log": str(log_dir / f"slurm-{job_id}.out"),
+        "chain": [k, plan.chain],
+        "mlflow_run_id": (mlflow or {}).get("run_id"),
+        "tracking_uri": (mlflow or {}).get("tracking_uri"),
+        "argv": sys.argv[1:],
+    })
+    return SubmitResult(ids, plan.run_dir, [j.script_path for j in plan.jobs], mlflow)
+
+
+def sbatch_jobs(jobs: list, run_dir: Path, describe) -> list[int]:
+    """Write each job's script, sbatch it (a job with a dependency type depends on the job
+    submitted just before it) and append it to the project's job registry, with the fields
+    `describe(index from 1, job, job_id)` adds. Returns the job ids in order."""
+    from pipeline.atomic import atomic_write_text
+
     ids: list[int] = []
-    for k, job in enumerate(plan.jobs, 1):
+    for k, job in enumerate(jobs, 1):
         atomic_write_text(job.script_path, job.script)
         job.script_path.chmod(0o755)
         dep = f"{job.dependency}:{ids[-1]}" if job.dependency else None
         job_id = slurm_tools.sbatch(job.script_path, dependency=dep)
         ids.append(job_id)
-        registry.append(
-            {
-                "job_id": job_id,
-                "kind": "train",
-                "name": job.name,
-                "run_dir": str(plan.run_dir),
-                "script": str(job.script_path),
-                "log": str(log_dir / f"slurm-{job_id}.out"),
-                "chain": [k, plan.chain],
-                "dependency": dep,
-                "mlflow_run_id": (mlflow or {}).get("run_id"),
-                "tracking_uri": (mlflow or {}).get("tracking_uri"),
-                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "argv": sys.argv[1:],
-            }
-        )
-    return SubmitResult(ids, plan.run_dir, [j.script_path for j in plan.jobs], mlflow)
+        registry.append({
+            "job_id": job_id,
+            "name": job.name,
+            "run_dir": str(run_dir),
+            "script": str(job.script_path),
+            "dependency": dep,
+            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **describe(k, job, job_id),
+        })
+    return ids
 
 
 def ensure_mlflow_run(plan: TrainPlan) -> dict | None:
