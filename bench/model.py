@@ -82,8 +82,8 @@ def compile_layers(model) -> None:
     import torch
 
     for block in (model.prelude_block, model.core_block, model.coda_block):
-        for i, layer in enumerate(block):
-            block[i] = torch.compile(layer)
+        for i, layer in enumerate(block.layers):  # megatron TransformerBlock's layer list
+            block.layers[i] = torch.compile(layer)
 
 
 def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype, device):

@@ -376,7 +376,10 @@ def resolve_checkpoint(run_dir_or_ckpt: str | os.PathLike) -> Path:
 
 
 def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Full fp32 model weights from DeepSpeed's files (ZeRO 0-3, tensor-parallel size 1)."""
+    """Full fp32 model weights from DeepSpeed's files (ZeRO 0-3, tensor-parallel size 1), under
+    the consolidated format's names (model/consolidated.py)."""
+    from pipeline.model.consolidated import consolidated_name
+
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
     par = state.get("parallel", {})
@@ -394,7 +397,8 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
             blob = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
                               weights_only=True)
             sd = blob["module"]
-    return {k: v.detach().float().contiguous() for k, v in sd.items() if torch.is_tensor(v)}
+    return {consolidated_name(k): v.detach().float().contiguous()
+            for k, v in sd.items() if torch.is_tensor(v)}
 
 
 def load_for_inference(run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu",
@@ -410,7 +414,7 @@ def load_for_inference(run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu
     from pipeline.config_io import load_config
     from pipeline.distributed import init_process_group
     from pipeline.model import build_model
-    from pipeline.model.consolidated import load_full_state_dict
+    from pipeline.model.consolidated import consolidated_name, load_full_state_dict
     from pipeline.parallel import initialize_parallel
 
     ckpt = resolve_checkpoint(run_dir_or_ckpt)
@@ -421,7 +425,7 @@ def load_for_inference(run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu
     initialize_parallel(tp=1)
     model = build_model(cfg.model, params_dtype=torch.float32)
     sd = consolidated_state_dict(ckpt)
-    names = {n for n, _ in model.named_parameters()}
+    names = {consolidated_name(n) for n, _ in model.named_parameters()}
     load_full_state_dict(model, {k: v for k, v in sd.items() if k in names})
     model = model.to(device=device, dtype=dtype).eval()
     data: Any

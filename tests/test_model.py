@@ -12,7 +12,7 @@ from pipeline.errors import RdptConfigError
 from pipeline.model import ModelConfig, build_model
 from pipeline.model.counting import closed_form_parameters, count_parameters_meta
 from pipeline.model.hf_convert import config_to_hf, rdpt_to_hf
-from pipeline.model.consolidated import full_state_dict
+from pipeline.model.consolidated import consolidated_name, full_state_dict
 from test_model_reference import huginn_forward, tp1  # noqa: F401  (tp1 is a fixture)
 
 PRESETS = ["configs/model/huginn-3.5b.yaml", "configs/model/bench-0.7b.yaml",
@@ -78,7 +78,7 @@ def test_prenorm_untied_variant_counts_and_runs(tp1):
     out = model(ids, labels, num_steps=3, backprop_depth=2)
     out.loss_BS.mean().backward()
     assert model.output_layer.weight.grad.abs().sum() > 0
-    assert model.core_block[0].norm_2 is None
+    assert model.core_block.layers[0].norm_2 is None
 
 
 def test_model_info_cli_prints_huginn_total(tp1, capsys):
@@ -131,7 +131,7 @@ def test_matches_independent_reference_with_truncated_backprop(tp1):
                                                  labels.reshape(-1), reduction="none")
     torch.testing.assert_close(out.loss_BS.reshape(-1), ref_loss, atol=2e-5, rtol=1e-5)
     ref_loss.mean().backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
+    grads = {consolidated_name(n): p.grad for n, p in model.named_parameters()}
     ref_grads = rdpt_to_hf_grads(hf_sd, cfg)
     for name, g in grads.items():
         assert g is not None, name
@@ -193,14 +193,14 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
         for _ in range(r * cfg.n_core)
     )
     for i, layer in enumerate(unrolled):
-        layer.load_state_dict(model.core_block[i % cfg.n_core].state_dict())
+        layer.load_state_dict(model.core_block.layers[i % cfg.n_core].state_dict())
     e = model.prelude(ids)
     s = torch.zeros_like(e)
     rope = model._rope(e.shape[0], 0, e.device)
     for it in range(r):
         x, _ = model.adapter(torch.cat([s, e], dim=-1))  # tp=1: no scatter needed
         for layer in unrolled[it * cfg.n_core:(it + 1) * cfg.n_core]:
-            x = layer(x, rope)
+            x, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
         s = x
     logits = model.coda(s)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
@@ -208,7 +208,7 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
     torch.testing.assert_close(loss, out.loss_BS.sum(), atol=1e-4, rtol=1e-6)
     loss.backward()
     for j in range(cfg.n_core):
-        for name, p in model.core_block[j].named_parameters():
+        for name, p in model.core_block.layers[j].named_parameters():
             copies = [dict(unrolled[it * cfg.n_core + j].named_parameters())[name].grad
                       for it in range(r)]
             torch.testing.assert_close(p.grad, sum(copies), atol=1e-5, rtol=1e-5)

@@ -32,7 +32,7 @@ def _tp2_worker(rank, world_size, cases, ids, labels):
         results = []
         for ckpt, out_dir in cases:
             model, cfg = build_from_consolidated(ckpt)
-            qkv = model.core_block[0].self_attention.linear_qkv.weight
+            qkv = model.core_block.layers[0].self_attention.linear_qkv.weight
             assert qkv.shape[0] == 3 * cfg.hidden_size // 2
             logits, loss = run_model(model, ids, labels)
             grads = full_state_dict(model, grads=True)

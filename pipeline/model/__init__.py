@@ -1,4 +1,6 @@
-"""The recurrent-depth language model (Huginn architecture) on megatron-core.
+"""The recurrent-depth language model (Huginn architecture) on megatron-core: one MegatronModule
+(recurrent.py) whose prelude, core and coda are megatron-core TransformerBlocks of the layers in
+layers.py.
 
     from pipeline.parallel import initialize_parallel
     from pipeline.model import build_model, ModelConfig

@@ -155,7 +155,9 @@ class HuginnSelfAttention(MegatronModule):
         else:
             self.qk_bias = None
 
-    def forward(self, x_SBH, rope_SB1h, kv_cache=None, cache_key=None, position_offset=0):
+    def forward(self, x_SBH, rope_SB1h, cache_view=None, layer_index: int = 0):
+        """cache_view: None or a `kv_cache.CacheView` (this layer's keys/values are cached under
+        (block, slot, layer_index) and the attention sees all cached positions)."""
         S, B = x_SBH.shape[:2]
         qkv, _ = self.linear_qkv(x_SBH)
         qkv = qkv.view(S, B, self.num_heads_local, 3, self.head_dim)
@@ -165,8 +167,8 @@ class HuginnSelfAttention(MegatronModule):
             k = k + self.qk_bias[1]
         q = compat.apply_rope(q, rope_SB1h, self.config)
         k = compat.apply_rope(k, rope_SB1h, self.config)
-        if kv_cache is not None:
-            k, v = kv_cache.update(cache_key, k, v, position_offset)
+        if cache_view is not None:
+            k, v = cache_view.update(layer_index, k, v)
         o = self.core_attention(q, k, v)
         out, _ = self.linear_proj(o.reshape(S, B, -1))
         return out

@@ -15,6 +15,10 @@ Also `dist_checkpointing` calls `torch.cuda.current_device()/synchronize()`: `cu
 
 Version differences between 0.16.1 (CPU/CI, Python 3.11) and 0.19.x (GPU images) are guarded
 here too (`transformer_config`, `make_rotary`).
+TransformerBlock (prelude/core/coda) needs no bridge: with sequence parallelism, fp8/fp4,
+CPU offloading, CUDA graphs and full recompute off, its constructor and forward are the same in
+0.16.1 and 0.19.0 (layer built with layer_number/pg_collection/vp_stage, called with keyword
+arguments, `inference_context` passed through untouched) and allocate nothing on CUDA.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ TP-unsharded, plus the ModelConfig as YAML. Training exports it, evaluation and 
 read it, and any TP size can load it (resharded on load).
 
     <dir>/model.safetensors   names as in RecurrentDepthLM.named_parameters() (tied head stored
-                              once as embedding.weight); QKV rows in megatron's head-major
+                              once as embedding.weight) except that a block's layers are
+                              `<part>_block.<i>` (the model's TransformerBlocks hold them as
+                              `<part>_block.layers.<i>`: `consolidated_name`); QKV rows in megatron's head-major
                               [head, (q|k|v), head_dim] order; fc1 rows [gate | up]
     <dir>/model.yaml          the ModelConfig
 
@@ -15,6 +17,7 @@ read it, and any TP size can load it (resharded on load).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +28,15 @@ from pipeline.model.config import ModelConfig
 FORMAT = "rdpt-consolidated-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "model.yaml"
+
+
+_BLOCK_LAYER = re.compile(r"^(prelude_block|core_block|coda_block)\.layers\.(\d+)\.")
+
+
+def consolidated_name(name: str) -> str:
+    """The consolidated (format v1) name of a model parameter: megatron's TransformerBlock keeps
+    its layers in a ModuleList called `layers`; the format names them `<part>_block.<i>`."""
+    return _BLOCK_LAYER.sub(r"\1.\2.", name)
 
 
 def _tp_info(p: torch.Tensor) -> tuple[bool, int, int]:
@@ -66,7 +78,7 @@ def full_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
             shards = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(shards, t.contiguous(), group=group)
             t = unshard_tensors(shards, dim, stride)
-        out[name] = t.cpu().clone()
+        out[consolidated_name(name)] = t.cpu().clone()
     return out
 
 
@@ -76,7 +88,7 @@ def load_full_state_dict(model, full_sd: dict[str, torch.Tensor]) -> None:
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    params = dict(model.named_parameters())
+    params = {consolidated_name(n): p for n, p in model.named_parameters()}
     missing = sorted(set(params) - set(full_sd))
     unexpected = sorted(set(full_sd) - set(params))
     if missing or unexpected:

@@ -13,9 +13,16 @@ A slot may miss earlier positions (a token that exited early, per-token adaptive
 wrote it): those positions are filled from the most recently written slot of the same
 (block, layer) that has them (Huginn's "latest" lookup), so attention always sees every
 earlier position.
+
+`CacheView` is how a cache reaches the layers: megatron's TransformerBlock passes its
+`inference_context` argument unchanged to every layer (megatron-core 0.16 and 0.19 do nothing
+else with it unless CUDA graphs are on, which rdpt never enables), so the model passes a
+CacheView (cache, block name, slot, position offset) there and each layer adds its own index.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -91,3 +98,17 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self._k.values(), *self._v.values()])
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """One block's view of a KVCache for one call: layer `i` of the block stores and reads
+    its keys/values under (block, slot, i) at positions [offset, offset + S)."""
+
+    cache: KVCache
+    block: str
+    slot: int
+    offset: int
+
+    def update(self, layer: int, k_SBNh: torch.Tensor, v_SBNh: torch.Tensor):
+        return self.cache.update((self.block, self.slot, layer), k_SBNh, v_SBNh, self.offset)

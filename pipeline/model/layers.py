@@ -1,4 +1,4 @@
-"""Decoder layers built from megatron-core ModuleSpecs.
+"""Decoder layers built from megatron-core ModuleSpecs, stacked by megatron's TransformerBlock.
 
 The layer kind (Huginn sandwich vs plain pre-norm), the core-attention backend and the TP
 leaves (megatron's ColumnParallelLinear / RowParallelLinear, as ColumnLinear / RowLinear with
@@ -7,10 +7,16 @@ references; the layer code is the same for every choice.
 
     sandwich:  x' = n2(x + Attn(n1(x))),   x'' = n4(x' + MLP(n3(x')))
     prenorm:   x' = x + Attn(n1(x)),       x'' = x' + MLP(n3(x'))
+
+`DecoderLayer` follows megatron's TransformerLayer calling contract (keyword arguments
+hidden_states, attention_mask, rotary_pos_emb, inference_context, ...; returns
+(hidden_states, context)) so that a `megatron.core.transformer.transformer_block.TransformerBlock`
+built from `block_spec` can stack it (recurrent.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Union
 
@@ -118,11 +124,17 @@ class LayerSubmodules:
 
 class DecoderLayer(MegatronModule):
     """One decoder layer; with norm_2/norm_4 it is Huginn's sandwich block, without them a
-    plain pre-norm layer."""
+    plain pre-norm layer.
+
+    `layer_number` (1-based within its TransformerBlock), `pg_collection` and `vp_stage` are
+    what TransformerBlock passes to every layer it builds; the layer number is the layer index
+    of rdpt's KV cache key (block, slot, layer)."""
 
     def __init__(self, config, submodules: LayerSubmodules, *, eps: float, qk_bias: bool,
-                 backend: str, output_init_method):
+                 backend: str, output_init_method, layer_number: int = 1, pg_collection=None,
+                 vp_stage=None):
         super().__init__(config=config)
+        self.layer_number = layer_number
         h, dt = config.hidden_size, config.params_dtype
 
         def norm(spec):
@@ -138,16 +150,28 @@ class DecoderLayer(MegatronModule):
         self.mlp = build_module(submodules.mlp, config, output_init_method=output_init_method)
         self.norm_4 = norm(submodules.norm_4)
 
-    def forward(self, x_SBH, rope_SB1h, kv_cache=None, cache_key=None, position_offset=0):
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, inference_context=None, **unused):
+        """megatron's TransformerLayer contract, as TransformerBlock calls it (all keywords).
+
+        hidden_states [S, B, H]; rotary_pos_emb: the RoPE table [S, 1, 1, head_dim];
+        inference_context: None (training) or rdpt's `kv_cache.CacheView` (which KV cache,
+        block, core slot and position offset: see kv_cache.py). The attention is always causal,
+        so attention_mask is None; context/context_mask (cross attention) and the other
+        per-call arguments TransformerBlock forwards (rotary cos/sin, attention_bias,
+        packed_seq_params, sequence_len_offset, padding_mask; the set differs between
+        megatron-core versions, hence **unused) are None here. Returns (hidden_states, context).
+        """
+        x_SBH = hidden_states
         x = x_SBH + self.self_attention(
-            self.norm_1(x_SBH), rope_SB1h, kv_cache, cache_key, position_offset
+            self.norm_1(x_SBH), rotary_pos_emb, inference_context, self.layer_number - 1
         )
         if self.norm_2 is not None:
             x = self.norm_2(x)
         x = x + self.mlp(self.norm_3(x))
         if self.norm_4 is not None:
             x = self.norm_4(x)
-        return x
+        return x, context
 
 
 def layer_spec(layer_type: str = "sandwich") -> ModuleSpec:
@@ -176,3 +200,17 @@ def layer_spec(layer_type: str = "sandwich") -> ModuleSpec:
             norm_4=RMSNorm if sandwich else None,
         ),
     )
+
+
+def block_spec(layer_type: str, n_layers: int, *, eps: float, qk_bias: bool, backend: str,
+               output_init_method):
+    """megatron's TransformerBlockSubmodules for a block of `n_layers` identical layers (the
+    layer's own constructor arguments travel in the ModuleSpec's params)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = dataclasses.replace(
+        layer_spec(layer_type),
+        params=dict(eps=eps, qk_bias=qk_bias, backend=backend,
+                    output_init_method=output_init_method),
+    )
+    return TransformerBlockSubmodules(layer_specs=[spec] * n_layers)

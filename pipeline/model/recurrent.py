@@ -7,12 +7,18 @@ Layout inside the model is megatron's [S, B, H]; the public forward takes/return
     s_i = core(adapter(concat(s_{i-1}, e)))      # i = 1..r; the first r-k under no_grad
     logits = head(ln_f(coda(ln_f(s_r))))         # head tied to the embedding
 
+prelude_block, core_block and coda_block are megatron-core `TransformerBlock`s (n_prelude /
+n_core / n_coda layers, the layer of layers.py; no final norm of their own: the model's ln_f is
+shared, Huginn-style); their layers are `<part>_block.layers.<i>`. rdpt's KV cache reaches the
+layers through TransformerBlock's `inference_context` argument (kv_cache.CacheView).
+
 Nothing here imports deepspeed or touches parallel_state beyond megatron's TP layers: parameters
 are created in module constructors (ZeRO-3 zero.Init friendly).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -20,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from pipeline.errors import RdptConfigError
 from pipeline.model import compat
 from pipeline.model.config import ModelConfig
-from pipeline.model.layers import ColumnLinear, RMSNorm, RowLinear, layer_spec
+from pipeline.model.kv_cache import CacheView
+from pipeline.model.layers import ColumnLinear, RMSNorm, RowLinear, block_spec
 from pipeline.recurrence import split_steps
 
 STATE_INIT_ALIASES = {
@@ -80,31 +87,33 @@ class RecurrentDepthLM(MegatronModule):
         super().__init__(config=config)
         self.cfg = cfg
         h = cfg.hidden_size
-        spec = layer_spec(cfg.layer_type)
         out_std = cfg.resolved_init_std / math.sqrt(2 * max(cfg.n_layers_total, 1))
         from pipeline.model import normal_init
 
         output_init = normal_init(out_std)
 
-        def make_layers(n):
-            return torch.nn.ModuleList(
-                build_module(
-                    spec, config, eps=cfg.norm_eps, qk_bias=cfg.qk_bias,
-                    backend=cfg.attention_backend, output_init_method=output_init,
-                )
-                for _ in range(n)
+        def make_block(n):
+            # A block's config says how many layers it has (megatron numbers layers, sizes
+            # pipeline splits and fp8 windows from it). pre_process: the block's input is the
+            # hidden_states argument (not a pipeline stage's input tensor); post_layer_norm off:
+            # the final norm is the model's shared ln_f.
+            return TransformerBlock(
+                dataclasses.replace(config, num_layers=n),
+                block_spec(cfg.layer_type, n, eps=cfg.norm_eps, qk_bias=cfg.qk_bias,
+                           backend=cfg.attention_backend, output_init_method=output_init),
+                post_layer_norm=False, pre_process=True, post_process=True,
             )
 
         self.embedding = tensor_parallel.VocabParallelEmbedding(
             cfg.vocab_size, h, init_method=config.init_method, config=config
         )
-        self.prelude_block = make_layers(cfg.n_prelude)
+        self.prelude_block = make_block(cfg.n_prelude)
         self.adapter = RowLinear(
             2 * h, h, config=config, init_method=config.init_method, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
-        self.core_block = make_layers(cfg.n_core)
-        self.coda_block = make_layers(cfg.n_coda)
+        self.core_block = make_block(cfg.n_core)
+        self.coda_block = make_block(cfg.n_coda)
         self.ln_f = RMSNorm(h, eps=cfg.norm_eps, params_dtype=config.params_dtype)
         if cfg.tie_embeddings:
             self.output_layer = None
@@ -120,9 +129,11 @@ class RecurrentDepthLM(MegatronModule):
         return compat.rope_emb(self.rotary, seq_len, offset, device)
 
     def _run(self, block, name, slot, x_SBH, rope, kv_cache, position_offset):
-        for i, layer in enumerate(block):
-            x_SBH = layer(x_SBH, rope, kv_cache, (name, slot, i), position_offset)
-        return x_SBH
+        # The layers take the KV cache through TransformerBlock's inference_context pass-through
+        # (see kv_cache.CacheView); the attention is causal by construction (no mask).
+        view = None if kv_cache is None else CacheView(kv_cache, name, slot, position_offset)
+        return block(hidden_states=x_SBH, attention_mask=None, rotary_pos_emb=rope,
+                     inference_context=view)
 
     def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
