@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) -m pipeline.demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench-cpu: $(STAMP)
 	$(PY) bench/prep.py
