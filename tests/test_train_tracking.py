@@ -67,7 +67,7 @@ def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
     import torch
 
     from pipeline.checkpoint import export_checkpoint, load_for_inference
-    from pipeline.model.consolidated import load_consolidated
+    from pipeline.model.consolidated import consolidated_name, load_consolidated
     from pipeline.model.hf_convert import read_hf_dir
 
     model, cfg, data, meta = load_for_inference(tiny_trained_run)
@@ -79,8 +79,10 @@ def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
     out = export_checkpoint(tiny_trained_run, tmp_path / "st")
     mcfg, sd = load_consolidated(out)
     assert mcfg == cfg.model
-    for name, p in model.named_parameters():
-        assert torch.equal(sd[name], p.detach()), name
+    params = dict(model.named_parameters())
+    assert len(params) == len(sd)
+    for name, p in params.items():
+        assert torch.equal(sd[consolidated_name(name)], p.detach()), name
     hf = export_checkpoint(tiny_trained_run / "checkpoints/step-00000030", tmp_path / "hf",
                            fmt="hf")
     hf_cfg, hf_sd = read_hf_dir(hf)
