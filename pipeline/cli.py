@@ -14,10 +14,14 @@ import sys
 from pipeline import __version__
 from pipeline.errors import RdptError
 
-COMMAND_MODULES: list[str] = [
-    # one module per command family, e.g. "data_prep.cli" (rdpt prep / prep verify / inspect)
-    "data_prep.cli",
+COMMAND_MODULES: list[str] = [  # in the order a user meets them
+    "data_prep.cli",  # rdpt prep, prep verify, prep inspect
+    "pipeline.model.cli",  # rdpt model-info, rdpt convert
+    "pipeline.train_cli",  # rdpt train, rdpt export
+    "pipeline.eval.cli",  # rdpt eval, rdpt generate
+    "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
     "launch.cli",  # rdpt submit train|prep, rdpt jobs [cancel]
+]
     "pipeline.train_cli",  # rdpt train, rdpt export
     "pipeline.model.cli",  # rdpt model-info, rdpt convert
     "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
