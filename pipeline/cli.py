@@ -22,11 +22,6 @@ COMMAND_MODULES: list[str] = [  # in the order a user meets them
     "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
     "launch.cli",  # rdpt submit train|prep, rdpt jobs [cancel]
 ]
-    "pipeline.train_cli",  # rdpt train, rdpt export
-    "pipeline.model.cli",  # rdpt model-info, rdpt convert
-    "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
-    "pipeline.eval.cli",  # rdpt eval, rdpt generate
-]
 
 EPILOG = """\
 typical session:
