@@ -25,7 +25,6 @@ RdptDataError naming it.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections import OrderedDict
@@ -82,7 +81,7 @@ def open_dataset(path: str | Path) -> DatasetInfo:
         vocab_size=int(manifest["vocab_size"]),
         eot_id=int(manifest["eot_id"]),
         tokenizer_path=tok,
-        manifest_sha256=hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest(),
+        manifest_sha256=sha256_file(root / "manifest.json"),
         dtype=manifest["dtype"],
         pad_id=manifest.get("pad_id"),
     )

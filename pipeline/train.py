@@ -40,20 +40,11 @@ from pipeline.engine import (
 )
 from pipeline.recurrence import sample_num_steps
 from pipeline.schedules import lr_at
+from pipeline.stop_signals import STOP_SIGNALS, record_early_signals
 from pipeline.validation import grad_sq_norm_local, validate
 
 log = logging.getLogger("rdpt.train")
 H100_BF16_PEAK = 989e12
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def record_early_signals() -> list[int]:
-    """Catch SIGUSR1/SIGTERM from process start (imports, model build) until StopFlag exists;
-    without this a signal in that window would kill the process before it can checkpoint."""
-    received: list[int] = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-    return received
 
 
 class StopFlag:
@@ -379,7 +370,7 @@ def run_validation(engine, cfg, tracker, step, dp_rank, dp, device) -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    early = record_early_signals()
+    early, _ = record_early_signals()
     parser = argparse.ArgumentParser(description="rdpt training worker (one rank)")
     parser.add_argument("config", help="resolved TrainConfig YAML (written by `rdpt train`)")
     parser.add_argument("--resume", default="auto")

@@ -106,11 +106,11 @@ def completed_step(run_dir: Path) -> int | None:
 def train_handler(args) -> int:
     import signal
 
+    from pipeline.stop_signals import record_early_signals
+
     # NOTE: first thing, before the heavy imports: a SIGUSR1/SIGTERM from Slurm during start-up
     # must lead to a checkpoint and exit 85, not kill the process (see pipeline.train).
-    early: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum))
-                for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    early, previous = record_early_signals()
     try:
         return _train(args, early, previous)
     finally:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import free_port
+
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE",
@@ -94,12 +96,6 @@ def ensure_slurm_installed() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if out.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(pred, timeout: float, what: str, interval: float = 0.05):
@@ -241,9 +237,9 @@ class SlurmCluster:
             hosts = ["127.0.0.1 localhost", f"{ctl_addr} ctl"]
             hosts += [f"{a} {n}" for n, a in self.node_addrs.items()]
             (d / "hosts").write_text("\n".join(hosts) + "\n")
-        self.ctl_port = _free_port()
+        self.ctl_port = free_port()
         self.conf.write_text(SLURM_CONF.format(
-            d=d, ctl_addr=ctl_addr, ctl_port=self.ctl_port, slurmd_port=_free_port(),
+            d=d, ctl_addr=ctl_addr, ctl_port=self.ctl_port, slurmd_port=free_port(),
             node_lines=node_lines, first_job_id=self.first_job_id))
         self.slurmctld = self._popen(["slurmctld", "-D", "-f", str(self.conf)])
 
