@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline import exitcodes
-from pipeline.atomic import atomic_write_json
-from pipeline.checkpoint import CheckpointManager, check_compatible
+from pipeline.atomic import atomic_write_json, sha256_file
+from pipeline.checkpoint import FILES_LIST, CheckpointManager, check_compatible
 from pipeline.config import TrainConfig, load_train_config, parallel_dims
 from pipeline.config_io import flatten, to_yaml
 from pipeline.launcher import write_exit
@@ -268,8 +268,9 @@ def main(cfg: TrainConfig, resume: str = "auto", early_signals: list[int] | None
         path = ckpts.save(engine, step, trainer_state(step), config_yaml=to_yaml(cfg),
                           tokenizer_path=ds_info.tokenizer_path, crash_hook=crash)
         if tracker is not None:
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            tracker.log_checkpoint_reference(path, step, size=size)
+            # the digest of the file list, which holds every file's sha256: one value that
+            # identifies the whole checkpoint (the tracker measures its size)
+            tracker.log_checkpoint_reference(path, step, sha256=sha256_file(path / FILES_LIST))
         log.info("checkpoint %s", path)
         return path
 

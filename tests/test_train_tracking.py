@@ -66,12 +66,19 @@ def test_training_survives_mlflow_server_restart(tiny_dataset, mlflow_server_fac
 def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
     import torch
 
+    from pipeline.atomic import sha256_file
     from pipeline.checkpoint import export_checkpoint, load_for_inference
     from pipeline.model.consolidated import consolidated_name, load_consolidated
     from pipeline.model.hf_convert import read_hf_dir
 
     model, cfg, data, meta = load_for_inference(tiny_trained_run)
     assert meta["step"] == 60 and meta["checkpoint"].endswith("step-00000060")
+    # the MLflow reference names the checkpoint by path, size and the digest of its file list
+    ckpt = Path(meta["checkpoint"])
+    ref = json.loads((tiny_trained_run / "mlflow_refs/step-00000060.json").read_text())
+    assert ref["path"] == str(ckpt.resolve()) and ref["step"] == 60
+    assert ref["sha256"] == sha256_file(ckpt / "files.sha256.json")
+    assert ref["size"] == sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     assert cfg.parallel.zero_stage == 2 and data.vocab_size == cfg.model.vocab_size
     ids = torch.arange(32).reshape(2, 16) % cfg.model.vocab_size
     with torch.no_grad():
