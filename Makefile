@@ -12,11 +12,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install clean-demo bench-cpu help
+.PHONY: demo test lint install clean-demo bench-cpu help
 
 help:
 	@echo "make demo   - prepare the embedded corpus, train a tiny model on CPU, evaluate, log to MLflow"
-	@echo "make test   - run the whole test suite"
+	@echo "make test   - run the whole test suite (after make lint)"
+	@echo "make lint   - ruff check + ruff format --check"
 	@echo "make install- create .venv with the pinned dependencies"
 
 install: $(STAMP)
@@ -32,8 +33,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m pipeline.demo
 
-test: $(STAMP)
+# lint first: a formatting slip fails in seconds instead of after the whole suite
+test: lint
 	$(PY) -m pytest tests --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench-cpu: $(STAMP)
 	$(PY) bench/prep.py

@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +41,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", default=None,
-                   help="model YAML (default: bench-0.7b on GPU, tiny on CPU)")
+    p.add_argument(
+        "--config", default=None, help="model YAML (default: bench-0.7b on GPU, tiny on CPU)"
+    )
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--r", type=int, nargs="+", default=None, help="core iterations (default 16 32)")
     p.add_argument("--k", type=int, default=None, help="backprop depth (default 8)")
-    p.add_argument("--backends", nargs="+", default=None,
-                   help="attention backends (default: flash if importable, sdpa; CPU: math sdpa)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="attention backends (default: flash if importable, sdpa; CPU: math sdpa)",
+    )
     p.add_argument("--compile", choices=["off", "on", "both"], default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -61,8 +66,11 @@ def settings(args, cuda: bool) -> dict:
     small = args.smoke or not cuda
     from pipeline.model.attention import _flash_attn_func
 
-    default_backends = (["math", "sdpa"] if small else
-                        (["flash"] if _flash_attn_func is not None else []) + ["sdpa"])
+    default_backends = (
+        ["math", "sdpa"]
+        if small
+        else (["flash"] if _flash_attn_func is not None else []) + ["sdpa"]
+    )
     return {
         "config": args.config
         or str(ROOT / "configs/model" / ("tiny.yaml" if small else "bench-0.7b.yaml")),
@@ -127,20 +135,28 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     flops = flops_per_token(cfg, r, k, seq_len) * tokens
     res = {
         "backend": resolve_backend(backend, device),
-        "compile": compiled, "r": r, "k": k, "seq_len": seq_len, "micro_batch": mb,
-        "step_s": dt, "tokens_per_s": tokens / dt, "tflops": flops / dt / 1e12,
-        "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
-                         if device.type == "cuda" else None),
+        "compile": compiled,
+        "r": r,
+        "k": k,
+        "seq_len": seq_len,
+        "micro_batch": mb,
+        "step_s": dt,
+        "tokens_per_s": tokens / dt,
+        "tflops": flops / dt / 1e12,
+        "peak_mem_gib": (
+            torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        ),
     }
-    del model
     return res
 
 
 def describe(res: dict) -> str:
     mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
     mem = f"{res['peak_mem_gib']:.1f} GiB" if res["peak_mem_gib"] is not None else "n/a"
-    return (f"{res['tokens_per_s']:,.0f} tok/s  {res['tflops']:.2f} TFLOP/s  MFU {mfu}  "
-            f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)")
+    return (
+        f"{res['tokens_per_s']:,.0f} tok/s  {res['tflops']:.2f} TFLOP/s  MFU {mfu}  "
+        f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)"
+    )
 
 
 def main(argv=None) -> int:
@@ -170,16 +186,31 @@ def main(argv=None) -> int:
         for backend in s["backends"]:
             for compiled in compiles:
                 for r in s["rs"]:
-                    label = (f"{backend:<6} compile={'on ' if compiled else 'off'} "
-                             f"r={r:<3} k={s['k']}")
+                    label = (
+                        f"{backend:<6} compile={'on ' if compiled else 'off'} r={r:<3} k={s['k']}"
+                    )
                     try:
-                        res = bench_one(cfg, backend=backend, compiled=compiled, r=r, k=s["k"],
-                                        seq_len=s["seq_len"], mb=s["micro_batch"],
-                                        warmup=s["warmup"], iters=s["iters"], dtype=dtype,
-                                        device=device)
+                        res = bench_one(
+                            cfg,
+                            backend=backend,
+                            compiled=compiled,
+                            r=r,
+                            k=s["k"],
+                            seq_len=s["seq_len"],
+                            mb=s["micro_batch"],
+                            warmup=s["warmup"],
+                            iters=s["iters"],
+                            dtype=dtype,
+                            device=device,
+                        )
                     except Exception as e:  # noqa: BLE001 - record (e.g. OOM) and go on
-                        res = {"backend": backend, "compile": compiled, "r": r, "k": s["k"],
-                               "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        res = {
+                            "backend": backend,
+                            "compile": compiled,
+                            "r": r,
+                            "k": s["k"],
+                            "error": f"{type(e).__name__}: {str(e)[:300]}",
+                        }
                         print(f"{label}: FAILED {res['error']}", flush=True)
                         rows.append(res)
                         if cuda:
@@ -191,11 +222,16 @@ def main(argv=None) -> int:
     finally:
         if owns:
             destroy_parallel()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     tag = "cpu-smoke" if not cuda else device_name.replace(" ", "_")
     record = {
-        "device": device_name, "peak_tflops": peak, "dtype": str(dtype), "settings": s,
-        "torch": torch.__version__, "megatron_core": _megatron_version(), "time": stamp,
+        "device": device_name,
+        "peak_tflops": peak,
+        "dtype": str(dtype),
+        "settings": s,
+        "torch": torch.__version__,
+        "megatron_core": _megatron_version(),
+        "time": stamp,
         "results": rows,
     }
     from pipeline.atomic import atomic_write_json

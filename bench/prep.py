@@ -100,9 +100,11 @@ def main() -> int:
         print(f"corpus: {len(files)} files, {nbytes / 1e6:.1f} MB in {corpus}")
 
         tok_path = work / "tokenizer.json"
-        _, t_train, _ = timed(lambda: train_bpe(iter(texts[: len(texts) // 4]),
-                                                args.vocab_size,
-                                                DEFAULT_SPECIAL_TOKENS).save(str(tok_path)))
+        _, t_train, _ = timed(
+            lambda: train_bpe(
+                iter(texts[: len(texts) // 4]), args.vocab_size, DEFAULT_SPECIAL_TOKENS
+            ).save(str(tok_path))
+        )
         train_mb = sum(len(t) for t in texts[: len(texts) // 4]) / 1e6
         print(f"BPE training: {train_mb:.1f} MB in {t_train:.1f} s")
 
@@ -137,47 +139,81 @@ def main() -> int:
             def run() -> int:
                 out = work / f"ds-w{workers}"
                 shutil.rmtree(out, ignore_errors=True)
-                cfg = PrepConfig(inputs=[str(corpus)], output=str(out), extensions=[".py"],
-                                 tokenizer={"path": str(tok_path)}, seq_len=args.seq_len,
-                                 val_fraction=0.01, workers=workers)
+                cfg = PrepConfig(
+                    inputs=[str(corpus)],
+                    output=str(out),
+                    extensions=[".py"],
+                    tokenizer={"path": str(tok_path)},
+                    seq_len=args.seq_len,
+                    val_fraction=0.01,
+                    workers=workers,
+                )
                 manifest = prepare(cfg)
                 assert manifest["tokenizer"]["encoder"] == enc.name
                 return sum(s["tokens"] for s in manifest["splits"].values())
+
             return run
 
-        measures = {"raw_encode_1proc": raw_encode, "raw_hf_tokenizers_1thread": raw_hf,
-                    "baseline_1proc_flat_file": baseline, "prep_1_worker": prep(1),
-                    "prep_2_workers": prep(2)}
+        measures = {
+            "raw_encode_1proc": raw_encode,
+            "raw_hf_tokenizers_1thread": raw_hf,
+            "baseline_1proc_flat_file": baseline,
+            "prep_1_worker": prep(1),
+            "prep_2_workers": prep(2),
+        }
         # NOTE: the machine is shared: repeats are interleaved and the best (least disturbed)
         # of each is kept; every repeat is in the JSON.
         trials: dict[str, list[dict]] = {k: [] for k in measures}
         for r in range(args.repeat):
             for name, fn in measures.items():
                 n, t, cpu = timed(fn)
-                trials[name].append({"tokens": n, "seconds": round(t, 3),
-                                     "cpu_seconds": round(cpu, 3), "load": os.getloadavg()[0]})
-                print(f"repeat {r}: {name:28s} {n / t / 1e6:6.2f} M tokens/s "
-                      f"({n / cpu / 1e6:.2f} per CPU-s)")
+                trials[name].append(
+                    {
+                        "tokens": n,
+                        "seconds": round(t, 3),
+                        "cpu_seconds": round(cpu, 3),
+                        "load": os.getloadavg()[0],
+                    }
+                )
+                print(
+                    f"repeat {r}: {name:28s} {n / t / 1e6:6.2f} M tokens/s "
+                    f"({n / cpu / 1e6:.2f} per CPU-s)"
+                )
         best = {k: min(v, key=lambda x: x["seconds"]) for k, v in trials.items()}
         speed = {k: b["tokens"] / b["seconds"] for k, b in best.items()}
         per_cpu = {k: b["tokens"] / b["cpu_seconds"] for k, b in best.items()}
         n_tokens = best["raw_encode_1proc"]["tokens"]
         raw = speed["raw_encode_1proc"]
-        shard_paths = sorted(p.relative_to(work / "ds-w1")
-                             for p in (work / "ds-w1").rglob("shard-*.tar"))
-        same = all((work / "ds-w1" / p).read_bytes() == (work / "ds-w2" / p).read_bytes()
-                   for p in shard_paths)
+        shard_paths = sorted(
+            p.relative_to(work / "ds-w1") for p in (work / "ds-w1").rglob("shard-*.tar")
+        )
+        same = all(
+            (work / "ds-w1" / p).read_bytes() == (work / "ds-w2" / p).read_bytes()
+            for p in shard_paths
+        )
 
         result = {
             "date": dt.date.today().isoformat(),
-            "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
-                        "load_average_at_start": load_start,
-                        "load_average_at_end": os.getloadavg(), "python": platform.python_version(),
-                        "platform": platform.platform()},
-            "corpus": {"files": len(files), "bytes": nbytes, "tokens": n_tokens,
-                       "bytes_per_token": round(nbytes / n_tokens, 3)},
-            "tokenizer": {"vocab_size": args.vocab_size, "train_mb": round(train_mb, 1),
-                          "train_seconds": round(t_train, 2), "encoder": enc.name},
+            "machine": {
+                "cpu": _cpu_model(),
+                "cores": os.cpu_count(),
+                "load_average_at_start": load_start,
+                "load_average_at_end": os.getloadavg(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "corpus": {
+                "files": len(files),
+                "bytes": nbytes,
+                "tokens": n_tokens,
+                "bytes_per_token": round(nbytes / n_tokens, 3),
+            },
+            "tokenizer": {
+                "vocab_size": args.vocab_size,
+                "train_mb": round(train_mb, 1),
+                "train_seconds": round(t_train, 2),
+                "encoder": enc.name,
+            },
             "tokens_per_s": speed,
             # Wall-clock figures depend on what else runs on the machine (it is shared); tokens
             # per CPU-second of this process and its workers much less so.
@@ -190,13 +226,15 @@ def main() -> int:
                 "prep_1_worker_over_baseline": speed["prep_1_worker"]
                 / speed["baseline_1proc_flat_file"],
                 "tiktoken_over_hf": raw / speed["raw_hf_tokenizers_1thread"],
-                "prep_1_worker_over_raw_encode_per_cpu_s":
-                    per_cpu["prep_1_worker"] / per_cpu["raw_encode_1proc"],
-                "prep_2_workers_over_raw_encode_per_cpu_s":
-                    per_cpu["prep_2_workers"] / per_cpu["raw_encode_1proc"],
+                "prep_1_worker_over_raw_encode_per_cpu_s": per_cpu["prep_1_worker"]
+                / per_cpu["raw_encode_1proc"],
+                "prep_2_workers_over_raw_encode_per_cpu_s": per_cpu["prep_2_workers"]
+                / per_cpu["raw_encode_1proc"],
             },
-            "targets": {"prep_2_workers_ge_3M_tokens_per_s": speed["prep_2_workers"] >= 3e6,
-                        "prep_2_workers_ge_90pct_raw": speed["prep_2_workers"] >= 0.9 * raw},
+            "targets": {
+                "prep_2_workers_ge_3M_tokens_per_s": speed["prep_2_workers"] >= 3e6,
+                "prep_2_workers_ge_90pct_raw": speed["prep_2_workers"] >= 0.9 * raw,
+            },
             "shards_identical_1_vs_2_workers": same,
         }
         print()

@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,18 @@ def tiny_dataset(tmp: Path) -> Path:
 
     root = stdlib_root()
     out = tmp / "data"
-    prepare(PrepConfig(inputs=[str(root / n) for n in ("json", "email", "collections")],
-                       output=str(out), limit_bytes=300_000, tokenizer={"vocab_size": 512},
-                       seq_len=64, val_fraction=0.1, seqs_per_member=16, workers=1))
+    prepare(
+        PrepConfig(
+            inputs=[str(root / n) for n in ("json", "email", "collections")],
+            output=str(out),
+            limit_bytes=300_000,
+            tokenizer={"vocab_size": 512},
+            seq_len=64,
+            val_fraction=0.1,
+            seqs_per_member=16,
+            workers=1,
+        )
+    )
     return out
 
 
@@ -92,14 +101,24 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rdpt-bench-train-"))
     data = Path(args.data) if args.data else tiny_dataset(tmp)
     info = open_dataset(data)
-    cfg = load_train_config(None, [
-        f"data.path={data}", f"model={args.model}", f"model.vocab_size={info.vocab_size}",
-        f"run.dir={tmp / 'run'}", f"parallel.zero_stage={args.zero}",
-        f"train.micro_batch_size={args.micro_batch}",
-        f"train.global_batch_size={args.micro_batch}", "recurrence.mode=fixed",
-        f"recurrence.fixed={args.r}", f"recurrence.backprop_depth={args.k}",
-        "optim.lr=1e-4", "optim.warmup_steps=0", "tracking.enabled=false",
-    ])
+    cfg = load_train_config(
+        None,
+        [
+            f"data.path={data}",
+            f"model={args.model}",
+            f"model.vocab_size={info.vocab_size}",
+            f"run.dir={tmp / 'run'}",
+            f"parallel.zero_stage={args.zero}",
+            f"train.micro_batch_size={args.micro_batch}",
+            f"train.global_batch_size={args.micro_batch}",
+            "recurrence.mode=fixed",
+            f"recurrence.fixed={args.r}",
+            f"recurrence.backprop_depth={args.k}",
+            "optim.lr=1e-4",
+            "optim.warmup_steps=0",
+            "tracking.enabled=false",
+        ],
+    )
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -114,8 +133,7 @@ def main(argv=None) -> int:
 
     def full_step():
         batches = next(loader)
-        loss, _, _, gnorm = train_step(engine, batches, args.r, args.k, step[0], cfg, stop,
-                                       device)
+        loss, _, _, gnorm = train_step(engine, batches, args.r, args.k, step[0], cfg, stop, device)
         tracker.log_metrics({"train/loss": loss, "train/grad_norm": gnorm}, step[0])
         step[0] += 1
 
@@ -142,10 +160,15 @@ def main(argv=None) -> int:
     fpt = flops_per_token(cfg.model, args.r, args.k, info.seq_len)
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": Path(args.model).stem, "zero_stage": args.zero, "r": args.r, "k": args.k,
-        "micro_batch": args.micro_batch, "seq_len": info.seq_len,
-        "precision": resolve_precision(cfg), "steps": args.steps,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": Path(args.model).stem,
+        "zero_stage": args.zero,
+        "r": args.r,
+        "k": args.k,
+        "micro_batch": args.micro_batch,
+        "seq_len": info.seq_len,
+        "precision": resolve_precision(cfg),
+        "steps": args.steps,
         "full_stack": {"step_s": med_full, "tokens_per_s": tokens / med_full},
         "bare": {"step_s": med_bare, "tokens_per_s": tokens / med_bare},
         "overhead_pct": 100.0 * (med_full - med_bare) / med_bare,
@@ -156,7 +179,7 @@ def main(argv=None) -> int:
         result["mfu_bare"] = fpt * tokens / med_bare / H100_BF16_PEAK
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"train-{'gpu' if cuda else 'cpu'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    name = f"train-{'gpu' if cuda else 'cpu'}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
     (out / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out / name}")

@@ -45,34 +45,71 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", metavar="CONFIG | verify | inspect",
-                   help="YAML config (configs/data/*.yaml), or the word verify / inspect")
-    p.add_argument("overrides", nargs="*", metavar="key=value | DIR",
-                   help="dotted config overrides (e.g. seq_len=1024), or the dataset DIR "
-                   "after verify / inspect")
-    p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="input files, directories, globs or @stdlib (sets `inputs`)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG | verify | inspect",
+        help="YAML config (configs/data/*.yaml), or the word verify / inspect",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value | DIR",
+        help="dotted config overrides (e.g. seq_len=1024), or the dataset DIR "
+        "after verify / inspect",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="input files, directories, globs or @stdlib (sets `inputs`)",
+    )
     p.add_argument("--output", metavar="DIR", help="dataset directory (sets `output`)")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="tokenizer.json", help="use this tokenizer")
     tok.add_argument("--vocab-size", type=int, metavar="N", help="train a BPE of N tokens")
     p.add_argument("--seq-len", type=int, metavar="N", help="tokens per sequence (inputs)")
-    p.add_argument("--val-fraction", type=float, metavar="F",
-                   help="fraction of documents in the validation split (by content hash)")
-    p.add_argument("--workers", type=int, metavar="N", help="encode processes (default: all "
-                   "cores); the output does not depend on it")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a different dataset in the output directory")
-    p.add_argument("--strict", action="store_true",
-                   help="error on a non-UTF-8 or binary input instead of skipping it")
-    p.add_argument("--task-index", metavar="I|env",
-                   help="encode only this task's chunks (Slurm array task; `env` reads "
-                   "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="fraction of documents in the validation split (by content hash)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="encode processes (default: all cores); the output does not depend on it",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different dataset in the output directory",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="error on a non-UTF-8 or binary input instead of skipping it",
+    )
+    p.add_argument(
+        "--task-index",
+        metavar="I|env",
+        help="encode only this task's chunks (Slurm array task; `env` reads "
+        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT)",
+    )
     p.add_argument("--num-tasks", type=int, metavar="M", help="number of array tasks")
-    p.add_argument("--finalize", action="store_true",
-                   help="after all tasks: pack shards, write the manifest, verify")
-    p.add_argument("--decode", type=int, default=0, metavar="N",
-                   help="(verify) print the first N training sequences decoded")
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="after all tasks: pack shards, write the manifest, verify",
+    )
+    p.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        metavar="N",
+        help="(verify) print the first N training sequences decoded",
+    )
     p.set_defaults(func=handler)
 
 
@@ -129,14 +166,16 @@ def task_from_args(args) -> tuple[int, int] | None:
             ) from None
         index = tid - first
         if args.num_tasks is not None and args.num_tasks != count:
-            raise RdptConfigError(f"--num-tasks {args.num_tasks} differs from "
-                                  f"SLURM_ARRAY_TASK_COUNT={count}")
+            raise RdptConfigError(
+                f"--num-tasks {args.num_tasks} differs from SLURM_ARRAY_TASK_COUNT={count}"
+            )
     else:
         try:
             index = int(args.task_index)
         except ValueError:
-            raise RdptConfigError(f"--task-index {args.task_index!r}: expected an integer or "
-                                  "`env`") from None
+            raise RdptConfigError(
+                f"--task-index {args.task_index!r}: expected an integer or `env`"
+            ) from None
         if args.num_tasks is None:
             raise RdptConfigError("--task-index needs --num-tasks M")
         count = args.num_tasks
@@ -150,15 +189,15 @@ def handler(args) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.config in ("verify", "inspect"):
         return _verify_or_inspect(args)
-    from pipeline.config_io import load_config
-
     from data_prep.config import PrepConfig
     from data_prep.prep import prepare
+    from pipeline.config_io import load_config
 
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.config is None and not args.input:
-        raise RdptConfigError("give a CONFIG file or --input PATH ... --output DIR "
-                              "(see rdpt prep --help)")
+        raise RdptConfigError(
+            "give a CONFIG file or --input PATH ... --output DIR (see rdpt prep --help)"
+        )
     if args.config is not None and "=" in args.config:
         overrides.insert(0, args.config)  # flags form with a leading override
         args.config = None
@@ -197,8 +236,14 @@ def print_summary(output: str, manifest: dict, elapsed: float) -> None:
     for split, info in manifest["splits"].items():
         total_tokens += info["tokens"]
         mib = sum(s.get("bytes", 0) for s in info["shards"]) / 2**20
-        table.add_row(split, f"{info['documents']:,}", f"{info['tokens']:,}",
-                      f"{info['sequences']:,}", str(len(info["shards"])), f"{mib:.1f}")
+        table.add_row(
+            split,
+            f"{info['documents']:,}",
+            f"{info['tokens']:,}",
+            f"{info['sequences']:,}",
+            str(len(info["shards"])),
+            f"{mib:.1f}",
+        )
     console = Console()
     console.print(table)
     skipped = manifest.get("skipped", {}).get("counts", {})

@@ -10,15 +10,38 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config_io import ConfigModel
-
 from data_prep.sources import STDLIB  # noqa: F401  (re-exported: the "@stdlib" input)
 from data_prep.tokenizer import DEFAULT_SPECIAL_TOKENS, EOT, PAD
+from pipeline.config_io import ConfigModel
 
 DEFAULT_EXTENSIONS = [
-    ".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
-    ".js", ".ts", ".sh", ".tex", ".html", ".xml", ".json", ".toml", ".yaml", ".yml", ".cfg",
-    ".ini", ".jsonl", ".jsonl.gz", ".jsonl.zst",
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".rs",
+    ".go",
+    ".java",
+    ".js",
+    ".ts",
+    ".sh",
+    ".tex",
+    ".html",
+    ".xml",
+    ".json",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".cfg",
+    ".ini",
+    ".jsonl",
+    ".jsonl.gz",
+    ".jsonl.zst",
 ]
 
 
@@ -65,7 +88,7 @@ class PrepConfig(ConfigModel):
     strict: bool = False  # error (instead of skip + count) on non-UTF-8 / binary input
 
     @model_validator(mode="after")
-    def _check(self) -> "PrepConfig":
+    def _check(self) -> PrepConfig:
         if self.tokenizer.path is None and self.tokenizer.vocab_size < 256 + len(
             self.tokenizer.special_tokens
         ):

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from pipeline.atomic import atomic_open
-
 from data_prep.sources import Skipped, SourceFile, is_val, iter_documents
 from data_prep.tokenizer import make_encoder
+from pipeline.atomic import atomic_open
 
 SPLITS = ("train", "val")
 

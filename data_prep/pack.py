@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import sha256_file
-
 from data_prep.shards import write_shard
+from pipeline.atomic import sha256_file
 
 
 def rows_per_shard(seq_len: int, itemsize: int, shard_size_mb: float, seqs_per_member: int) -> int:
@@ -37,8 +36,16 @@ def shard_name(index: int) -> str:
 class SplitPacker:
     """Packs one split's token stream into shards under `<output>/<split>/`."""
 
-    def __init__(self, out_dir: Path, split: str, seq_len: int, dtype: np.dtype, eot_id: int,
-                 seqs_per_member: int, rows_per_shard: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        seq_len: int,
+        dtype: np.dtype,
+        eot_id: int,
+        seqs_per_member: int,
+        rows_per_shard: int,
+    ):
         self.dir = out_dir / split
         self.split = split
         self.row = seq_len + 1
@@ -94,9 +101,11 @@ class SplitPacker:
         else:
             sha = write_shard(path, rows, first_member, self.spm)
             self.written += 1
-        self.shards.append({
-            "path": f"{self.split}/{shard_name(index)}",
-            "sha256": sha,
-            "sequences": int(rows.shape[0]),
-            "bytes": path.stat().st_size,
-        })
+        self.shards.append(
+            {
+                "path": f"{self.split}/{shard_name(index)}",
+                "sha256": sha,
+                "sequences": int(rows.shape[0]),
+                "bytes": path.stat().st_size,
+            }
+        )

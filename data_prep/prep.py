@@ -18,16 +18,13 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from pipeline.atomic import atomic_copy, atomic_write_json, atomic_write_text, sha256_file
-from pipeline.config_io import save_resolved
-from pipeline.errors import RdptDataError
-
+from data_prep import tokenizer as tk
 from data_prep.config import PrepConfig
 from data_prep.encode import SPLITS, chunk_path, encode_chunks, load_chunk
 from data_prep.pack import SplitPacker, rows_per_shard
@@ -40,7 +37,9 @@ from data_prep.sources import (
     iter_documents,
     plan_chunks,
 )
-from data_prep import tokenizer as tk
+from pipeline.atomic import atomic_copy, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.config_io import save_resolved
+from pipeline.errors import RdptDataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,8 +94,10 @@ def check_output(out: Path, fp: str, overwrite: bool) -> str:
             "output directory"
         )
     manifest, plan = out / MANIFEST, out / WORK / "plan.json"
-    for path, what in ((manifest, "a different dataset"),
-                       (plan, "an unfinished preparation of a different dataset")):
+    for path, what in (
+        (manifest, "a different dataset"),
+        (plan, "an unfinished preparation of a different dataset"),
+    ):
         if not path.is_file():
             continue
         if _fingerprint_of(path) == fp:
@@ -158,8 +159,10 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
         atomic_copy(cfg.tokenizer.path, tok_path)
         say(f"tokenizer: {cfg.tokenizer.path}")
     else:
-        say(f"training a byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on up to "
-            f"{cfg.tokenizer.train_max_bytes / 2**20:.0f} MiB of the input ...")
+        say(
+            f"training a byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on up to "
+            f"{cfg.tokenizer.train_max_bytes / 2**20:.0f} MiB of the input ..."
+        )
         tok = tk.train_bpe(
             _training_text(cfg, sources, cfg.tokenizer.train_max_bytes),
             cfg.tokenizer.vocab_size,
@@ -211,15 +214,19 @@ def encode_phase(plan: dict, out: Path, workers: int, task: tuple[int, int] | No
     todo = [i for i in mine if not chunk_path(work, i).exists()]
     done = len(mine) - len(todo)
     label = "encode" if task is None else f"encode task {task[0]}/{task[1]}"
-    say(f"{label}: {len(todo)} of {len(mine)} chunks to encode"
+    say(
+        f"{label}: {len(todo)} of {len(mine)} chunks to encode"
         f"{f' ({done} already done)' if done else ''}, {min(workers, max(len(todo), 1))} "
-        f"worker(s), encoder {plan['encoder']}")
+        f"worker(s), encoder {plan['encoder']}"
+    )
     progress = EncodeProgress(sum(plan["chunk_bytes"][i] for i in todo), label)
     encode_chunks(plan, work, todo, workers, progress)
     elapsed = progress.close()
     if todo:
-        say(f"{label}: {progress.docs} documents, {progress.tokens / 1e6:.2f} M tokens in "
-            f"{elapsed:.1f} s ({progress.tokens / max(elapsed, 1e-9) / 1e6:.2f} M tokens/s)")
+        say(
+            f"{label}: {progress.docs} documents, {progress.tokens / 1e6:.2f} M tokens in "
+            f"{elapsed:.1f} s ({progress.tokens / max(elapsed, 1e-9) / 1e6:.2f} M tokens/s)"
+        )
     return len(todo)
 
 
@@ -265,8 +272,7 @@ def pack_phase(cfg: PrepConfig, plan: dict, out: Path) -> dict:
     total_docs = sum(splits[s]["documents"] for s in SPLITS)
     if total_docs == 0:
         raise RdptDataError(
-            "input is empty: no document survived reading "
-            f"(skipped: {skipped.reasons or 'none'})"
+            f"input is empty: no document survived reading (skipped: {skipped.reasons or 'none'})"
         )
     edges = _log2_edges([a for s in SPLITS for a in doc_tokens[s]])
     hist = {"edges": edges}
@@ -392,8 +398,10 @@ def prepare(
         if task is not None:
             encode_phase(plan, out, workers, task)
             left = len(missing_chunks(plan, out))
-            say(f"task {task[0]}/{task[1]} done; {left} chunk(s) of other tasks still missing; "
-                "when all tasks are done run: rdpt prep CONFIG --finalize")
+            say(
+                f"task {task[0]}/{task[1]} done; {left} chunk(s) of other tasks still missing; "
+                "when all tasks are done run: rdpt prep CONFIG --finalize"
+            )
             return None
         encode_phase(plan, out, workers, None)
     body = pack_phase(cfg, plan, out)

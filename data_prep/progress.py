@@ -13,8 +13,13 @@ def say(msg: str) -> None:
 
 
 class EncodeProgress:
-    def __init__(self, total_bytes: int, label: str = "encode", interval_s: float = 10.0,
-                 tty: bool | None = None):
+    def __init__(
+        self,
+        total_bytes: int,
+        label: str = "encode",
+        interval_s: float = 10.0,
+        tty: bool | None = None,
+    ):
         self.total = max(total_bytes, 1)
         self.label = label
         self.interval = interval_s
@@ -27,8 +32,15 @@ class EncodeProgress:
         if tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=label, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def update(self, summary: dict) -> None:
         self.bytes += summary["bytes"]
@@ -46,9 +58,11 @@ class EncodeProgress:
             done = min(self.planned / self.total, 1.0)
             elapsed = now - self.t0
             eta = elapsed * (1 - done) / done if done > 0 else float("nan")
-            say(f"{self.label}: {self.planned / 2**20:.1f}/{self.total / 2**20:.1f} MiB "
+            say(
+                f"{self.label}: {self.planned / 2**20:.1f}/{self.total / 2**20:.1f} MiB "
                 f"({done:.0%}), {self.docs} docs, {self.planned / 2**20 / elapsed:.1f} MiB/s, "
-                f"{rate / 1e6:.2f} M tok/s, ETA {eta:.0f} s")
+                f"{rate / 1e6:.2f} M tok/s, ETA {eta:.0f} s"
+            )
 
     def close(self) -> float:
         if self.bar is not None:

@@ -54,7 +54,7 @@ def write_shard(path: Path, rows: np.ndarray, first_member: int, seqs_per_member
     """Write `rows` [n, seq_len+1] as members of `seqs_per_member` rows (crash-safe); returns
     the shard's sha256."""
     members = [
-        (member_key(first_member + m) + ".npy", npy_bytes(rows[start:start + seqs_per_member]))
+        (member_key(first_member + m) + ".npy", npy_bytes(rows[start : start + seqs_per_member]))
         for m, start in enumerate(range(0, len(rows), seqs_per_member))
     ]
     with atomic_open(path, "wb") as f:
@@ -96,8 +96,15 @@ class ShardReader:
     that names the shard.
     """
 
-    def __init__(self, path: str | Path, sequences: int, seq_len: int, dtype: str,
-                 seqs_per_member: int, backend: str = "wids"):
+    def __init__(
+        self,
+        path: str | Path,
+        sequences: int,
+        seq_len: int,
+        dtype: str,
+        seqs_per_member: int,
+        backend: str = "wids",
+    ):
         self.path = Path(path)
         self.sequences = sequences
         self.seq_len = seq_len

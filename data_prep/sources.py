@@ -20,9 +20,9 @@ import io
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import RdptDataError
 
@@ -71,7 +71,8 @@ def _stdlib_files() -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(
-            d for d in dirnames
+            d
+            for d in dirnames
             if d not in ("site-packages", "dist-packages", "__pycache__") and not d.startswith(".")
         )
         out.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -209,6 +210,7 @@ def make_encoder(path: str | Path, kind: str = "auto", probe_text: str = "", hf=
     "tiktoken" (error when impossible) or "tokenizers". `hf`: the already loaded HF tokenizer
     of `path`, if the caller has it (loading a 32k vocabulary takes ~0.3 s).
     """
+
     def get_hf():
         return hf if hf is not None else load_hf(path)
 
@@ -219,9 +221,15 @@ def make_encoder(path: str | Path, kind: str = "auto", probe_text: str = "", hf=
         enc = _tiktoken_cached(str(Path(path).resolve()), (st.st_mtime_ns, st.st_size))
     except ValueError as e:
         if kind == "tiktoken":
-            raise RdptDataError(f"{path}: cannot be expressed as a tiktoken encoding: {e}")
-        log.warning("tokenizer %s cannot be expressed in tiktoken form (%s): encoding with "
-                    "Hugging Face tokenizers instead (about 5x slower)", path, e)
+            raise RdptDataError(
+                f"{path}: cannot be expressed as a tiktoken encoding: {e}"
+            ) from None
+        log.warning(
+            "tokenizer %s cannot be expressed in tiktoken form (%s): encoding with "
+            "Hugging Face tokenizers instead (about 5x slower)",
+            path,
+            e,
+        )
         return HFEncoder(get_hf())
     if probe_text:
         tok = get_hf()
@@ -231,7 +239,10 @@ def make_encoder(path: str | Path, kind: str = "auto", probe_text: str = "", hf=
         if enc.encode(probe) != HFEncoder(tok).encode(probe):
             if kind == "tiktoken":
                 raise RdptDataError(f"{path}: tiktoken and tokenizers disagree on probe text")
-            log.warning("tiktoken form of %s disagrees with tokenizers on probe text: "
-                        "encoding with tokenizers instead", path)
+            log.warning(
+                "tiktoken form of %s disagrees with tokenizers on probe text: "
+                "encoding with tokenizers instead",
+                path,
+            )
             return HFEncoder(tok)
     return enc

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import sha256_file
-from pipeline.errors import RdptDataError
-
 from data_prep.progress import say
 from data_prep.shards import ShardReader
+from pipeline.atomic import sha256_file
+from pipeline.errors import RdptDataError
 
 SPLITS = ("train", "val")
 
@@ -26,16 +25,30 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise RdptDataError(f"{mpath} is not valid JSON ({e})") from None
-    for key in ("format_version", "seq_len", "dtype", "vocab_size", "eot_id",
-                "seqs_per_member", "tokenizer", "splits"):
+    for key in (
+        "format_version",
+        "seq_len",
+        "dtype",
+        "vocab_size",
+        "eot_id",
+        "seqs_per_member",
+        "tokenizer",
+        "splits",
+    ):
         if key not in manifest:
             raise RdptDataError(f"{mpath}: key {key!r} missing")
     return manifest
 
 
 def open_shard(root: Path, manifest: dict, shard: dict) -> ShardReader:
-    return ShardReader(root / shard["path"], shard["sequences"], manifest["seq_len"],
-                       manifest["dtype"], manifest["seqs_per_member"], backend="tarfile")
+    return ShardReader(
+        root / shard["path"],
+        shard["sequences"],
+        manifest["seq_len"],
+        manifest["dtype"],
+        manifest["seqs_per_member"],
+        backend="tarfile",
+    )
 
 
 def iter_split_rows(root: Path, manifest: dict, split: str):
@@ -72,17 +85,20 @@ def verify_dataset(path: str | Path, decode: int = 0, quiet: bool = False) -> di
                 errors.append(f"shard missing: {spath}")
                 continue
             if sha256_file(spath) != shard["sha256"]:
-                errors.append(f"shard {spath}: sha256 differs from the manifest (corrupted or "
-                              f"truncated; {spath.stat().st_size} bytes, manifest says "
-                              f"{shard.get('bytes', '?')})")
+                errors.append(
+                    f"shard {spath}: sha256 differs from the manifest (corrupted or "
+                    f"truncated; {spath.stat().st_size} bytes, manifest says "
+                    f"{shard.get('bytes', '?')})"
+                )
                 continue
             try:
                 reader = open_shard(root, manifest, shard)
                 for m in range(reader.num_members):
                     arr = reader.member(m)
                     if arr.size and int(arr.max()) >= manifest["vocab_size"]:
-                        raise RdptDataError(f"shard {spath} member {m}: token id "
-                                            f"{int(arr.max())} >= vocab_size")
+                        raise RdptDataError(
+                            f"shard {spath} member {m}: token id {int(arr.max())} >= vocab_size"
+                        )
                 reader.close()
             except RdptDataError as e:
                 errors.append(str(e))
@@ -90,14 +106,17 @@ def verify_dataset(path: str | Path, decode: int = 0, quiet: bool = False) -> di
             sequences += shard["sequences"]
         want_rows = -(-(info["tokens"] + info["padding_tokens"]) // (manifest["seq_len"] + 1))
         if not errors and (sequences != info["sequences"] or sequences != want_rows):
-            errors.append(f"split {split}: {sequences} sequences in shards, manifest says "
-                          f"{info['sequences']} (tokens imply {want_rows})")
+            errors.append(
+                f"split {split}: {sequences} sequences in shards, manifest says "
+                f"{info['sequences']} (tokens imply {want_rows})"
+            )
         report[split] = {"shards": len(info["shards"]), "sequences": sequences}
     if errors:
         raise RdptDataError(f"dataset {root} failed verification:\n  " + "\n  ".join(errors))
     if not quiet:
-        parts = [f"{s}: {r['shards']} shards, {r['sequences']} sequences"
-                 for s, r in report.items()]
+        parts = [
+            f"{s}: {r['shards']} shards, {r['sequences']} sequences" for s, r in report.items()
+        ]
         say(f"{root}: OK ({'; '.join(parts)})")
     if decode:
         print_decoded(root, manifest, decode)
@@ -133,14 +152,21 @@ def inspect_dataset(path: str | Path, top: int = 20) -> dict:
         table.add_column(col, justify="right" if col != "split" else "left")
     stats = manifest.get("stats", {})
     for split, info in manifest["splits"].items():
-        table.add_row(split, f"{info['documents']:,}", f"{info['tokens']:,}",
-                      f"{info['sequences']:,}", str(len(info["shards"])),
-                      f"{sum(s.get('bytes', 0) for s in info['shards']) / 2**20:.1f}",
-                      str(stats.get("bytes_per_token", {}).get(split, "?")))
+        table.add_row(
+            split,
+            f"{info['documents']:,}",
+            f"{info['tokens']:,}",
+            f"{info['sequences']:,}",
+            str(len(info["shards"])),
+            f"{sum(s.get('bytes', 0) for s in info['shards']) / 2**20:.1f}",
+            str(stats.get("bytes_per_token", {}).get(split, "?")),
+        )
     console.print(table)
-    console.print(f"seq_len {manifest['seq_len']}, dtype {manifest['dtype']}, vocab "
-                  f"{manifest['vocab_size']}, eot {manifest['eot_id']}, "
-                  f"encoder {manifest['tokenizer'].get('encoder')}")
+    console.print(
+        f"seq_len {manifest['seq_len']}, dtype {manifest['dtype']}, vocab "
+        f"{manifest['vocab_size']}, eot {manifest['eot_id']}, "
+        f"encoder {manifest['tokenizer'].get('encoder')}"
+    )
     skipped = manifest.get("skipped", {}).get("counts", {})
     console.print(f"skipped inputs: {skipped or 'none'}")
 
@@ -171,7 +197,11 @@ def inspect_dataset(path: str | Path, top: int = 20) -> dict:
     total = max(int(counts.sum()), 1)
     order = np.argsort(-counts, kind="stable")[:top]
     for i in order:
-        t.add_row(str(int(i)), repr(tok.decode([int(i)], skip_special_tokens=False)),
-                  f"{int(counts[i]):,}", f"{counts[i] / total:.2%}")
+        t.add_row(
+            str(int(i)),
+            repr(tok.decode([int(i)], skip_special_tokens=False)),
+            f"{int(counts[i]):,}",
+            f"{counts[i] / total:.2%}",
+        )
     console.print(t)
     return {"top_tokens": [int(i) for i in order], "manifest": manifest}

@@ -48,10 +48,20 @@ def _add_sbatch_options(p: argparse.ArgumentParser, *, train: bool) -> None:
     g = p.add_argument_group("Slurm resources (default: the site config)")
     if train:
         g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-        g.add_argument("--gpus-per-node", type=int, default=None,
-                       help="GPUs per node = processes per node; 0 = CPU processes")
-        g.add_argument("--ntasks-per-node", "--tasks-per-node", dest="ntasks_per_node",
-                       type=int, default=None, help="processes per node when --gpus-per-node 0")
+        g.add_argument(
+            "--gpus-per-node",
+            type=int,
+            default=None,
+            help="GPUs per node = processes per node; 0 = CPU processes",
+        )
+        g.add_argument(
+            "--ntasks-per-node",
+            "--tasks-per-node",
+            dest="ntasks_per_node",
+            type=int,
+            default=None,
+            help="processes per node when --gpus-per-node 0",
+        )
     g.add_argument("--cpus-per-task", type=int, default=None)
     g.add_argument("--mem", default=None, help='memory per node, e.g. "0" (all) or "64G"')
     g.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 or 2-00:00:00")
@@ -64,9 +74,12 @@ def _add_sbatch_options(p: argparse.ArgumentParser, *, train: bool) -> None:
     g.add_argument("--mail-type", default=None, help="default END,FAIL")
     p.add_argument("--site", default=None, help="site config YAML (see configs/site/example.yaml)")
     p.add_argument("--job-name", default=None)
-    p.add_argument("--dry-run", action="store_true",
-                   help="check everything, print the resolved config and job script(s), "
-                   "submit nothing, write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the resolved config and job script(s), "
+        "submit nothing, write nothing",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
@@ -82,8 +95,9 @@ def register(subparsers) -> None:
         epilog=SUBMIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    kinds = submit.add_subparsers(dest="kind", metavar="KIND", required=True,
-                                  parser_class=OverridesParser)
+    kinds = submit.add_subparsers(
+        dest="kind", metavar="KIND", required=True, parser_class=OverridesParser
+    )
     train = kinds.add_parser(
         "train",
         help="a (multi-node) training job; preemption-safe, optionally chained",
@@ -94,10 +108,20 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_sbatch_options(train, train=True)
-    train.add_argument("--signal-warn", type=int, default=None, metavar="SECONDS",
-                       help="send USR1 this long before the time limit (default: site, 300)")
-    train.add_argument("--chain", type=int, default=1, metavar="K",
-                       help="submit K jobs linked by afterany, each continuing the run")
+    train.add_argument(
+        "--signal-warn",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="send USR1 this long before the time limit (default: site, 300)",
+    )
+    train.add_argument(
+        "--chain",
+        type=int,
+        default=1,
+        metavar="K",
+        help="submit K jobs linked by afterany, each continuing the run",
+    )
     train.set_defaults(func=handle_submit_train)
     prep = kinds.add_parser(
         "prep",
@@ -151,8 +175,9 @@ def _options(args, site, *, train: bool):
         mail_type=args.mail_type,
     )
     if train:
-        over.update(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                    ntasks_per_node=args.ntasks_per_node)
+        over.update(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node
+        )
     return SbatchOptions.from_site(site, **over)
 
 
@@ -172,8 +197,15 @@ def handle_submit_train(args) -> int:
 
     site, _ = load_site_config(args.site)
     opts = _options(args, site, train=True)
-    plan = plan_train(args.config, args.overrides, opts, site, chain=args.chain,
-                      signal_warn_s=args.signal_warn, job_name=args.job_name)
+    plan = plan_train(
+        args.config,
+        args.overrides,
+        opts,
+        site,
+        chain=args.chain,
+        signal_warn_s=args.signal_warn,
+        job_name=args.job_name,
+    )
     check_train(plan, dry_run=args.dry_run)
     if args.dry_run:
         _print_dry_run(plan.resolved_yaml, plan.run_dir / "resolved.yaml", plan.jobs)
@@ -181,12 +213,16 @@ def handle_submit_train(args) -> int:
     result = submit_train(plan)
     mlflow = result.mlflow or {}
     if args.json:
-        print(json.dumps({
-            "job_ids": result.job_ids,
-            "run_dir": str(result.run_dir),
-            "scripts": [str(s) for s in result.scripts],
-            "mlflow": result.mlflow,
-        }))
+        print(
+            json.dumps(
+                {
+                    "job_ids": result.job_ids,
+                    "run_dir": str(result.run_dir),
+                    "scripts": [str(s) for s in result.scripts],
+                    "mlflow": result.mlflow,
+                }
+            )
+        )
         return 0
     for k, (jid, script) in enumerate(zip(result.job_ids, result.scripts), 1):
         chain = f" (chain {k}/{len(result.job_ids)})" if len(result.job_ids) > 1 else ""
@@ -194,11 +230,15 @@ def handle_submit_train(args) -> int:
     print(f"run directory: {result.run_dir}")
     print(f"log:           {result.run_dir}/slurm/slurm-{result.job_ids[0]}.out")
     if mlflow and mlflow["run_id"]:
-        print(f"mlflow run:    {mlflow['run_id']} (experiment {mlflow['experiment']!r} at "
-              f"{mlflow['tracking_uri']})")
+        print(
+            f"mlflow run:    {mlflow['run_id']} (experiment {mlflow['experiment']!r} at "
+            f"{mlflow['tracking_uri']})"
+        )
     elif mlflow:
-        print(f"mlflow run:    not created yet ({mlflow['tracking_uri']} not reachable now; "
-              f"training creates it)")
+        print(
+            f"mlflow run:    not created yet ({mlflow['tracking_uri']} not reachable now; "
+            f"training creates it)"
+        )
     else:
         print("mlflow run:    none (tracking disabled or no tracking.uri / MLFLOW_TRACKING_URI)")
     return 0
@@ -210,20 +250,30 @@ def handle_submit_prep(args) -> int:
 
     site, _ = load_site_config(args.site)
     opts = _options(args, site, train=False)
-    plan = plan_prep(args.config, args.overrides, opts, site, array=args.array,
-                     job_name=args.job_name)
+    plan = plan_prep(
+        args.config, args.overrides, opts, site, array=args.array, job_name=args.job_name
+    )
     check_prep(plan, dry_run=args.dry_run)
     if args.dry_run:
         _print_dry_run(plan.resolved_yaml, plan.job_dir / "prep.yaml", plan.jobs)
         return 0
     result = submit_prep(plan)
     if args.json:
-        print(json.dumps({"job_ids": result.job_ids, "output": str(plan.output),
-                          "scripts": [str(s) for s in result.scripts]}))
+        print(
+            json.dumps(
+                {
+                    "job_ids": result.job_ids,
+                    "output": str(plan.output),
+                    "scripts": [str(s) for s in result.scripts],
+                }
+            )
+        )
         return 0
     print(f"submitted array job {result.job_ids[0]} ({plan.array} tasks): {result.scripts[0]}")
-    print(f"submitted finalize job {result.job_ids[1]} (afterok:{result.job_ids[0]}): "
-          f"{result.scripts[1]}")
+    print(
+        f"submitted finalize job {result.job_ids[1]} (afterok:{result.job_ids[0]}): "
+        f"{result.scripts[1]}"
+    )
     print(f"output: {plan.output}")
     print(f"logs:   {plan.job_dir}")
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 from launch import registry, slurm_tools
 from pipeline.errors import RdptLaunchError
 
+
 def job_rows(limit: int | None = None) -> list[dict[str, Any]]:
     """One row per registered job: registry fields + state/nodes/elapsed from Slurm."""
     records = registry.read()
@@ -40,8 +41,11 @@ def job_rows(limit: int | None = None) -> list[dict[str, Any]]:
         if rec.get("array") and slurm_tools.available("scontrol"):
             tasks = slurm_tools.scontrol_jobs(jid)  # one record per task (pending ones merged)
             if tasks:
-                row.update(state=summarise_states(tasks), nodes=tasks[0].get("NumNodes", ""),
-                           elapsed=max(t.get("RunTime", "") for t in tasks))
+                row.update(
+                    state=summarise_states(tasks),
+                    nodes=tasks[0].get("NumNodes", ""),
+                    elapsed=max(t.get("RunTime", "") for t in tasks),
+                )
         elif jid not in live or row["state"] != "PENDING":
             info = slurm_tools.scontrol_job(jid) if slurm_tools.available("scontrol") else None
             if info:
@@ -101,8 +105,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         state = r["state"] + (f" ({reason})" if r["state"] == "PENDING" and reason else "")
         run_dir = _short(r["run_dir"])
         table.append(
-            [r["id"], r["name"], state, str(r["nodes"]), r["elapsed"], str(r["restarts"]),
-             run_dir, r["mlflow_run"]]
+            [
+                r["id"],
+                r["name"],
+                state,
+                str(r["nodes"]),
+                r["elapsed"],
+                str(r["restarts"]),
+                run_dir,
+                r["mlflow_run"],
+            ]
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
@@ -132,9 +144,12 @@ def cancel(job_id: int) -> list[int]:
     ids = [job_id]
     if rec.get("kind") == "train":
         later = [
-            r for r in registry.read()
-            if r.get("run_dir") == rec["run_dir"] and r.get("kind") == "train"
-            and int(r["job_id"]) > job_id and r.get("chain", [1, 1])[1] > 1
+            r
+            for r in registry.read()
+            if r.get("run_dir") == rec["run_dir"]
+            and r.get("kind") == "train"
+            and int(r["job_id"]) > job_id
+            and r.get("chain", [1, 1])[1] > 1
         ]
         ids += [int(r["job_id"]) for r in later if not r.get("cancelled_at")]
         marker_dir = Path(rec["run_dir"]) / "slurm"
@@ -143,7 +158,8 @@ def cancel(job_id: int) -> list[int]:
                 (marker_dir / f"cancelled-{jid}").write_text("cancelled by rdpt jobs cancel\n")
     elif rec.get("kind") == "prep-array":
         ids += [
-            int(r["job_id"]) for r in registry.read()
+            int(r["job_id"])
+            for r in registry.read()
             if r.get("kind") == "prep-finalize" and r.get("dependency") == f"afterok:{job_id}"
         ]
     # NOTE: later jobs first, so none of them starts in the gap after the first one ends.

@@ -117,12 +117,19 @@ def plan_prep(
     }
     tdir = site.slurm.template_dir
     plan.jobs.append(
-        JobPlan(name, job_dir / "prep-array.sbatch",
-                render_template("prep-array.sbatch", array_values, tdir))
+        JobPlan(
+            name,
+            job_dir / "prep-array.sbatch",
+            render_template("prep-array.sbatch", array_values, tdir),
+        )
     )
     plan.jobs.append(
-        JobPlan(f"{name}-finalize", job_dir / "prep-finalize.sbatch",
-                render_template("prep-finalize.sbatch", final_values, tdir), "afterok")
+        JobPlan(
+            f"{name}-finalize",
+            job_dir / "prep-finalize.sbatch",
+            render_template("prep-finalize.sbatch", final_values, tdir),
+            "afterok",
+        )
     )
     return plan
 
@@ -136,9 +143,13 @@ def submit_prep(plan: PrepPlan) -> SubmitResult:
 
     plan.job_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.job_dir / "prep.yaml", plan.resolved_yaml)
-    ids = sbatch_jobs(plan.jobs, plan.output, lambda k, job, job_id: {
-        "kind": "prep-finalize" if job.dependency else "prep-array",
-        "log": str(plan.job_dir),
-        "array": None if job.dependency else plan.array,
-    })
+    ids = sbatch_jobs(
+        plan.jobs,
+        plan.output,
+        lambda k, job, job_id: {
+            "kind": "prep-finalize" if job.dependency else "prep-array",
+            "log": str(plan.job_dir),
+            "array": None if job.dependency else plan.array,
+        },
+    )
     return SubmitResult(ids, plan.output, [j.script_path for j in plan.jobs])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from launch.site import SiteConfig
 from pipeline.errors import RdptLaunchError
@@ -69,7 +69,7 @@ class SbatchOptions:
     extra: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_site(cls, site: SiteConfig, **overrides) -> "SbatchOptions":
+    def from_site(cls, site: SiteConfig, **overrides) -> SbatchOptions:
         s = site.slurm
         opts = cls(
             gpus_per_node=s.gpus_per_node,

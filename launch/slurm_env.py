@@ -35,7 +35,7 @@ import re
 import shutil
 import socket
 import subprocess
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 PORT_BASE = 20000
 PORT_SPAN = 10000
@@ -133,8 +133,9 @@ def master_address(host: str) -> str:
     except OSError:
         pass
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", host], capture_output=True, text=True, timeout=30
+        )
         m = re.search(r"\bNodeAddr=(\S+)", out.stdout)
         if out.returncode == 0 and m:
             return m.group(1)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline.errors import RdptLaunchError
 
@@ -116,8 +116,16 @@ def user_accounts() -> set[str] | None:
     if not available("sacctmgr"):
         return None
     out = subprocess.run(
-        ["sacctmgr", "-n", "-P", "show", "associations", "where", f"user={_user()}",
-         "format=account"],
+        [
+            "sacctmgr",
+            "-n",
+            "-P",
+            "show",
+            "associations",
+            "where",
+            f"user={_user()}",
+            "format=account",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -146,9 +154,7 @@ def squeue(job_ids: Sequence[int]) -> dict[str, dict[str, str]]:
     for line in out.splitlines():
         parts = line.split("|")
         if len(parts) == 6:
-            rows[parts[0]] = dict(
-                zip(("id", "name", "state", "nodes", "elapsed", "reason"), parts)
-            )
+            rows[parts[0]] = dict(zip(("id", "name", "state", "nodes", "elapsed", "reason"), parts))
     return rows
 
 

@@ -263,15 +263,17 @@ def plan_train(
     name = job_name or f"rdpt-{cfg.run.name}"
     log_dir = run_dir / "slurm"
     config_file = run_dir / "resolved.yaml"
-    train_cmd = command or python_command(
-        site, ["train", str(config_file), "--resume", "auto"]
-    )
+    train_cmd = command or python_command(site, ["train", str(config_file), "--resume", "auto"])
     srun_container, _ = container_prefix(site)
     # NOTE: not --kill-on-bad-exit: the first rank to exit 85 would get the others killed
     # while they finish exiting (srun then returns 143, not 85). --wait bounds how long the
     # other ranks may live after the first one exits (a crashed rank leaves them in a collective).
-    srun_opts = ["--kill-on-bad-exit=0", f"--wait={STEP_EXIT_WAIT_S}", "--export=ALL",
-                 *srun_container]
+    srun_opts = [
+        "--kill-on-bad-exit=0",
+        f"--wait={STEP_EXIT_WAIT_S}",
+        "--export=ALL",
+        *srun_container,
+    ]
     if opts.cpus_per_task:
         # NOTE: srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05).
         srun_opts.append(f"--cpus-per-task={opts.cpus_per_task}")
@@ -318,22 +320,29 @@ def check_cluster_or_warn(opts: SbatchOptions, *, dry_run: bool) -> None:
     """check_cluster; in a dry run an unreachable Slurm is a warning (nothing is submitted)."""
     if not slurm_tools.available("scontrol"):
         if dry_run:
-            print("warning: no Slurm client on PATH: partition/account/GPUs not checked",
-                  file=sys.stderr)
+            print(
+                "warning: no Slurm client on PATH: partition/account/GPUs not checked",
+                file=sys.stderr,
+            )
             return
         raise RdptLaunchError("scontrol/sbatch not found on PATH: is this a Slurm login node?")
     if dry_run and slurm_tools.config_file() is None:
         # NOTE: clients retry a missing slurm.conf for 60 s; a dry run should not wait for that.
-        print("warning: no slurm.conf ($SLURM_CONF, /etc/slurm/slurm.conf): partition/account/"
-              "GPUs not checked", file=sys.stderr)
+        print(
+            "warning: no slurm.conf ($SLURM_CONF, /etc/slurm/slurm.conf): partition/account/"
+            "GPUs not checked",
+            file=sys.stderr,
+        )
         return
     try:
         slurm_tools.run_slurm(["scontrol", "ping"], timeout=20)
     except RdptLaunchError as e:
         if not dry_run:
             raise RdptLaunchError(f"cannot reach the Slurm controller: {e}") from None
-        print(f"warning: Slurm not reachable, partition/account/GPUs not checked ({e})",
-              file=sys.stderr)
+        print(
+            f"warning: Slurm not reachable, partition/account/GPUs not checked ({e})",
+            file=sys.stderr,
+        )
         return
     check_cluster(opts)
 
@@ -373,14 +382,18 @@ def submit_train(plan: TrainPlan) -> SubmitResult:
     log_dir.mkdir(parents=True, exist_ok=True)  # NOTE: a missing -o directory fails the job
     atomic_write_text(plan.run_dir / "resolved.yaml", plan.resolved_yaml)
     mlflow = ensure_mlflow_run(plan)
-    ids = sbatch_jobs(plan.jobs, plan.run_dir, lambda k, job, job_id: {
-        "kind": "train",
-        "log": str(log_dir / f"slurm-{job_id}.out"),
-        "chain": [k, plan.chain],
-        "mlflow_run_id": (mlflow or {}).get("run_id"),
-        "tracking_uri": (mlflow or {}).get("tracking_uri"),
-        "argv": sys.argv[1:],
-    })
+    ids = sbatch_jobs(
+        plan.jobs,
+        plan.run_dir,
+        lambda k, job, job_id: {
+            "kind": "train",
+            "log": str(log_dir / f"slurm-{job_id}.out"),
+            "chain": [k, plan.chain],
+            "mlflow_run_id": (mlflow or {}).get("run_id"),
+            "tracking_uri": (mlflow or {}).get("tracking_uri"),
+            "argv": sys.argv[1:],
+        },
+    )
     return SubmitResult(ids, plan.run_dir, [j.script_path for j in plan.jobs], mlflow)
 
 
@@ -397,15 +410,17 @@ def sbatch_jobs(jobs: list, run_dir: Path, describe) -> list[int]:
         dep = f"{job.dependency}:{ids[-1]}" if job.dependency else None
         job_id = slurm_tools.sbatch(job.script_path, dependency=dep)
         ids.append(job_id)
-        registry.append({
-            "job_id": job_id,
-            "name": job.name,
-            "run_dir": str(run_dir),
-            "script": str(job.script_path),
-            "dependency": dep,
-            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **describe(k, job, job_id),
-        })
+        registry.append(
+            {
+                "job_id": job_id,
+                "name": job.name,
+                "run_dir": str(run_dir),
+                "script": str(job.script_path),
+                "dependency": dep,
+                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **describe(k, job, job_id),
+            }
+        )
     return ids
 
 
@@ -418,7 +433,8 @@ def ensure_mlflow_run(plan: TrainPlan) -> dict | None:
     from pipeline.tracking.logger import RunTracker
 
     # NOTE: never close() it here: that would mark the run FINISHED before training starts.
-    tracker = RunTracker(plan.run_dir, uri, cfg.tracking.experiment, cfg.run.name,
-                         system_metrics_interval=0)
+    tracker = RunTracker(
+        plan.run_dir, uri, cfg.tracking.experiment, cfg.run.name, system_metrics_interval=0
+    )
     run_id = tracker.ensure_run()  # None when the server is unreachable now (training retries)
     return {"run_id": run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment}

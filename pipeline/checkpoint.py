@@ -28,8 +28,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -155,7 +156,7 @@ class CheckpointManager:
             return []
         return sorted((p for p in self.root.iterdir() if is_complete(p)), key=lambda p: p.name)
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         """The checkpoint the `latest` pointer names (or the newest complete one)."""
         pointer = self.root / "latest"
         if pointer.is_file():
@@ -165,7 +166,7 @@ class CheckpointManager:
         done = self.complete_checkpoints()
         return done[-1] if done else None
 
-    def find_resume(self, resume: str, verify: bool = True) -> Optional[Path]:
+    def find_resume(self, resume: str, verify: bool = True) -> Path | None:
         """'none' -> None; 'auto' -> newest checkpoint that verifies (falls back past corrupted
         ones, warning by name); a path -> that checkpoint (an error if it does not verify)."""
         if resume == "none":
@@ -202,8 +203,8 @@ class CheckpointManager:
         trainer_state: dict[str, Any],
         *,
         config_yaml: str,
-        tokenizer_path: Optional[str | os.PathLike] = None,
-        crash_hook: Optional[Callable[[], None]] = None,
+        tokenizer_path: str | os.PathLike | None = None,
+        crash_hook: Callable[[], None] | None = None,
     ) -> Path:
         """Write checkpoint `step` (collective): temp dir -> files -> sha256 list -> rename ->
         `latest` -> prune. Returns the final directory."""
@@ -332,8 +333,16 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} in checkpoint, {b!r} now"]
 
 
-def check_compatible(state: dict[str, Any], ckpt: Path, *, manifest_sha256: str,
-                     model_config: dict, tp: int, dp: int, zero_stage: int) -> None:
+def check_compatible(
+    state: dict[str, Any],
+    ckpt: Path,
+    *,
+    manifest_sha256: str,
+    model_config: dict,
+    tp: int,
+    dp: int,
+    zero_stage: int,
+) -> None:
     """Refuse to resume from a checkpoint of a different dataset or model, saying what differs."""
     if state.get("manifest_sha256") != manifest_sha256:
         raise RdptCheckpointError(
@@ -394,15 +403,20 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
         else:
-            blob = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                              weights_only=True)
+            blob = torch.load(
+                ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+            )
             sd = blob["module"]
-    return {consolidated_name(k): v.detach().float().contiguous()
-            for k, v in sd.items() if torch.is_tensor(v)}
+    return {
+        consolidated_name(k): v.detach().float().contiguous()
+        for k, v in sd.items()
+        if torch.is_tensor(v)
+    }
 
 
-def load_for_inference(run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu",
-                       dtype: torch.dtype = torch.float32):
+def load_for_inference(
+    run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+):
     """(model, TrainConfig, DatasetInfo or tokenizer path, meta{step, tokens, ckpt, ...}).
 
     Builds the model at tensor-parallel size 1 (initialising a world-size-1 process group and
@@ -442,8 +456,9 @@ def load_for_inference(run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu
     return model, cfg, data, meta
 
 
-def export_checkpoint(run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike,
-                      fmt: str = "safetensors") -> Path:
+def export_checkpoint(
+    run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "safetensors"
+) -> Path:
     """Consolidated weights (also from ZeRO-3 shards) in the model area's format
     (`safetensors`: model.safetensors + model.yaml) or the Hugging Face Huginn layout (`hf`)."""
     import tempfile

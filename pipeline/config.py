@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -26,8 +26,9 @@ from pipeline.recurrence import RecurrenceConfig
 
 class RunSection(ConfigModel):
     name: str = "run"
-    """Run name: the run directory is runs/<name> unless `dir` is given; also the MLflow run name."""
-    dir: Optional[str] = None
+    """Run name: the run directory is runs/<name> unless `dir` is given; also the MLflow run
+    name."""
+    dir: str | None = None
     """Run directory (resolved.yaml, metrics.jsonl, logs/, checkpoints/); default runs/<name>."""
     seed: int = 1234
     """Seed of parameter init, data order and the initial latent state."""
@@ -96,7 +97,7 @@ class CheckpointSection(ConfigModel):
 class TrackingSection(ConfigModel):
     enabled: bool = True
     """Log to MLflow (metrics.jsonl is written either way)."""
-    uri: Optional[str] = None
+    uri: str | None = None
     """MLflow tracking URI (http://..., sqlite:///...); default $MLFLOW_TRACKING_URI, else off."""
     experiment: str = "rdpt"
     artifact_max_mb: float = 64.0
@@ -120,7 +121,7 @@ class DebugSection(ConfigModel):
     """Write logs/samples-rank{R}.jsonl: the sample ids each rank trained on, per step."""
     nan_at_steps: list[int] = []
     """Make the loss non-finite at these steps (tests the skip-and-count guard)."""
-    crash_in_checkpoint_at_step: Optional[int] = None
+    crash_in_checkpoint_at_step: int | None = None
     """Kill the process (os._exit) half-way through writing this step's checkpoint."""
     sleep_per_step_s: float = Field(0.0, ge=0)
     """Sleep after each step (lets tests signal or kill a run mid-way)."""
@@ -142,7 +143,7 @@ class TrainConfig(ConfigModel):
     debug: DebugSection = DebugSection()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "TrainConfig":
+    def _cross_checks(self) -> TrainConfig:
         t = self.train
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(

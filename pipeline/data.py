@@ -28,18 +28,18 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline.atomic import sha256_file
-from pipeline.errors import RdptDataError
-
 from data_prep.shards import ShardReader
 from data_prep.verify import read_manifest
+from pipeline.atomic import sha256_file
+from pipeline.errors import RdptDataError
 
 STATE_VERSION = 1
 
@@ -96,8 +96,14 @@ class MicroBatch(NamedTuple):
 class SplitReader:
     """Random access to the members of one split (a member = seqs_per_member sequences)."""
 
-    def __init__(self, info: DatasetInfo, split: str, verify_shards: bool = True,
-                 max_open: int = 8, max_cached_members: int = 8):
+    def __init__(
+        self,
+        info: DatasetInfo,
+        split: str,
+        verify_shards: bool = True,
+        max_open: int = 8,
+        max_cached_members: int = 8,
+    ):
         if split not in info.manifest["splits"]:
             raise RdptDataError(f"dataset {info.path} has no split {split!r}")
         self.info = info
@@ -113,8 +119,11 @@ class SplitReader:
                 shard_of.append(s)
                 local.append(m)
         self.member_rows = np.asarray(rows, dtype=np.int64)
-        self.member_first = np.concatenate([[0], np.cumsum(self.member_rows)[:-1]]).astype(
-            np.int64) if rows else np.zeros(0, np.int64)
+        self.member_first = (
+            np.concatenate([[0], np.cumsum(self.member_rows)[:-1]]).astype(np.int64)
+            if rows
+            else np.zeros(0, np.int64)
+        )
         self.member_shard = np.asarray(shard_of, dtype=np.int64)
         self.member_local = np.asarray(local, dtype=np.int64)
         self.num_sequences = int(self.member_rows.sum())
@@ -139,11 +148,13 @@ class SplitReader:
             if not path.is_file():
                 raise RdptDataError(f"shard missing: {path}")
             if sha256_file(path) != shard["sha256"]:
-                raise RdptDataError(f"shard {path} is corrupted or truncated (sha256 differs "
-                                    "from the manifest)")
+                raise RdptDataError(
+                    f"shard {path} is corrupted or truncated (sha256 differs from the manifest)"
+                )
             self._verified.add(s)
-        reader = ShardReader(path, int(shard["sequences"]), self.info.seq_len, self.info.dtype,
-                             self.spm)
+        reader = ShardReader(
+            path, int(shard["sequences"]), self.info.seq_len, self.info.dtype, self.spm
+        )
         self._open[s] = reader
         if len(self._open) > self.max_open:
             _, old = self._open.popitem(last=False)
@@ -183,16 +194,18 @@ class EpochOrder:
     def __init__(self, reader: SplitReader, seed: int, epoch: int, shuffle: bool):
         self.reader, self.seed, self.epoch, self.shuffle = reader, seed, epoch, shuffle
         n = reader.num_members
-        self.perm = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
-                     else np.arange(n))
+        self.perm = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         self.ends = np.cumsum(reader.member_rows[self.perm])
         self._inner: dict[int, np.ndarray] = {}
 
     def _within(self, m: int) -> np.ndarray:
         if m not in self._inner:
             n = int(self.reader.member_rows[m])
-            order = (np.random.default_rng([self.seed, self.epoch, m]).permutation(n)
-                     if self.shuffle else np.arange(n))
+            order = (
+                np.random.default_rng([self.seed, self.epoch, m]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
             if len(self._inner) > 64:
                 self._inner.clear()
             self._inner[m] = order
@@ -224,9 +237,20 @@ class ResumableLoader:
     background thread (0: read in the calling thread).
     """
 
-    def __init__(self, path: str | Path, split: str = "train", *, micro_batch_size: int,
-                 grad_accum: int = 1, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, prefetch: int = 2, verify_shards: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        *,
+        micro_batch_size: int,
+        grad_accum: int = 1,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        prefetch: int = 2,
+        verify_shards: bool = True,
+    ):
         if micro_batch_size < 1 or grad_accum < 1:
             raise RdptDataError("micro_batch_size and grad_accum must be >= 1")
         if not 0 <= dp_rank < dp_size:
@@ -272,8 +296,10 @@ class ResumableLoader:
         for key in ("split", "seed", "shuffle", "num_sequences", "manifest_sha256"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
-                raise RdptDataError(f"loader state is for {key}={state[key]!r}, this loader has "
-                                    f"{key}={mine!r}: cannot resume the same data order")
+                raise RdptDataError(
+                    f"loader state is for {key}={state[key]!r}, this loader has "
+                    f"{key}={mine!r}: cannot resume the same data order"
+                )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.steps = int(state.get("steps", 0))
@@ -295,7 +321,9 @@ class ResumableLoader:
         ids = order.ids(start, start + per_rank)
         rows = self.reader.sequences(ids)
         batches = [
-            _to_microbatch(rows[i * self.mb:(i + 1) * self.mb], ids[i * self.mb:(i + 1) * self.mb])
+            _to_microbatch(
+                rows[i * self.mb : (i + 1) * self.mb], ids[i * self.mb : (i + 1) * self.mb]
+            )
             for i in range(self.ga)
         ]
         return batches, epoch, position + self.global_batch
@@ -326,8 +354,9 @@ class ResumableLoader:
             except BaseException as e:  # handed to the consumer, which re-raises it
                 put(e)
 
-        thread = threading.Thread(target=produce, args=(self.epoch, self.position),
-                                  name="rdpt-data-prefetch", daemon=True)
+        thread = threading.Thread(
+            target=produce, args=(self.epoch, self.position), name="rdpt-data-prefetch", daemon=True
+        )
         thread.start()
         try:
             while True:
@@ -345,9 +374,14 @@ class ResumableLoader:
         self.reader.close()
 
 
-def iterate_sequences(path: str | Path, split: str = "val", batch_size: int = 8, dp_rank: int = 0,
-                      dp_size: int = 1, max_sequences: int | None = None,
-                      ) -> Iterator[MicroBatch]:
+def iterate_sequences(
+    path: str | Path,
+    split: str = "val",
+    batch_size: int = 8,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    max_sequences: int | None = None,
+) -> Iterator[MicroBatch]:
     """Evaluation order: the first `max_sequences` sequences of `split` in stored order, rank r
     of dp_size taking the contiguous block [r*n//dp_size, (r+1)*n//dp_size); yields
     MicroBatch(inputs, targets, sample_ids) with LongTensors [<=batch_size, seq_len] (the last
@@ -355,8 +389,7 @@ def iterate_sequences(path: str | Path, split: str = "val", batch_size: int = 8,
     state seeded by them does not depend on the number of ranks."""
     info = open_dataset(path)
     reader = SplitReader(info, split)
-    n = reader.num_sequences if max_sequences is None else min(max_sequences,
-                                                                reader.num_sequences)
+    n = reader.num_sequences if max_sequences is None else min(max_sequences, reader.num_sequences)
     lo, hi = dp_rank * n // dp_size, (dp_rank + 1) * n // dp_size
     try:
         for start in range(lo, hi, batch_size):

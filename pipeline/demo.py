@@ -69,12 +69,30 @@ def main() -> int:
     rdpt("prep", "inspect", str(data_dir))
 
     rdpt(
-        "train", "configs/train/tiny.yaml", f"data.path={data_dir}", f"run.dir={run_dir}",
-        "run.name=demo-tiny", f"tracking.uri={uri}", "--nproc", "2", "--resume", "auto",
+        "train",
+        "configs/train/tiny.yaml",
+        f"data.path={data_dir}",
+        f"run.dir={run_dir}",
+        "run.name=demo-tiny",
+        f"tracking.uri={uri}",
+        "--nproc",
+        "2",
+        "--resume",
+        "auto",
     )
     eval_json = run_dir / "eval-demo.json"
-    rdpt("eval", str(run_dir), "--recurrences", "1,2,4,8,16,32", "--state-init", "zero",
-         "--max-sequences", "64", "--json", str(eval_json))
+    rdpt(
+        "eval",
+        str(run_dir),
+        "--recurrences",
+        "1,2,4,8,16,32",
+        "--state-init",
+        "zero",
+        "--max-sequences",
+        "64",
+        "--json",
+        str(eval_json),
+    )
 
     results = json.loads(eval_json.read_text())
     train, val = training_summary(run_dir / "metrics.jsonl")
@@ -91,8 +109,10 @@ def main() -> int:
     print("r    loss     ppl")
     for r, v in sorted(((int(k), v) for k, v in depth.items() if str(k).isdigit())):
         print(f"{r:<4} {v['loss']:<8.4f} {v['ppl']:.2f}")
-    print("\nstop the MLflow server with: .venv/bin/rdpt mlflow-server stop "
-          f"--root {demo_dir / 'mlflow'}")
+    print(
+        "\nstop the MLflow server with: .venv/bin/rdpt mlflow-server stop "
+        f"--root {demo_dir / 'mlflow'}"
+    )
     return 0
 
 

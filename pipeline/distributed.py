@@ -27,8 +27,9 @@ def env_rank() -> tuple[int, int, int]:
     )
 
 
-def init_process_group(backend: str | None = None, timeout_s: float = 600,
-                       export_env: bool = False) -> None:
+def init_process_group(
+    backend: str | None = None, timeout_s: float = 600, export_env: bool = False
+) -> None:
     """Initialise torch.distributed from the environment (idempotent).
 
     gloo on CPU, NCCL when CUDA is available. A process that no launcher started still gets a
@@ -49,8 +50,13 @@ def init_process_group(backend: str | None = None, timeout_s: float = 600,
     timeout = datetime.timedelta(seconds=timeout_s)
     launched = "WORLD_SIZE" in os.environ
     if not launched and not export_env:
-        dist.init_process_group(backend=backend, rank=0, world_size=1, timeout=timeout,
-                                init_method=f"tcp://127.0.0.1:{free_port()}")
+        dist.init_process_group(
+            backend=backend,
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+        )
         return
     rank, world, local_rank = env_rank()
     os.environ.setdefault("RANK", str(rank))

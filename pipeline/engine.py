@@ -47,8 +47,10 @@ def deepspeed_config(cfg: TrainConfig, dp: int, grad_accum: int) -> dict[str, An
         "allgather_bucket_size": 50_000_000,
     }
     if cfg.parallel.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False,
-                    stage3_param_persistence_threshold=10_000)
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=False,
+            stage3_param_persistence_threshold=10_000,
+        )
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -152,7 +154,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp: int, grad_accum: 
     optimizer = None
     if not use_deepspeed_adam():
         optimizer = torch.optim.AdamW(
-            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            groups,
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
         )
     engine, _, _, _ = deepspeed.initialize(

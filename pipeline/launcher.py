@@ -42,8 +42,9 @@ def write_exit(run_dir: Path, code: int, step: int) -> None:
     """Rank 0 records how it ended (the launcher reads it after a forwarded signal)."""
     from pipeline.atomic import atomic_write_json
 
-    atomic_write_json(run_dir / "logs" / EXIT_FILE, {"code": code, "step": step,
-                                                     "time": time.time()})
+    atomic_write_json(
+        run_dir / "logs" / EXIT_FILE, {"code": code, "step": step, "time": time.time()}
+    )
 
 
 def _recorded_exit(run_dir: Path, since: float) -> int | None:
@@ -55,8 +56,9 @@ def _recorded_exit(run_dir: Path, since: float) -> int | None:
     return int(data["code"]) if data.get("time", 0) >= since else None
 
 
-def launch_local(resolved_yaml: str | os.PathLike, nproc: int, resume: str,
-                 run_dir: str | os.PathLike) -> int:
+def launch_local(
+    resolved_yaml: str | os.PathLike, nproc: int, resume: str, run_dir: str | os.PathLike
+) -> int:
     """Run `nproc` workers on this machine under the elastic agent; return an exit code."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -88,11 +90,16 @@ def launch_local(resolved_yaml: str | os.PathLike, nproc: int, resume: str,
         for rank in sorted(codes):
             if codes[rank] in MEANINGFUL:
                 return codes[rank]
-        print(f"rdpt train: worker(s) failed with exit codes {codes}; see "
-              f"{run_dir / 'logs'}", file=sys.stderr)
+        print(
+            f"rdpt train: worker(s) failed with exit codes {codes}; see {run_dir / 'logs'}",
+            file=sys.stderr,
+        )
         return 1
     except SignalException as e:
         recorded = _recorded_exit(run_dir, t0)
-        print(f"rdpt train: got signal {e.sigval.name}; workers stopped"
-              + (f" with code {recorded}" if recorded is not None else ""), file=sys.stderr)
+        print(
+            f"rdpt train: got signal {e.sigval.name}; workers stopped"
+            + (f" with code {recorded}" if recorded is not None else ""),
+            file=sys.stderr,
+        )
         return recorded if recorded is not None else 128 + int(e.sigval)

@@ -40,7 +40,7 @@ class RecurrenceConfig(ConfigModel):
     """Seed of the per-step draw (r depends only on (seed, step))."""
 
     @model_validator(mode="after")
-    def _validate(self) -> "RecurrenceConfig":
+    def _validate(self) -> RecurrenceConfig:
         if self.backprop_depth < 1:
             raise RdptConfigError(
                 f"recurrence.backprop_depth: k must be >= 1, got {self.backprop_depth}"

@@ -34,7 +34,12 @@ def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_ste
 
 
 def wsd_lr(
-    step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int,
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    max_steps: int,
     decay_fraction: float,
 ) -> float:
     """Warmup, stable at `lr`, then linear decay to `min_lr` over the last fraction of steps."""
@@ -50,8 +55,9 @@ def wsd_lr(
 
 def lr_at(step: int, optim, max_steps: int) -> float:
     """The learning rate of optimizer step `step` (0-based) under `optim` (OptimConfig)."""
-    common = dict(lr=optim.lr, min_lr=optim.min_lr, warmup_steps=optim.warmup_steps,
-                  max_steps=max_steps)
+    common = dict(
+        lr=optim.lr, min_lr=optim.min_lr, warmup_steps=optim.warmup_steps, max_steps=max_steps
+    )
     if optim.schedule == "cosine":
         return cosine_lr(step, **common)
     if optim.schedule == "wsd":

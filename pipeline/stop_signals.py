@@ -19,6 +19,8 @@ def record_early_signals() -> tuple[list[int], dict[int, Any]]:
     Returns (the signals received so far, a list that keeps growing; the handlers replaced,
     for a caller that hands the signals back to someone else later)."""
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in STOP_SIGNALS}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in STOP_SIGNALS
+    }
     return received, previous

@@ -42,25 +42,38 @@ def register(subparsers) -> None:
 
 def _register_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a recurrent-depth model (DeepSpeed ZeRO, MLflow)",
+        "train",
+        help="train a recurrent-depth model (DeepSpeed ZeRO, MLflow)",
         description="Pretrain a recurrent-depth LM on a prepared dataset with DeepSpeed ZeRO; "
         "every run is resumable and tracked in MLflow.",
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="train YAML (configs/train/*.yaml or a run's resolved.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="local processes (default parallel.nproc from the config)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="local processes (default parallel.nproc from the config)",
+    )
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default auto)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate, print the resolved config and the DeepSpeed config, exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved config and the DeepSpeed config, exit",
+    )
     p.set_defaults(func=train_handler)
 
 
 def _register_export(subparsers) -> None:
     e = subparsers.add_parser(
-        "export", help="export a checkpoint to safetensors or the HF Huginn layout",
+        "export",
+        help="export a checkpoint to safetensors or the HF Huginn layout",
         description="Consolidate a training checkpoint (ZeRO 0-3) into full weights.",
-        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     e.add_argument("checkpoint", help="run directory or checkpoint directory")
     e.add_argument("output", help="output directory")
     e.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
@@ -146,8 +159,10 @@ def _train(args, early: list[int], previous: dict) -> int:
         return 0
     done = completed_step(run_dir) if args.resume == "auto" else None
     if done is not None and done >= cfg.train.max_steps:
-        print(f"rdpt train: {run_dir} is already complete (checkpoint at step {done} >= "
-              f"train.max_steps={cfg.train.max_steps}); nothing to do")
+        print(
+            f"rdpt train: {run_dir} is already complete (checkpoint at step {done} >= "
+            f"train.max_steps={cfg.train.max_steps}); nothing to do"
+        )
         return 0
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     resolved = run_dir / "resolved.yaml"

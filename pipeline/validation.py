@@ -29,8 +29,16 @@ def _val_batches(cfg, dp_rank: int, dp: int) -> list:
     from pipeline.data import iterate_sequences
 
     per_rank = max(1, cfg.eval.max_sequences // dp)
-    batches = list(iterate_sequences(cfg.data.path, split="val", batch_size=cfg.eval.batch_size,
-                                     dp_rank=dp_rank, dp_size=dp, max_sequences=per_rank * dp))
+    batches = list(
+        iterate_sequences(
+            cfg.data.path,
+            split="val",
+            batch_size=cfg.eval.batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp,
+            max_sequences=per_rank * dp,
+        )
+    )
     # NOTE: every DP rank must run the same number of forwards (ZeRO-3 gathers parameters
     # collectively inside each forward), so all ranks truncate to the smallest count.
     if dist.is_initialized():
@@ -51,9 +59,16 @@ def validate(engine, cfg, dp_rank: int, dp: int, device) -> dict[str, float]:
     for r in cfg.eval.recurrences:
         acc = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, cosine sum, change sum
         for inputs, targets, sample_ids in batches:
-            res = engine(inputs.to(device), targets.to(device), num_steps=r, backprop_depth=None,
-                         state_init="random", state_seed=VAL_STATE_SEED,
-                         sample_ids_B=sample_ids.to(device), telemetry=(r == r_tele))
+            res = engine(
+                inputs.to(device),
+                targets.to(device),
+                num_steps=r,
+                backprop_depth=None,
+                state_init="random",
+                state_seed=VAL_STATE_SEED,
+                sample_ids_B=sample_ids.to(device),
+                telemetry=(r == r_tele),
+            )
             acc[0] += res.loss_BS.double().sum().cpu()
             acc[1] += res.loss_BS.numel()
             if res.telemetry is not None:

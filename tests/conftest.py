@@ -34,8 +34,10 @@ def _restore_environment():
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    skip_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                                  reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip_gpu = pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False)",
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

@@ -44,8 +44,9 @@ def _worker(rank, world_size, port, fn, args, queue, env):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 600,
-                    env: dict | None = None) -> list:
+def run_distributed(
+    fn, world_size: int = 2, args: tuple = (), timeout: float = 600, env: dict | None = None
+) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -22,10 +22,17 @@ from pipeline.tracking.server import ServerHandle, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--disable-dev-shm-usage", "--hide-scrollbars",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +71,18 @@ def chromium() -> str:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
         proc = subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "chromium",
-             "fonts-dejavu-core"],
-            env=env, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "chromium",
+                "fonts-dejavu-core",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, f"apt-get install chromium failed:\n{proc.stderr[-3000:]}"
         path = CHROMIUM
     assert os.access(path, os.X_OK), f"{path} is not executable"

@@ -42,8 +42,15 @@ import pytest
 from pipeline.distributed import free_port
 
 FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
 }
 CPUS_PER_NODE = 2
 
@@ -91,8 +98,10 @@ def ensure_slurm_installed() -> None:
     if os.geteuid() != 0:
         pytest.fail("slurm-wlm/munge are not installed and installing them needs root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]):
+    for cmd in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"],
+    ):
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if out.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -139,18 +148,28 @@ class SlurmCluster:
                 monkeypatch.delenv(k)
         monkeypatch.setenv("SLURM_CONF", str(self.conf))
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60,
-            env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-        out = subprocess.run(list(args), env={**self.env, **(env or {})}, capture_output=True,
-                             text=True, timeout=timeout, cwd=cwd)
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60, env: dict | None = None, cwd=None
+    ) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            list(args),
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )
         if check and out.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
         return out
 
     def sbatch(self, args: list[str], env: dict | None = None, cwd=None) -> int:
         """`sbatch --parsable ARGS` (output to jobs/%j.out unless ARGS set -o); the job id."""
-        extra = [] if any(a.startswith(("-o", "--output")) for a in args) else [
-            f"--output={self.jobs_dir}/%j.out"]
+        extra = (
+            []
+            if any(a.startswith(("-o", "--output")) for a in args)
+            else [f"--output={self.jobs_dir}/%j.out"]
+        )
         out = self.run("sbatch", "--parsable", *extra, *args, env=env, cwd=cwd)
         return int(out.stdout.strip().split(";")[0])
 
@@ -201,8 +220,14 @@ class SlurmCluster:
     # ---------------------------------------------------------------- lifecycle
     def _popen(self, args: list[str], holder: bool = False) -> subprocess.Popen:
         log = open(self.root / "log" / f"{Path(args[0]).name}-{len(self._procs)}.stdout", "ab")
-        p = subprocess.Popen(args, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            args,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         (self._holders if holder else self._procs).append(p)
         return p
@@ -218,9 +243,17 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         sock = d / "munge" / "munge.sock"
-        self._popen(["munged", "-F", f"--socket={sock}", f"--key-file={key}",
-                     f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/munge/munged.log",
-                     f"--seed-file={d}/munge/munged.seed"])
+        self._popen(
+            [
+                "munged",
+                "-F",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={d}/munge/munged.pid",
+                f"--log-file={d}/munge/munged.log",
+                f"--seed-file={d}/munge/munged.seed",
+            ]
+        )
         _wait(sock.exists, 20, "munged's socket")
         if len(self.nodes) == 1:
             ctl_addr = "127.0.0.1"
@@ -238,18 +271,28 @@ class SlurmCluster:
             hosts += [f"{a} {n}" for n, a in self.node_addrs.items()]
             (d / "hosts").write_text("\n".join(hosts) + "\n")
         self.ctl_port = free_port()
-        self.conf.write_text(SLURM_CONF.format(
-            d=d, ctl_addr=ctl_addr, ctl_port=self.ctl_port, slurmd_port=free_port(),
-            node_lines=node_lines, first_job_id=self.first_job_id))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                d=d,
+                ctl_addr=ctl_addr,
+                ctl_port=self.ctl_port,
+                slurmd_port=free_port(),
+                node_lines=node_lines,
+                first_job_id=self.first_job_id,
+            )
+        )
         self.slurmctld = self._popen(["slurmctld", "-D", "-f", str(self.conf)])
 
         # NOTE: a client call before slurmctld listens stalls ~1 s in a retry: connect first.
         def listening():
             if self.slurmctld.poll() is not None:
-                raise RuntimeError(f"slurmctld exited with {self.slurmctld.returncode}\n"
-                                   f"{self.logs()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (ctl_addr, self.ctl_port), timeout=0.5):
+                raise RuntimeError(
+                    f"slurmctld exited with {self.slurmctld.returncode}\n{self.logs()}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((ctl_addr, self.ctl_port), timeout=0.5),
+            ):
                 return True
             return False
 
@@ -261,8 +304,17 @@ class SlurmCluster:
                 self._start_node_namespace(n)
         want = f"idle {len(self.nodes)}"
         try:
-            _wait(lambda: self.run("sinfo", "-h", "-p", "debug", "-o", "%T %D",
-                                   check=False).stdout.strip() == want, 60, "idle nodes", 0.1)
+            _wait(
+                lambda: (
+                    self.run(
+                        "sinfo", "-h", "-p", "debug", "-o", "%T %D", check=False
+                    ).stdout.strip()
+                    == want
+                ),
+                60,
+                "idle nodes",
+                0.1,
+            )
         except TimeoutError:
             raise RuntimeError(f"nodes never became idle\n{self.logs()}") from None
 
@@ -279,22 +331,42 @@ class SlurmCluster:
         return net
 
     def _start_node_namespace(self, node: str) -> None:
-        holder = self._popen(["unshare", "--net", "--uts", "--mount", "sleep", "infinity"],
-                             holder=True)
+        holder = self._popen(
+            ["unshare", "--net", "--uts", "--mount", "sleep", "infinity"], holder=True
+        )
         own = os.readlink("/proc/self/ns/net")
-        _wait(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != own, 10, "a new namespace",
-              0.01)
+        _wait(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != own, 10, "a new namespace", 0.01)
         veth = f"{self._veth_prefix}{node[1:]}"
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(holder.pid))
         _ip("link", "set", veth, "master", self.bridge, "up")
         addr = self.node_addrs[node]
-        setup = (f"hostname {node} && ip link set lo up && ip addr add {addr}/24 dev eth0 "
-                 f"&& ip link set eth0 up && mount --bind {self.root}/hosts /etc/hosts")
-        subprocess.run(["nsenter", "-t", str(holder.pid), "-n", "-u", "-m", "sh", "-c", setup],
-                       check=True, capture_output=True, text=True)
+        setup = (
+            f"hostname {node} && ip link set lo up && ip addr add {addr}/24 dev eth0 "
+            f"&& ip link set eth0 up && mount --bind {self.root}/hosts /etc/hosts"
+        )
+        subprocess.run(
+            ["nsenter", "-t", str(holder.pid), "-n", "-u", "-m", "sh", "-c", setup],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         # nsenter execs slurmd, so this Popen holds slurmd's own PID.
-        self._popen(["nsenter", "-t", str(holder.pid), "-n", "-u", "-m",
-                     "slurmd", "-D", "-f", str(self.conf), "-N", node])
+        self._popen(
+            [
+                "nsenter",
+                "-t",
+                str(holder.pid),
+                "-n",
+                "-u",
+                "-m",
+                "slurmd",
+                "-D",
+                "-f",
+                str(self.conf),
+                "-N",
+                node,
+            ]
+        )
 
     def stop(self) -> None:
         """Cancel jobs, stop every daemon and holder by PID, delete the bridge. Idempotent."""
@@ -303,8 +375,15 @@ class SlurmCluster:
             with contextlib.suppress(Exception):
                 self.run("scancel", "--user=root", check=False, timeout=20)
                 spool = self.root / "spool"
-                _wait(lambda: not self.run("squeue", "-h", check=False, timeout=20).stdout.strip()
-                      and not any(p.is_socket() for p in spool.rglob("*")), 30, "jobs to end", 0.1)
+                _wait(
+                    lambda: (
+                        not self.run("squeue", "-h", check=False, timeout=20).stdout.strip()
+                        and not any(p.is_socket() for p in spool.rglob("*"))
+                    ),
+                    30,
+                    "jobs to end",
+                    0.1,
+                )
         for group in (list(reversed(self._procs)), self._holders):
             for p in group:
                 if p.poll() is None:

@@ -28,12 +28,26 @@ TINY_RUN_EXPERIMENT = "rdpt-tests-tiny-run"
 def tiny_run_command(data: Path, run_dir: Path, uri: str | None, *extra: str) -> list[str]:
     """`rdpt train` of the tiny run (extra overrides/flags appended last, so they win)."""
     cmd = [
-        sys.executable, "-m", "pipeline", "train", str(REPO / "configs/train/tiny.yaml"),
-        f"data.path={data}", f"run.dir={run_dir}", f"run.name={run_dir.name}",
-        f"train.max_steps={TINY_RUN_STEPS}", "train.log_interval=1", "optim.warmup_steps=10",
-        "checkpoint.interval=30", "checkpoint.keep_last=3", "eval.interval=30",
-        "eval.recurrences=[1,4,8]", "eval.max_sequences=32", "debug.record_sample_ids=true",
-        f"tracking.experiment={TINY_RUN_EXPERIMENT}", "--nproc", "2",
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        str(REPO / "configs/train/tiny.yaml"),
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"run.name={run_dir.name}",
+        f"train.max_steps={TINY_RUN_STEPS}",
+        "train.log_interval=1",
+        "optim.warmup_steps=10",
+        "checkpoint.interval=30",
+        "checkpoint.keep_last=3",
+        "eval.interval=30",
+        "eval.recurrences=[1,4,8]",
+        "eval.max_sequences=32",
+        "debug.record_sample_ids=true",
+        f"tracking.experiment={TINY_RUN_EXPERIMENT}",
+        "--nproc",
+        "2",
     ]
     if uri:
         cmd.insert(-2, f"tracking.uri={uri}")
@@ -55,9 +69,12 @@ def tiny_trained_run(tiny_dataset, mlflow_server, tmp_path_factory) -> Path:
     """Run dir of a finished 2-process tiny training run (see the module docstring)."""
     run_dir = tmp_path_factory.mktemp("train") / "tiny-run"
     cmd = tiny_run_command(tiny_dataset, run_dir, mlflow_server.url)
-    proc = subprocess.run(cmd, cwd=REPO, env=training_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=training_env(), capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0 or not (run_dir / "COMPLETED").is_file():
-        raise RuntimeError(f"tiny training run failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"tiny training run failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return run_dir

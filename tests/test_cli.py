@@ -10,8 +10,19 @@ import pytest
 
 from pipeline.cli import build_parser, main
 
-COMMANDS = ["prep", "model-info", "convert", "train", "export", "eval", "generate",
-            "mlflow-server", "runs", "submit", "jobs"]
+COMMANDS = [
+    "prep",
+    "model-info",
+    "convert",
+    "train",
+    "export",
+    "eval",
+    "generate",
+    "mlflow-server",
+    "runs",
+    "submit",
+    "jobs",
+]
 
 
 def test_every_command_is_registered():
@@ -30,12 +41,13 @@ def test_help_has_description_and_example(command, capsys):
 
 
 def test_top_level_help_is_light():
-    code = ("import sys; from pipeline.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'deepspeed', 'megatron', 'mlflow') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys; from pipeline.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'deepspeed', 'megatron', 'mlflow') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

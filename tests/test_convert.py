@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from pipeline.cli import main
-from pipeline.errors import RdptCheckpointError
-from pipeline.model.consolidated import build_from_consolidated, load_consolidated
 from test_model_reference import (  # noqa: F401  (tp1 is a fixture)
     huginn_forward,
     random_hf_state_dict,
     small_hf_config,
     tp1,
 )
+
+from pipeline.cli import main
+from pipeline.errors import RdptCheckpointError
+from pipeline.model.consolidated import build_from_consolidated, load_consolidated
 
 
 def write_hf(tmp_path, hf_cfg, sd):
@@ -40,15 +40,26 @@ def test_hf_round_trip_is_bitwise_and_logits_match_reference(tp1, tmp_path):
     for name, t in sd.items():
         assert torch.equal(t, sd_back[name]), name
     cfg_back = json.loads((back / "config.json").read_text())
-    for key in ("n_embd", "n_heads", "intermediate_size", "vocab_size", "n_layers_in_prelude",
-                "n_layers_in_recurrent_block", "n_layers_in_coda", "rope_base", "norm_eps"):
+    for key in (
+        "n_embd",
+        "n_heads",
+        "intermediate_size",
+        "vocab_size",
+        "n_layers_in_prelude",
+        "n_layers_in_recurrent_block",
+        "n_layers_in_coda",
+        "rope_base",
+        "norm_eps",
+    ):
         assert cfg_back[key] == hf_cfg[key], key
     # QKV really is re-laid out (megatron head-major) inside the rdpt checkpoint.
     cfg, rd = load_consolidated(ckpt)
     w_hf = sd["transformer.core_block.0.attn.Wqkv.weight"]
     w_rd = rd["core_block.0.self_attention.linear_qkv.weight"]
     hd = cfg.head_dim
-    assert torch.equal(w_rd[hd:2 * hd], w_hf[cfg.hidden_size:cfg.hidden_size + hd])  # k of head 0
+    assert torch.equal(
+        w_rd[hd : 2 * hd], w_hf[cfg.hidden_size : cfg.hidden_size + hd]
+    )  # k of head 0
 
     model, cfg = build_from_consolidated(ckpt)
     g = torch.Generator().manual_seed(0)

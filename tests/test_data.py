@@ -24,8 +24,9 @@ def step_ids(loader: ResumableLoader, steps: int) -> list[list[int]]:
 
 def _rank_epoch(rank: int, world: int, path: str) -> dict:
     """Runs in each of 2 real processes: one epoch of this rank's samples (+ their rows)."""
-    loader = ResumableLoader(path, split="train", micro_batch_size=3, grad_accum=2,
-                             dp_rank=rank, dp_size=world, seed=7)
+    loader = ResumableLoader(
+        path, split="train", micro_batch_size=3, grad_accum=2, dp_rank=rank, dp_size=world, seed=7
+    )
     ids, rows = [], []
     for batches in itertools.islice(iter(loader), loader.steps_per_epoch):
         for mb in batches:
@@ -53,8 +54,12 @@ def test_two_ranks_read_disjoint_parts_that_together_are_everything(tiny_dataset
 
 def test_global_order_does_not_depend_on_dp_size(tiny_dataset):
     one = ResumableLoader(tiny_dataset, micro_batch_size=4, grad_accum=2, seed=3, prefetch=0)
-    two = [ResumableLoader(tiny_dataset, micro_batch_size=2, grad_accum=2, dp_rank=r,
-                           dp_size=2, seed=3) for r in range(2)]
+    two = [
+        ResumableLoader(
+            tiny_dataset, micro_batch_size=2, grad_accum=2, dp_rank=r, dp_size=2, seed=3
+        )
+        for r in range(2)
+    ]
     ref = step_ids(one, 40)
     parts = [step_ids(loader, 40) for loader in two]
     assert [p0 + p1 for p0, p1 in zip(*parts)] == ref
@@ -75,13 +80,17 @@ def test_resume_continues_with_the_next_unseen_samples_without_rereading(tiny_da
         assert step_ids(resumed, 35) == ref[25:]
         # only the members that hold the samples handed out after the resume were decoded
         reader = resumed.reader
-        needed = {int(np.searchsorted(reader.member_first, i, side="right") - 1)
-                  for step in ref[25:] for i in step}
+        needed = {
+            int(np.searchsorted(reader.member_first, i, side="right") - 1)
+            for step in ref[25:]
+            for i in step
+        }
         assert set(reader.members_read) == needed
         assert len(reader.members_read) == len(needed)
     with pytest.raises(RdptDataError, match="seed"):
         ResumableLoader(tiny_dataset, micro_batch_size=5, grad_accum=3, seed=12).load_state_dict(
-            state)
+            state
+        )
 
 
 def test_epochs_are_reshuffled_permutations_and_resume_across_the_boundary(tiny_dataset):
@@ -89,7 +98,7 @@ def test_epochs_are_reshuffled_permutations_and_resume_across_the_boundary(tiny_
     per_epoch = loader.steps_per_epoch
     n_used = per_epoch * 16
     ids = [i for step in step_ids(loader, 2 * per_epoch + 3) for i in step]
-    e0, e1 = ids[:n_used], ids[n_used:2 * n_used]
+    e0, e1 = ids[:n_used], ids[n_used : 2 * n_used]
     assert len(set(e0)) == len(set(e1)) == n_used  # each epoch: no sample twice
     assert e0 != e1 and loader.epoch == 2
     # within an epoch the order reads members whole: 16 consecutive positions, one member
@@ -109,18 +118,29 @@ def test_iterate_sequences_is_fixed_order_and_split_by_rank(tiny_dataset):
     n = info.num_sequences("val")
     full = [x for x, _, _ in iterate_sequences(tiny_dataset, "val", batch_size=7)]
     assert sum(x.shape[0] for x in full) == n
-    halves = [torch.cat([x for x, _, _ in iterate_sequences(tiny_dataset, "val", batch_size=5,
-                                                         dp_rank=r, dp_size=2)])
-              for r in range(2)]
+    halves = [
+        torch.cat(
+            [
+                x
+                for x, _, _ in iterate_sequences(
+                    tiny_dataset, "val", batch_size=5, dp_rank=r, dp_size=2
+                )
+            ]
+        )
+        for r in range(2)
+    ]
     assert torch.equal(torch.cat(halves), torch.cat(full))
     capped = list(iterate_sequences(tiny_dataset, "val", batch_size=4, max_sequences=10))
     assert [x.shape for x, _, _ in capped] == [torch.Size([4, info.seq_len])] * 2 + [
-        torch.Size([2, info.seq_len])]
+        torch.Size([2, info.seq_len])
+    ]
     assert torch.equal(torch.cat([ids for _, _, ids in capped]), torch.arange(10))
     x, y, _ = capped[0]
     assert torch.equal(x[:, 1:], y[:, :-1]) and int(y.max()) < info.vocab_size
-    assert info.manifest_sha256 == __import__("hashlib").sha256(
-        (tiny_dataset / "manifest.json").read_bytes()).hexdigest()
+    assert (
+        info.manifest_sha256
+        == __import__("hashlib").sha256((tiny_dataset / "manifest.json").read_bytes()).hexdigest()
+    )
 
 
 def test_shards_are_standard_webdataset(tiny_dataset, tmp_path):
@@ -141,13 +161,14 @@ def test_shards_are_standard_webdataset(tiny_dataset, tmp_path):
     from data_prep.shards import npy_bytes
 
     write_tar_members(buf, [(name, npy_bytes(a)) for name, a in members])
-    writer = wds.TarWriter(theirs, encoder=False, mtime=0.0, user=TAR_OWNER, group=TAR_OWNER,
-                           mode=TAR_MODE)
+    writer = wds.TarWriter(
+        theirs, encoder=False, mtime=0.0, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE
+    )
     for name, a in members:
         writer.write({"__key__": name[:-4], "npy": npy_bytes(a)})
     writer.close()
     assert buf.getvalue() == theirs.getvalue()
-    assert ours.startswith(buf.getvalue()[:512 * 3])  # same header layout as the real shard
+    assert ours.startswith(buf.getvalue()[: 512 * 3])  # same header layout as the real shard
     urls = [str(tiny_dataset / s["path"]) for s in info.manifest["splits"]["train"]["shards"]]
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
     streamed = np.concatenate([sample["npy"] for sample in ds])

@@ -23,8 +23,16 @@ def tiny_model():
 
     initialize_parallel(tp=1)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_heads=4, ffn_hidden_size=128,
-                      n_prelude=1, n_core=2, n_coda=1, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_heads=4,
+        ffn_hidden_size=128,
+        n_prelude=1,
+        n_core=2,
+        n_coda=1,
+        max_seq_len=64,
+    )
     return build_model(cfg).eval()
 
 
@@ -39,8 +47,14 @@ def _forward_loss(model, batches, r, state_init, seed):
     tot, n = 0.0, 0
     with torch.no_grad():
         for inputs, targets, ids in batches:
-            out = model(inputs, targets, num_steps=r, state_init=state_init, state_seed=seed,
-                        sample_ids_B=ids)
+            out = model(
+                inputs,
+                targets,
+                num_steps=r,
+                state_init=state_init,
+                state_seed=seed,
+                sample_ids_B=ids,
+            )
             tot += out.loss_BS.double().sum().item()
             n += targets.numel()
     return tot / n
@@ -52,8 +66,9 @@ def test_one_pass_sweep_equals_separate_forwards(tiny_model, batches, state_init
     losses = evaluate_depths(tiny_model, batches, rs, state_init, seed=5)
     assert sorted(losses) == rs
     for r in rs:
-        assert losses[r] == pytest.approx(_forward_loss(tiny_model, batches, r, state_init, 5),
-                                          rel=1e-5)
+        assert losses[r] == pytest.approx(
+            _forward_loss(tiny_model, batches, r, state_init, 5), rel=1e-5
+        )
 
 
 def test_seed_changes_random_state_only(tiny_model, batches):
@@ -66,8 +81,9 @@ def test_seed_changes_random_state_only(tiny_model, batches):
 def test_sweep_telemetry_and_training_flag_restored(tiny_model, batches):
     tiny_model.train()
     try:
-        sw = sweep_depths(tiny_model, batches, [2, 5], "random", 0, telemetry=True,
-                          loss_every_iteration=True)
+        sw = sweep_depths(
+            tiny_model, batches, [2, 5], "random", 0, telemetry=True, loss_every_iteration=True
+        )
         assert tiny_model.training  # restored
     finally:
         tiny_model.eval()
@@ -96,16 +112,31 @@ def test_bad_recurrences_and_state_init(tiny_model, batches):
 def test_adaptive_exit_limits(tiny_model, batches, criterion):
     max_r = 6
     n_tok = sum(t.numel() for _, t, _ in batches)
-    fixed = sweep_depths(tiny_model, batches, range(1, max_r + 1), "random", 3,
-                         loss_every_iteration=True).telemetry["loss"]
-    never = evaluate_adaptive(tiny_model, batches, rule=ExitRule(criterion, 0.0), max_r=max_r,
-                              state_init="random", seed=3, fixed_curve=fixed)
+    fixed = sweep_depths(
+        tiny_model, batches, range(1, max_r + 1), "random", 3, loss_every_iteration=True
+    ).telemetry["loss"]
+    never = evaluate_adaptive(
+        tiny_model,
+        batches,
+        rule=ExitRule(criterion, 0.0),
+        max_r=max_r,
+        state_init="random",
+        seed=3,
+        fixed_curve=fixed,
+    )
     assert never.histogram == [0] * (max_r - 1) + [n_tok]
     assert never.mean_depth == max_r
     assert never.loss == pytest.approx(fixed[max_r - 1], rel=1e-6)
     assert never.compute_saved_vs_max_r == 0.0
-    at_once = evaluate_adaptive(tiny_model, batches, rule=ExitRule(criterion, 1e30),
-                                max_r=max_r, state_init="random", seed=3, fixed_curve=fixed)
+    at_once = evaluate_adaptive(
+        tiny_model,
+        batches,
+        rule=ExitRule(criterion, 1e30),
+        max_r=max_r,
+        state_init="random",
+        seed=3,
+        fixed_curve=fixed,
+    )
     assert at_once.histogram == [n_tok] + [0] * (max_r - 1)
     assert at_once.mean_depth == 1.0
     assert at_once.loss == pytest.approx(fixed[0], rel=1e-6)
@@ -115,12 +146,14 @@ def test_adaptive_exit_limits(tiny_model, batches, criterion):
 
 def test_adaptive_histogram_sums_to_token_count(tiny_model, batches):
     # a threshold in the middle of the observed KL range: some tokens exit early, some not
-    res = evaluate_adaptive(tiny_model, batches, rule=ExitRule("state", 0.9), max_r=8,
-                            state_init="zero", seed=0)
+    res = evaluate_adaptive(
+        tiny_model, batches, rule=ExitRule("state", 0.9), max_r=8, state_init="zero", seed=0
+    )
     n_tok = sum(t.numel() for _, t, _ in batches)
     assert sum(res.histogram) == res.tokens == n_tok
     assert res.mean_depth == pytest.approx(
-        sum((d + 1) * c for d, c in enumerate(res.histogram)) / n_tok)
+        sum((d + 1) * c for d, c in enumerate(res.histogram)) / n_tok
+    )
     d = res.to_dict()
     assert sum(d["histogram"].values()) == n_tok
 
@@ -151,8 +184,9 @@ def test_kv_sharing_with_budget_at_least_r_equals_no_sharing(tiny_model):
     prompt = [7, 1, 8, 2, 8]
     base = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=8, num_steps=6))
     for k in (6, 9):
-        shared = generate(tiny_model, prompt,
-                          GenerationConfig(max_new_tokens=8, num_steps=6, kv_budget=k))
+        shared = generate(
+            tiny_model, prompt, GenerationConfig(max_new_tokens=8, num_steps=6, kv_budget=k)
+        )
         assert shared.new_ids == base.new_ids
 
 
@@ -168,8 +202,9 @@ def test_kv_budget_bounds_cache_slots(tiny_model):
 
     gen_mod.new_kv_cache = spy
     try:
-        generate(tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, num_steps=12,
-                                                          kv_budget=3))
+        generate(
+            tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, num_steps=12, kv_budget=3)
+        )
     finally:
         gen_mod.new_kv_cache = orig
     core_slots = {slot for block, slot, _ in caches[0].keys() if block == "core"}
@@ -178,13 +213,24 @@ def test_kv_budget_bounds_cache_slots(tiny_model):
 
 def test_adaptive_generation_and_continuous_cot(tiny_model):
     prompt = [2, 7, 1, 8]
-    never = generate(tiny_model, prompt, GenerationConfig(
-        max_new_tokens=6, num_steps=5, exit_rule=ExitRule("kl", 0.0)))
+    never = generate(
+        tiny_model,
+        prompt,
+        GenerationConfig(max_new_tokens=6, num_steps=5, exit_rule=ExitRule("kl", 0.0)),
+    )
     fixed = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, num_steps=5))
     assert never.new_ids == fixed.new_ids and never.depths == fixed.depths
-    fast = generate(tiny_model, prompt, GenerationConfig(
-        max_new_tokens=6, num_steps=5, kv_budget=2, exit_rule=ExitRule("kl", 1e30),
-        continuous_cot=True))
+    fast = generate(
+        tiny_model,
+        prompt,
+        GenerationConfig(
+            max_new_tokens=6,
+            num_steps=5,
+            kv_budget=2,
+            exit_rule=ExitRule("kl", 1e30),
+            continuous_cot=True,
+        ),
+    )
     # the prompt is prefilled at the full r; every generated position exits after one iteration
     assert fast.depths == [5] + [1] * 5
     assert len(fast.new_ids) == 6

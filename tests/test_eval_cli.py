@@ -27,12 +27,21 @@ def eval_run(tiny_trained_run, mlflow_server, tmp_path_factory) -> Path:
     shutil.copytree(tiny_trained_run, run_dir, symlinks=True)
     client = MlflowClient(mlflow_server.url)
     exp = f"test-eval-{uuid.uuid4().hex[:8]}"
-    run = client.create_run(client.create_experiment(exp), run_name="tiny-run",
-                            tags={"rdpt.run_dir": str(run_dir)})
+    run = client.create_run(
+        client.create_experiment(exp), run_name="tiny-run", tags={"rdpt.run_dir": str(run_dir)}
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
-    (run_dir / "mlflow_run.json").write_text(json.dumps({
-        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "experiment": exp,
-        "run_name": "tiny-run", "tracking_uri": mlflow_server.url}))
+    (run_dir / "mlflow_run.json").write_text(
+        json.dumps(
+            {
+                "run_id": run.info.run_id,
+                "experiment_id": run.info.experiment_id,
+                "experiment": exp,
+                "run_name": "tiny-run",
+                "tracking_uri": mlflow_server.url,
+            }
+        )
+    )
     (run_dir / "mlflow_delivered.json").unlink(missing_ok=True)
     return run_dir
 
@@ -53,9 +62,25 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
     from mlflow.tracking import MlflowClient
 
     out_json = eval_run / "eval-test.json"
-    rc = main(["eval", str(eval_run), "--recurrences", "1,8", "--state-init", "zero",
-               "--max-sequences", "48", "--batch-size", "16", "--adaptive", "--max-r", "8",
-               "--json", str(out_json)])
+    rc = main(
+        [
+            "eval",
+            str(eval_run),
+            "--recurrences",
+            "1,8",
+            "--state-init",
+            "zero",
+            "--max-sequences",
+            "48",
+            "--batch-size",
+            "16",
+            "--adaptive",
+            "--max-r",
+            "8",
+            "--json",
+            str(out_json),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "loss against recurrence depth" in printed and "adaptive exit (kl" in printed
@@ -72,11 +97,16 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
     ad = res["adaptive"]
     assert sum(ad["histogram"].values()) == ad["tokens"] == res["tokens"]
     assert 1 <= ad["mean_depth"] <= 8
-    assert ad["equal_loss_r"] is None or ad["fixed_loss"][ad["equal_loss_r"] - 1] <= \
-        ad["loss"] * (1 + 1e-6)
+    assert ad["equal_loss_r"] is None or ad["fixed_loss"][ad["equal_loss_r"] - 1] <= ad["loss"] * (
+        1 + 1e-6
+    )
     pngs = {Path(p).name for p in res["plots"]}
-    assert pngs == {"loss_vs_r.png", "exit_histogram.png", "state_convergence.png",
-                    "loss_vs_tokens.png"}
+    assert pngs == {
+        "loss_vs_r.png",
+        "exit_histogram.png",
+        "state_convergence.png",
+        "loss_vs_tokens.png",
+    }
     for p in res["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -84,20 +114,35 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
     assert res["mlflow_run_id"] == saved["run_id"]
     client = MlflowClient(saved["tracking_uri"])
     hist = client.get_metric_history(saved["run_id"], "eval/loss_r")
-    assert {m.step: m.value for m in hist} == pytest.approx({1: d["1"]["loss"],
-                                                             8: d["8"]["loss"]})
+    assert {m.step: m.value for m in hist} == pytest.approx({1: d["1"]["loss"], 8: d["8"]["loss"]})
     assert {m.step for m in client.get_metric_history(saved["run_id"], "eval/ppl_r")} == {1, 8}
-    assert client.get_metric_history(saved["run_id"], "eval/adaptive_mean_depth")[0].value == \
-        pytest.approx(ad["mean_depth"])
+    assert client.get_metric_history(saved["run_id"], "eval/adaptive_mean_depth")[
+        0
+    ].value == pytest.approx(ad["mean_depth"])
     arts = {a.path for a in client.list_artifacts(saved["run_id"], "eval")}
     assert {f"eval/{n}" for n in pngs} | {"eval/eval-test.json"} <= arts
     assert client.get_run(saved["run_id"]).info.status == "FINISHED"
 
 
 def test_eval_tokens_two_processes_equal_one(eval_run, val_tokens, tmp_path):
-    common = ["eval", str(eval_run), "--tokens", str(val_tokens), "--recurrences", "1,3",
-              "--state-init", "random", "--seed", "7", "--batch-size", "4", "--no-mlflow",
-              "--no-telemetry", "--out-dir", str(tmp_path / "plots")]
+    common = [
+        "eval",
+        str(eval_run),
+        "--tokens",
+        str(val_tokens),
+        "--recurrences",
+        "1,3",
+        "--state-init",
+        "random",
+        "--seed",
+        "7",
+        "--batch-size",
+        "4",
+        "--no-mlflow",
+        "--no-telemetry",
+        "--out-dir",
+        str(tmp_path / "plots"),
+    ]
     env_before = dict(os.environ)
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -116,13 +161,21 @@ def test_eval_tokens_two_processes_equal_one(eval_run, val_tokens, tmp_path):
 
 
 def test_eval_by_mlflow_run_id_and_new_eval_run_for_bare_checkpoint(
-        eval_run, val_tokens, mlflow_server, tmp_path, monkeypatch):
+    eval_run, val_tokens, mlflow_server, tmp_path, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((eval_run / "mlflow_run.json").read_text())["run_id"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    common = ["--tokens", str(val_tokens), "--recurrences", "2", "--no-telemetry",
-              "--out-dir", str(tmp_path / "plots")]
+    common = [
+        "--tokens",
+        str(val_tokens),
+        "--recurrences",
+        "2",
+        "--no-telemetry",
+        "--out-dir",
+        str(tmp_path / "plots"),
+    ]
     assert main(["eval", run_id, *common, "--no-mlflow", "--json", str(tmp_path / "a.json")]) == 0
     res = json.loads((tmp_path / "a.json").read_text())
     assert Path(res["run_dir"]) == eval_run.resolve() and res["step"] == 60
@@ -138,15 +191,23 @@ def test_eval_by_mlflow_run_id_and_new_eval_run_for_bare_checkpoint(
 
 
 MC_DOCS = [
-    {"question": "import json\n\ndef load(path):\n    with open(path) as f:\n        return",
-     "choices": [" json.load(f)", " 12 + class"], "answer": 0},
-    {"question": "for key, value in", "choices": [" items.items():", " return return"],
-     "answer": 0},
+    {
+        "question": "import json\n\ndef load(path):\n    with open(path) as f:\n        return",
+        "choices": [" json.load(f)", " 12 + class"],
+        "answer": 0,
+    },
+    {
+        "question": "for key, value in",
+        "choices": [" items.items():", " return return"],
+        "answer": 0,
+    },
     {"question": "class Message", "choices": ["(object):", " = = ("], "answer": 0},
     {"question": "    def __init__(self", "choices": [", name):", " import"], "answer": 0},
 ]
-ROLLING_DOCS = [{"text": "def get(self, key, default=None):\n    return self._data.get(key)\n"},
-                {"text": "import os\nimport sys\n\nprint(sys.argv)\n"}]
+ROLLING_DOCS = [
+    {"text": "def get(self, key, default=None):\n    return self._data.get(key)\n"},
+    {"text": "import os\nimport sys\n\nprint(sys.argv)\n"},
+]
 
 
 def _write_tasks(folder: Path) -> Path:
@@ -158,7 +219,7 @@ task: rdpt_test_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
-    validation: {folder / 'mc.jsonl'}
+    validation: {folder / "mc.jsonl"}
 output_type: multiple_choice
 validation_split: validation
 doc_to_text: "{{{{question}}}}"
@@ -172,7 +233,7 @@ task: rdpt_test_rolling
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'roll.jsonl'}
+    test: {folder / "roll.jsonl"}
 output_type: loglikelihood_rolling
 test_split: test
 doc_to_text: ""
@@ -191,11 +252,28 @@ def test_lm_eval_local_task_score_changes_with_checkpoint(eval_run, tmp_path, mo
     scores = {}
     for step in ("00000030", "00000060"):
         out = tmp_path / f"lm-{step}.json"
-        rc = main(["eval", str(eval_run / "checkpoints" / f"step-{step}"), "--recurrences", "4",
-                   "--state-init", "zero", "--max-sequences", "4", "--no-telemetry",
-                   "--no-mlflow", "--lm-eval-tasks", "rdpt_test_mc,rdpt_test_rolling",
-                   "--lm-eval-include", str(tasks), "--json", str(out),
-                   "--out-dir", str(tmp_path / f"plots-{step}")])
+        rc = main(
+            [
+                "eval",
+                str(eval_run / "checkpoints" / f"step-{step}"),
+                "--recurrences",
+                "4",
+                "--state-init",
+                "zero",
+                "--max-sequences",
+                "4",
+                "--no-telemetry",
+                "--no-mlflow",
+                "--lm-eval-tasks",
+                "rdpt_test_mc,rdpt_test_rolling",
+                "--lm-eval-include",
+                str(tasks),
+                "--json",
+                str(out),
+                "--out-dir",
+                str(tmp_path / f"plots-{step}"),
+            ]
+        )
         assert rc == 0
         lm = json.loads(out.read_text())["lm_eval"]
         assert lm["r"] == 4 and lm["mean_depth"] == 4
@@ -204,13 +282,29 @@ def test_lm_eval_local_task_score_changes_with_checkpoint(eval_run, tmp_path, mo
         assert math.isfinite(scores[step]["word_perplexity,none"])
     # more training, a different (better) model: the score moves
     assert scores["00000060"]["bits_per_byte,none"] != pytest.approx(
-        scores["00000030"]["bits_per_byte,none"], rel=1e-4)
+        scores["00000030"]["bits_per_byte,none"], rel=1e-4
+    )
 
 
 def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
     out = tmp_path / "gen.json"
-    assert main(["generate", str(eval_run), "--prompt", "def load(self", "--max-new-tokens",
-                 "12", "--recurrences", "4", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(eval_run),
+                "--prompt",
+                "def load(self",
+                "--max-new-tokens",
+                "12",
+                "--recurrences",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     printed = capsys.readouterr()
     assert printed.out.startswith("def load(self")
@@ -218,10 +312,35 @@ def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
     assert 1 <= res["new_tokens"] <= 12 and res["tokens_per_s"] > 0
     assert res["depths"] == [4] * res["new_tokens"]
     out2 = tmp_path / "gen-adaptive.json"
-    assert main(["generate", str(eval_run), "--prompt", "import os\n", "--max-new-tokens", "12",
-                 "--adaptive", "--threshold", "1e-2", "--max-r", "16", "--kv-budget", "4",
-                 "--continuous-cot", "--temperature", "0.7", "--top-p", "0.9", "--seed", "1",
-                 "--json", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(eval_run),
+                "--prompt",
+                "import os\n",
+                "--max-new-tokens",
+                "12",
+                "--adaptive",
+                "--threshold",
+                "1e-2",
+                "--max-r",
+                "16",
+                "--kv-budget",
+                "4",
+                "--continuous-cot",
+                "--temperature",
+                "0.7",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "1",
+                "--json",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     res2 = json.loads(out2.read_text())
     assert res2["depths"][0] == 16  # the prompt is prefilled at the full depth
     assert all(1 <= d <= 16 for d in res2["depths"])
@@ -236,8 +355,10 @@ def test_bad_input_gives_clear_errors(eval_run, mlflow_server, tmp_path, capsys,
         (["eval", str(eval_run), "--recurrences", "1,0,4"], "r must be >= 1, got 0"),
         (["eval", str(eval_run), "--recurrences", "-2"], "r must be >= 1, got -2"),
         (["eval", str(eval_run), "--tokens", str(tmp_path / "missing.npy")], "no such file"),
-        (["generate", str(tmp_path / "nowhere"), "--prompt", "x"],
-         "no checkpoint or run directory"),
+        (
+            ["generate", str(tmp_path / "nowhere"), "--prompt", "x"],
+            "no checkpoint or run directory",
+        ),
     ]
     empty_run = tmp_path / "empty-run"
     (empty_run / "checkpoints").mkdir(parents=True)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import urllib.request
 
-from fixtures_mlflow import run_chromium
 from PIL import Image
 
 from pipeline.tracking.logger import RunTracker
 
+from fixtures_mlflow import run_chromium
+
 
 def test_run_page_renders_in_headless_chromium(mlflow_server, chromium, tmp_path, experiment_name):
     run_name = f"ui-render-{experiment_name}"
-    tracker = RunTracker(tmp_path / "run", mlflow_server.url, experiment_name, run_name,
-                         system_metrics_interval=0)  # fmt: skip
+    tracker = RunTracker(
+        tmp_path / "run", mlflow_server.url, experiment_name, run_name, system_metrics_interval=0
+    )
     run_id = tracker.ensure_run()
     tracker.log_params({"model.hidden_size": 128})
     for step in range(10):
@@ -22,8 +24,15 @@ def test_run_page_renders_in_headless_chromium(mlflow_server, chromium, tmp_path
 
     url = f"{mlflow_server.url}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
     shot = tmp_path / "run-page.png"
-    proc = run_chromium(chromium, url, tmp_path, "--virtual-time-budget=15000",
-                        "--window-size=1280,900", f"--screenshot={shot}", "--dump-dom")  # fmt: skip
+    proc = run_chromium(
+        chromium,
+        url,
+        tmp_path,
+        "--virtual-time-budget=15000",
+        "--window-size=1280,900",
+        f"--screenshot={shot}",
+        "--dump-dom",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     # The run name and id only reach the page through the UI's own API calls (the served

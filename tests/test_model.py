@@ -6,22 +6,34 @@ import math
 
 import pytest
 import torch
+from test_model_reference import huginn_forward, tp1  # noqa: F401  (tp1 is a fixture)
 
 from pipeline.config_io import load_config
 from pipeline.errors import RdptConfigError
 from pipeline.model import ModelConfig, build_model
+from pipeline.model.consolidated import consolidated_name, full_state_dict
 from pipeline.model.counting import closed_form_parameters, count_parameters_meta
 from pipeline.model.hf_convert import config_to_hf, rdpt_to_hf
-from pipeline.model.consolidated import consolidated_name, full_state_dict
-from test_model_reference import huginn_forward, tp1  # noqa: F401  (tp1 is a fixture)
 
-PRESETS = ["configs/model/huginn-3.5b.yaml", "configs/model/bench-0.7b.yaml",
-           "configs/model/tiny.yaml"]
+PRESETS = [
+    "configs/model/huginn-3.5b.yaml",
+    "configs/model/bench-0.7b.yaml",
+    "configs/model/tiny.yaml",
+]
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=96, hidden_size=64, num_heads=4, ffn_hidden_size=160, n_prelude=1,
-                n_core=2, n_coda=1, max_seq_len=64, attention_backend="math")
+    base = dict(
+        vocab_size=96,
+        hidden_size=64,
+        num_heads=4,
+        ffn_hidden_size=160,
+        n_prelude=1,
+        n_core=2,
+        n_coda=1,
+        max_seq_len=64,
+        attention_backend="math",
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -110,8 +122,10 @@ def test_matches_independent_reference_with_truncated_backprop(tp1):
     model = build(cfg)
     hf_cfg = config_to_hf(cfg)
     ids, labels = batch(cfg)
-    hf_sd = {k: v.clone().requires_grad_(k != "freqs_cis")
-             for k, v in rdpt_to_hf(full_state_dict(model), cfg).items()}
+    hf_sd = {
+        k: v.clone().requires_grad_(k != "freqs_cis")
+        for k, v in rdpt_to_hf(full_state_dict(model), cfg).items()
+    }
     hf_sd["lm_head.weight"] = hf_sd["transformer.wte.weight"]  # tied
     for r in (1, 3, 6):
         with torch.no_grad():
@@ -127,8 +141,9 @@ def test_matches_independent_reference_with_truncated_backprop(tp1):
     with torch.no_grad():
         s0 = model.initial_state(model.prelude(ids), "random", 7, [3, 4]).transpose(0, 1)
     logits = huginn_forward(hf_sd, hf_cfg, ids, r, s0, backprop_depth=k)
-    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
-                                                 labels.reshape(-1), reduction="none")
+    ref_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, cfg.vocab_size), labels.reshape(-1), reduction="none"
+    )
     torch.testing.assert_close(out.loss_BS.reshape(-1), ref_loss, atol=2e-5, rtol=1e-5)
     ref_loss.mean().backward()
     grads = {consolidated_name(n): p.grad for n, p in model.named_parameters()}
@@ -187,9 +202,14 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
     from pipeline.model import normal_init
 
     unrolled = torch.nn.ModuleList(
-        build_module(layer_spec(cfg.layer_type), model.config, eps=cfg.norm_eps,
-                     qk_bias=cfg.qk_bias, backend="math",
-                     output_init_method=normal_init(0.02))
+        build_module(
+            layer_spec(cfg.layer_type),
+            model.config,
+            eps=cfg.norm_eps,
+            qk_bias=cfg.qk_bias,
+            backend="math",
+            output_init_method=normal_init(0.02),
+        )
         for _ in range(r * cfg.n_core)
     )
     for i, layer in enumerate(unrolled):
@@ -199,18 +219,20 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
     rope = model._rope(e.shape[0], 0, e.device)
     for it in range(r):
         x, _ = model.adapter(torch.cat([s, e], dim=-1))  # tp=1: no scatter needed
-        for layer in unrolled[it * cfg.n_core:(it + 1) * cfg.n_core]:
+        for layer in unrolled[it * cfg.n_core : (it + 1) * cfg.n_core]:
             x, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
         s = x
     logits = model.coda(s)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
-                                             labels.reshape(-1), reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, cfg.vocab_size), labels.reshape(-1), reduction="sum"
+    )
     torch.testing.assert_close(loss, out.loss_BS.sum(), atol=1e-4, rtol=1e-6)
     loss.backward()
     for j in range(cfg.n_core):
         for name, p in model.core_block.layers[j].named_parameters():
-            copies = [dict(unrolled[it * cfg.n_core + j].named_parameters())[name].grad
-                      for it in range(r)]
+            copies = [
+                dict(unrolled[it * cfg.n_core + j].named_parameters())[name].grad for it in range(r)
+            ]
             torch.testing.assert_close(p.grad, sum(copies), atol=1e-5, rtol=1e-5)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_model import batch, small_cfg
 from test_model_reference import tp1  # noqa: F401
 
@@ -43,8 +42,7 @@ def test_gpu_fp32_sdpa_matches_cpu_math(tp1):
 
     torch.manual_seed(0)
     cpu_model = build_model(cfg)
-    gpu_model = build_on_cuda(cfg.model_copy(update={"attention_backend": "sdpa"}),
-                              torch.float32)
+    gpu_model = build_on_cuda(cfg.model_copy(update={"attention_backend": "sdpa"}), torch.float32)
     gpu_model.load_state_dict(cpu_model.state_dict())
     with torch.no_grad():
         a = cpu_model(ids, num_steps=3, state_init="zero").logits_BSV
@@ -56,7 +54,26 @@ def test_gpu_bench_small_shape(tp1, tmp_path):
     from test_model_bench import load_bench
 
     bench = load_bench()
-    rc = bench.main(["--config", "configs/model/tiny.yaml", "--seq-len", "256", "--r", "4",
-                     "--k", "2", "--backends", "sdpa", "--compile", "both", "--warmup", "1",
-                     "--iters", "2", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "--config",
+            "configs/model/tiny.yaml",
+            "--seq-len",
+            "256",
+            "--r",
+            "4",
+            "--k",
+            "2",
+            "--backends",
+            "sdpa",
+            "--compile",
+            "both",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0

@@ -52,10 +52,16 @@ def mlp(x, sd, pre):
 
 def sandwich_block(x, sd, pre, hf_cfg):
     eps = hf_cfg["norm_eps"]
-    x = rms_norm(x + attention(rms_norm(x, sd[f"{pre}.norm_1.weight"], eps), sd, pre, hf_cfg),
-                 sd[f"{pre}.norm_2.weight"], eps)
-    x = rms_norm(x + mlp(rms_norm(x, sd[f"{pre}.norm_3.weight"], eps), sd, pre),
-                 sd[f"{pre}.norm_4.weight"], eps)
+    x = rms_norm(
+        x + attention(rms_norm(x, sd[f"{pre}.norm_1.weight"], eps), sd, pre, hf_cfg),
+        sd[f"{pre}.norm_2.weight"],
+        eps,
+    )
+    x = rms_norm(
+        x + mlp(rms_norm(x, sd[f"{pre}.norm_3.weight"], eps), sd, pre),
+        sd[f"{pre}.norm_4.weight"],
+        eps,
+    )
     return x
 
 
@@ -93,9 +99,11 @@ def random_hf_state_dict(hf_cfg, seed=0):
         return torch.randn(*shape, generator=g) * std
 
     sd = {"transformer.wte.weight": rnd(V, h, std=0.05)}
-    for block, n in (("prelude", hf_cfg["n_layers_in_prelude"]),
-                     ("core_block", hf_cfg["n_layers_in_recurrent_block"]),
-                     ("coda", hf_cfg["n_layers_in_coda"])):
+    for block, n in (
+        ("prelude", hf_cfg["n_layers_in_prelude"]),
+        ("core_block", hf_cfg["n_layers_in_recurrent_block"]),
+        ("coda", hf_cfg["n_layers_in_coda"]),
+    ):
         for i in range(n):
             p = f"transformer.{block}.{i}"
             for j in range(1, 5):
@@ -156,9 +164,17 @@ def tp1():
 
 def small_hf_config(**kw):
     cfg = {
-        "n_embd": 64, "n_heads": 4, "intermediate_size": 160, "vocab_size": 96,
-        "n_layers_in_prelude": 1, "n_layers_in_recurrent_block": 2, "n_layers_in_coda": 1,
-        "norm_eps": 1e-6, "rope_base": 50000.0, "qk_bias": True, "tie_embeddings": True,
+        "n_embd": 64,
+        "n_heads": 4,
+        "intermediate_size": 160,
+        "vocab_size": 96,
+        "n_layers_in_prelude": 1,
+        "n_layers_in_recurrent_block": 2,
+        "n_layers_in_coda": 1,
+        "norm_eps": 1e-6,
+        "rope_base": 50000.0,
+        "qk_bias": True,
+        "tie_embeddings": True,
         "block_size": 64,
     }
     cfg.update(kw)

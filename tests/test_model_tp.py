@@ -5,11 +5,11 @@ and the recurrence sampler draws the same r on both ranks. One distributed run f
 from __future__ import annotations
 
 import torch
+from test_model import batch, build, small_cfg
+from test_model_reference import single_process_parallel
 
 from pipeline.model.consolidated import full_state_dict, load_consolidated, write_consolidated
 from pipeline.recurrence import RecurrenceConfig, sample_num_steps
-from test_model import batch, build, small_cfg
-from test_model_reference import single_process_parallel
 from tests.distributed import run_distributed
 
 R, K = 4, 2
@@ -37,8 +37,7 @@ def _tp2_worker(rank, world_size, cases, ids, labels):
             logits, loss = run_model(model, ids, labels)
             grads = full_state_dict(model, grads=True)
             save_consolidated(model, cfg, out_dir)  # gathers over TP, rank 0 writes
-            results.append({"logits": logits, "loss": loss,
-                            "grads": grads if rank == 0 else None})
+            results.append({"logits": logits, "loss": loss, "grads": grads if rank == 0 else None})
         draws = [sample_num_steps(RecurrenceConfig(seed=99), s) for s in range(200)]
         return {"cases": results, "draws": draws}
     finally:
@@ -48,8 +47,9 @@ def _tp2_worker(rank, world_size, cases, ids, labels):
 def test_tp2_reproduces_tp1_and_reshards_checkpoints(tmp_path):
     cfgs = {  # Huginn's sandwich with tied head, and a pre-norm variant with an untied head
         "sandwich": small_cfg(vocab_size=96, ffn_hidden_size=160),
-        "prenorm": small_cfg(vocab_size=96, ffn_hidden_size=160, layer_type="prenorm",
-                             tie_embeddings=False),
+        "prenorm": small_cfg(
+            vocab_size=96, ffn_hidden_size=160, layer_type="prenorm", tie_embeddings=False
+        ),
     }
     ids, labels = batch(cfgs["sandwich"])
     refs, cases = {}, []
@@ -60,8 +60,9 @@ def test_tp2_reproduces_tp1_and_reshards_checkpoints(tmp_path):
             refs[name] = (logits, loss, full_state_dict(model, grads=True))
             write_consolidated(full_state_dict(model), cfg, tmp_path / f"{name}-tp1")
             cases.append((str(tmp_path / f"{name}-tp1"), str(tmp_path / f"{name}-tp2")))
-    results = run_distributed(_tp2_worker, 2, args=(cases, ids, labels),
-                              env={"OMP_NUM_THREADS": "1"})
+    results = run_distributed(
+        _tp2_worker, 2, args=(cases, ids, labels), env={"OMP_NUM_THREADS": "1"}
+    )
     assert results[0]["draws"] == results[1]["draws"]
     for i, (name, cfg) in enumerate(cfgs.items()):
         ref_logits, ref_loss, ref_grads = refs[name]

@@ -21,9 +21,10 @@ from data_prep.config import PrepConfig
 from data_prep.prep import prepare
 from data_prep.sources import expand_inputs, is_val, stdlib_root
 from data_prep.verify import verify_dataset
-from fixtures_data import stdlib_subset
 from pipeline.cli import main as rdpt
 from pipeline.errors import RdptDataError
+
+from fixtures_data import stdlib_subset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def decode_split(d: Path, split: str) -> list[str]:
     stream = np.concatenate(rows).ravel() if rows else np.zeros(0, np.int64)
     info = m["splits"][split]
     assert stream.size == info["tokens"] + info["padding_tokens"]
-    assert (stream[info["tokens"]:] == m["eot_id"]).all()
+    assert (stream[info["tokens"] :] == m["eot_id"]).all()
     stream = stream[: info["tokens"]]
     assert stream.size == 0 or stream[-1] == m["eot_id"]
     cuts = np.flatnonzero(stream == m["eot_id"])
@@ -108,8 +109,11 @@ def test_tiktoken_encoder_matches_tokenizers_on_real_text(tmp_path, caplog):
     assert enc.name == "tiktoken"
     hf = HFEncoder(Tokenizer.from_file(str(path)))
     # unseen text: other stdlib modules (~1.5 MB), plus non-ASCII prose
-    test_files = [p for name in ("asyncio", "unittest", "logging", "xml")
-                  for p in sorted((stdlib_root() / name).rglob("*.py"))]
+    test_files = [
+        p
+        for name in ("asyncio", "unittest", "logging", "xml")
+        for p in sorted((stdlib_root() / name).rglob("*.py"))
+    ]
     texts = [p.read_text(encoding="utf-8") for p in test_files] + NON_ASCII
     n_tokens = 0
     for text in texts:
@@ -132,9 +136,17 @@ def test_tiktoken_encoder_matches_tokenizers_on_real_text(tmp_path, caplog):
 def test_round_trip_reproduces_every_document(tmp_path):
     docs = make_corpus(tmp_path / "corpus")
     out = tmp_path / "ds"
-    manifest = prepare(PrepConfig(inputs=[str(tmp_path / "corpus")], output=str(out),
-                                  tokenizer={"vocab_size": 700}, seq_len=48, val_fraction=0.3,
-                                  shard_size_mb=0.02, workers=1))
+    manifest = prepare(
+        PrepConfig(
+            inputs=[str(tmp_path / "corpus")],
+            output=str(out),
+            tokenizer={"vocab_size": 700},
+            seq_len=48,
+            val_fraction=0.3,
+            shard_size_mb=0.02,
+            workers=1,
+        )
+    )
     train, val = decode_split(out, "train"), decode_split(out, "val")
     expected_val = [d for d in docs if is_val(d, 0.3, 0)]
     expected_train = [d for d in docs if not is_val(d, 0.3, 0)]
@@ -157,8 +169,15 @@ def test_round_trip_reproduces_every_document(tmp_path):
 
 
 def test_same_bytes_for_1_and_2_workers_and_for_slurm_style_tasks(tmp_path):
-    base = dict(inputs=stdlib_subset()[:2], limit_bytes=300_000, tokenizer={"vocab_size": 600},
-                seq_len=32, val_fraction=0.1, shard_size_mb=0.05, chunk_mb=0.03)
+    base = dict(
+        inputs=stdlib_subset()[:2],
+        limit_bytes=300_000,
+        tokenizer={"vocab_size": 600},
+        seq_len=32,
+        val_fraction=0.1,
+        shard_size_mb=0.05,
+        chunk_mb=0.03,
+    )
     prepare(PrepConfig(**base, output=str(tmp_path / "w1"), workers=1))
     prepare(PrepConfig(**base, output=str(tmp_path / "w2"), workers=2))
     ref = dataset_files(tmp_path / "w1")
@@ -179,15 +198,25 @@ def test_kill_9_then_resume_gives_identical_bytes(tmp_path):
     inputs = [str(stdlib_root() / n) for n in ("asyncio", "email", "json", "unittest")]
     args = ["--input", *inputs, "--vocab-size", "600", "--seq-len", "128", "--workers", "1"]
     # tokenizers (not tiktoken) encodes slowly enough to be killed in the middle of encoding
-    extra = ["limit_bytes=2500000", "chunk_mb=0.05", "shard_size_mb=0.2",
-             "tokenizer.encoder=tokenizers"]
+    extra = [
+        "limit_bytes=2500000",
+        "chunk_mb=0.05",
+        "shard_size_mb=0.2",
+        "tokenizer.encoder=tokenizers",
+    ]
     ref = tmp_path / "ref"
     assert rdpt(["prep", *extra, *args, "--output", str(ref)]) == 0
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pipeline", "prep", *extra, *args, "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while len(list((out / ".work").glob("chunk-*.npz"))) < 5:
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -229,9 +258,17 @@ def test_rerun_is_a_noop_and_a_different_dataset_needs_overwrite(tiny_dataset, t
 
 def test_bad_inputs_give_clear_errors_or_counted_skips(tmp_path):
     def run(inputs, **kw):
-        return prepare(PrepConfig(inputs=[str(i) for i in inputs], output=str(tmp_path / "o"),
-                                  tokenizer={"vocab_size": 300}, seq_len=16, workers=1,
-                                  overwrite=True, **kw))
+        return prepare(
+            PrepConfig(
+                inputs=[str(i) for i in inputs],
+                output=str(tmp_path / "o"),
+                tokenizer={"vocab_size": 300},
+                seq_len=16,
+                workers=1,
+                overwrite=True,
+                **kw,
+            )
+        )
 
     with pytest.raises(RdptDataError, match="input path not found: .*nowhere"):
         run([tmp_path / "nowhere"])
@@ -246,7 +283,11 @@ def test_bad_inputs_give_clear_errors_or_counted_skips(tmp_path):
     (d / "rows.jsonl").write_text('{"text": "ok line"}\nnot json\n{"other": 1}\n')
     manifest = run([d])
     assert manifest["skipped"]["counts"] == {
-        "binary": 1, "not UTF-8": 1, "bad JSON line": 1, "no text field 'text'": 1}
+        "binary": 1,
+        "not UTF-8": 1,
+        "bad JSON line": 1,
+        "no text field 'text'": 1,
+    }
     assert manifest["splits"]["train"]["documents"] == 2
     with pytest.raises(RdptDataError, match=r"binary.txt: binary \(--strict\)"):
         run([d], strict=True)
@@ -278,8 +319,14 @@ def test_verify_names_a_flipped_or_truncated_shard(tiny_dataset, tmp_path):
     assert str(flipped) in str(e.value) and str(truncated) in str(e.value)
     # the reader names the damaged shard too (sha256 at first open, or the tar structure)
     for verify_shards in (True, False):
-        loader = ResumableLoader(d, split="val", micro_batch_size=8, verify_shards=verify_shards,
-                                 prefetch=0, shuffle=False)
+        loader = ResumableLoader(
+            d,
+            split="val",
+            micro_batch_size=8,
+            verify_shards=verify_shards,
+            prefetch=0,
+            shuffle=False,
+        )
         with pytest.raises(RdptDataError, match=str(truncated)):
             next(iter(loader))
     assert rdpt(["prep", "verify", str(d)]) == 2
@@ -328,8 +375,15 @@ def test_pack_resumes_after_the_last_complete_shard(tmp_path, monkeypatch):
     shards under final names; the re-run keeps them untouched and writes the rest."""
     import data_prep.pack as pack
 
-    base = dict(inputs=stdlib_subset()[:2], limit_bytes=200_000, tokenizer={"vocab_size": 400},
-                seq_len=32, val_fraction=0.1, shard_size_mb=0.02, workers=1)
+    base = dict(
+        inputs=stdlib_subset()[:2],
+        limit_bytes=200_000,
+        tokenizer={"vocab_size": 400},
+        seq_len=32,
+        val_fraction=0.1,
+        shard_size_mb=0.02,
+        workers=1,
+    )
     prepare(PrepConfig(**base, output=str(tmp_path / "ref")))
     out = tmp_path / "crashed"
     real_write, written = pack.write_shard, []
@@ -358,12 +412,22 @@ def test_big_json_lines_file_is_cut_into_line_aligned_chunks(tmp_path):
     the range it starts in, so every document appears exactly once, in order."""
     rng = np.random.default_rng(0)
     words = (stdlib_root() / "json" / "decoder.py").read_text().split()
-    docs = [" ".join(rng.choice(words, size=int(rng.integers(1, 120)))) + f" ü{i}"
-            for i in range(400)]
+    docs = [
+        " ".join(rng.choice(words, size=int(rng.integers(1, 120)))) + f" ü{i}" for i in range(400)
+    ]
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     out = tmp_path / "ds"
-    prepare(PrepConfig(inputs=[str(path)], output=str(out), tokenizer={"vocab_size": 400},
-                       seq_len=64, val_fraction=0.0, chunk_mb=0.004, workers=2))
+    prepare(
+        PrepConfig(
+            inputs=[str(path)],
+            output=str(out),
+            tokenizer={"vocab_size": 400},
+            seq_len=64,
+            val_fraction=0.0,
+            chunk_mb=0.004,
+            workers=2,
+        )
+    )
     assert path.stat().st_size > 20 * 0.004 * 2**20  # cut into > 20 ranges
     assert decode_split(out, "train") == docs

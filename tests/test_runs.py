@@ -14,8 +14,13 @@ from pipeline.cli import main
 from pipeline.tracking.logger import RunTracker
 
 RS = (1, 2, 4, 8, 32)
-BASE_PARAMS = {"model.hidden_size": 128, "model.num_layers": 4, "train.max_steps": 12,
-               "recurrence.mean": 8, "data.path": "/data/demo"}  # fmt: skip
+BASE_PARAMS = {
+    "model.hidden_size": 128,
+    "model.num_layers": 4,
+    "train.max_steps": 12,
+    "recurrence.mean": 8,
+    "data.path": "/data/demo",
+}
 
 
 def _loss_curve(lr: float) -> list[float]:
@@ -37,9 +42,15 @@ def two_runs(mlflow_server, tmp_path_factory):
         run_id = t.ensure_run()
         t.log_params({**BASE_PARAMS, "optim.lr": lr})
         for s, loss in enumerate(_loss_curve(lr)):
-            t.log_metrics({"train/loss": loss, "train/tokens": 4096 * (s + 1),
-                           "train/tokens_per_s": 1000.0 + 10 * s + lr * 1e5,
-                           "train/mfu": 0.1 + lr}, step=s)  # fmt: skip
+            t.log_metrics(
+                {
+                    "train/loss": loss,
+                    "train/tokens": 4096 * (s + 1),
+                    "train/tokens_per_s": 1000.0 + 10 * s + lr * 1e5,
+                    "train/mfu": 0.1 + lr,
+                },
+                step=s,
+            )
         t.log_metrics({"val/loss_r8": 9.0, "val/loss_r1": 9.5}, step=11)  # superseded by eval
         for r, loss in _depth_curve(lr).items():
             t.log_metrics({"eval/loss_r": loss}, step=r)
@@ -56,8 +67,17 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_runs_list_shows_status_tokens_and_losses(mlflow_server, two_runs, capsys):
     experiment, runs = two_runs
-    code, out, _ = _run(capsys, "runs", "list", "--experiment", experiment,
-                        "--tracking-uri", mlflow_server.url, "--format", "json")  # fmt: skip
+    code, out, _ = _run(
+        capsys,
+        "runs",
+        "list",
+        "--experiment",
+        experiment,
+        "--tracking-uri",
+        mlflow_server.url,
+        "--format",
+        "json",
+    )
     assert code == 0
     rows = {r["run_name"]: r for r in json.loads(out)}
     assert set(rows) == set(runs)
@@ -70,15 +90,26 @@ def test_runs_list_shows_status_tokens_and_losses(mlflow_server, two_runs, capsy
             assert row[f"loss_r{r}"] == pytest.approx(_depth_curve(lr)[r])
         assert row["tokens_per_s"] == pytest.approx(1000.0 + 110 + lr * 1e5)
 
-    code, out, _ = _run(capsys, "runs", "list", "--experiment", experiment, "--tracking-uri",
-                        mlflow_server.url, "--filter", "params.optim.lr = '0.002'",
-                        "--format", "csv")  # fmt: skip
+    code, out, _ = _run(
+        capsys,
+        "runs",
+        "list",
+        "--experiment",
+        experiment,
+        "--tracking-uri",
+        mlflow_server.url,
+        "--filter",
+        "params.optim.lr = '0.002'",
+        "--format",
+        "csv",
+    )
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["run_name"] for r in rows] == ["lr-large"]
 
-    code, out, _ = _run(capsys, "runs", "list", "--experiment", experiment,
-                        "--tracking-uri", mlflow_server.url)  # fmt: skip
+    code, out, _ = _run(
+        capsys, "runs", "list", "--experiment", experiment, "--tracking-uri", mlflow_server.url
+    )
     assert code == 0 and "| lr-small" in out and "| lr-large" in out and "2 run(s)" in out
 
 
@@ -86,9 +117,21 @@ def test_runs_compare_shows_exactly_the_differing_param(mlflow_server, two_runs,
     experiment, runs = two_runs
     (id_a, lr_a), (id_b, lr_b) = runs["lr-small"], runs["lr-large"]
     out_dir = tmp_path / "cmp"
-    code, out, err = _run(capsys, "runs", "compare", "lr-small", id_b, "--experiment", experiment,
-                          "--tracking-uri", mlflow_server.url, "--out", str(out_dir),
-                          "--format", "json")  # fmt: skip
+    code, out, err = _run(
+        capsys,
+        "runs",
+        "compare",
+        "lr-small",
+        id_b,
+        "--experiment",
+        experiment,
+        "--tracking-uri",
+        mlflow_server.url,
+        "--out",
+        str(out_dir),
+        "--format",
+        "json",
+    )
     assert code == 0, err
     res = json.loads(out)
     assert res["params_differ"] == {"optim.lr": [str(lr_a), str(lr_b)]}
@@ -110,8 +153,18 @@ def test_runs_compare_shows_exactly_the_differing_param(mlflow_server, two_runs,
         assert f"{res['artifact_path']}/loss_vs_tokens.png" in arts
         assert f"{res['artifact_path']}/loss_vs_r.png" in arts
 
-    code, out, _ = _run(capsys, "runs", "compare", id_a, id_b, "--tracking-uri", mlflow_server.url,
-                        "--out", str(tmp_path / "md"), "--no-log")  # fmt: skip
+    code, out, _ = _run(
+        capsys,
+        "runs",
+        "compare",
+        id_a,
+        id_b,
+        "--tracking-uri",
+        mlflow_server.url,
+        "--out",
+        str(tmp_path / "md"),
+        "--no-log",
+    )
     assert code == 0
     assert "params that differ (1;" in out and "| optim.lr" in out
     assert "model.hidden_size" not in out
@@ -121,24 +174,35 @@ def test_runs_compare_shows_exactly_the_differing_param(mlflow_server, two_runs,
 def test_bad_run_references_give_clear_errors(mlflow_server, two_runs, capsys, tmp_path):
     experiment, runs = two_runs
     base = ["--tracking-uri", mlflow_server.url, "--out", str(tmp_path), "--no-log"]
-    code, _, err = _run(capsys, "runs", "compare", "lr-small", "no-such-run",
-                        "--experiment", experiment, *base)  # fmt: skip
+    code, _, err = _run(
+        capsys, "runs", "compare", "lr-small", "no-such-run", "--experiment", experiment, *base
+    )
     assert code == 2
     assert f"unknown run 'no-such-run' in experiment '{experiment}'" in err
 
     code, _, err = _run(capsys, "runs", "compare", "lr-small", "0" * 32, *base)
     assert code == 2 and f"unknown run '{'0' * 32}' in any experiment" in err
 
-    code, _, err = _run(capsys, "runs", "compare", "lr-small", "lr-large", "--experiment",
-                        "no-such-experiment", *base)  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "runs",
+        "compare",
+        "lr-small",
+        "lr-large",
+        "--experiment",
+        "no-such-experiment",
+        *base,
+    )
     assert code == 2 and "unknown experiment 'no-such-experiment'" in err and experiment in err
 
-    dup = RunTracker(tmp_path / "dup", mlflow_server.url, experiment, "lr-small",
-                     system_metrics_interval=0)  # fmt: skip
+    dup = RunTracker(
+        tmp_path / "dup", mlflow_server.url, experiment, "lr-small", system_metrics_interval=0
+    )
     dup.ensure_run()
     dup.close()
-    code, _, err = _run(capsys, "runs", "compare", "lr-small", "lr-large",
-                        "--experiment", experiment, *base)  # fmt: skip
+    code, _, err = _run(
+        capsys, "runs", "compare", "lr-small", "lr-large", "--experiment", experiment, *base
+    )
     assert code == 2 and "run name 'lr-small' is ambiguous" in err and runs["lr-small"][0] in err
 
     code, _, err = _run(capsys, "runs", "list", "--tracking-uri", "http://127.0.0.1:9")

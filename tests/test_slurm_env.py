@@ -66,8 +66,15 @@ def test_mapping_inside_a_step():
     assert env["LOCAL_WORLD_SIZE"] == "2" and env["NODE_RANK"] == "1"
     assert env["MASTER_ADDR"] == "gpu07"
     assert env["MASTER_PORT"] == str(master_port_for_job(4242)) == "24242"
-    assert set(new) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
-                        "MASTER_ADDR", "MASTER_PORT"}
+    assert set(new) == {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
 
 
 def test_noop_outside_a_step():
@@ -78,8 +85,14 @@ def test_noop_outside_a_step():
 
 
 def test_torchrun_variables_win():
-    env = {**STEP, "RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "MASTER_PORT": "29500",
-           "TORCHELASTIC_RUN_ID": "job-4242"}
+    env = {
+        **STEP,
+        "RANK": "0",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "0",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "job-4242",
+    }
     new = apply_slurm_env(env)
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "16" and env["MASTER_PORT"] == "29500"
     assert set(new) == {"MASTER_ADDR"}  # only what was missing
@@ -125,14 +138,25 @@ def test_real_srun_one_node(slurm_cluster, tmp_path, monkeypatch):
     assert {r["MASTER_PORT"] for r in rows} == {str(master_port_for_job(job))}
     # a torchrun-style launcher inside the step already set the rank variables: left alone
     out = slurm_cluster.run(
-        "srun", "-n1", "--export=ALL,RANK=7,WORLD_SIZE=9,LOCAL_RANK=2,TORCHELASTIC_RUN_ID=x",
-        sys.executable, str(script), cwd=tmp_path)
+        "srun",
+        "-n1",
+        "--export=ALL,RANK=7,WORLD_SIZE=9,LOCAL_RANK=2,TORCHELASTIC_RUN_ID=x",
+        sys.executable,
+        str(script),
+        cwd=tmp_path,
+    )
     row = json.loads(out.stdout)
     assert (row["RANK"], row["WORLD_SIZE"], row["LOCAL_RANK"]) == ("7", "9", "2")
     assert "RANK" not in row["new"] and "MASTER_PORT" in row["new"]
     # stale rank variables exported from the submitting shell: Slurm's ranks win
-    out = slurm_cluster.run("srun", "-n2", "--export=ALL,RANK=0,WORLD_SIZE=1,LOCAL_RANK=0",
-                            sys.executable, str(script), cwd=tmp_path)
+    out = slurm_cluster.run(
+        "srun",
+        "-n2",
+        "--export=ALL,RANK=0,WORLD_SIZE=1,LOCAL_RANK=0",
+        sys.executable,
+        str(script),
+        cwd=tmp_path,
+    )
     rows = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda r: r["RANK"])
     assert [(r["RANK"], r["WORLD_SIZE"]) for r in rows] == [("0", "2"), ("1", "2")]
 
@@ -142,15 +166,23 @@ def test_gloo_all_reduce_across_two_node_namespaces(slurm_cluster_2nodes, tmp_pa
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
     job = cluster.sbatch(
-        ["-N2", "--ntasks-per-node=1", f"--output={tmp_path}/ar-%j.out", f"--chdir={tmp_path}",
-         "--export=ALL,OMP_NUM_THREADS=1",
-         "--wrap", f"srun --kill-on-bad-exit=1 {sys.executable} {script}"]
+        [
+            "-N2",
+            "--ntasks-per-node=1",
+            f"--output={tmp_path}/ar-%j.out",
+            f"--chdir={tmp_path}",
+            "--export=ALL,OMP_NUM_THREADS=1",
+            "--wrap",
+            f"srun --kill-on-bad-exit=1 {sys.executable} {script}",
+        ]
     )
     info = cluster.wait_finished(job, timeout=180)
     text = (tmp_path / f"ar-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", text
-    rows = sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    rows = sorted(
+        (json.loads(line) for line in text.splitlines() if line.startswith("{")),
+        key=lambda r: r["rank"],
+    )
     assert [r["host"] for r in rows] == ["n1", "n2"], text  # one process per node namespace
     assert [r["sum"] for r in rows] == [3.0, 3.0] and {r["world"] for r in rows} == {2}
     assert {r["master"] for r in rows} == {"n1"}

@@ -95,24 +95,44 @@ def wait_for_event(run_dir: Path, kind: str, timeout: float = 60, count: int = 1
     raise TimeoutError(f"no {kind!r} event in {run_dir} after {timeout} s: {events(run_dir)}")
 
 
-def submit_standin(tmp_path: Path, monkeypatch, dataset: Path, name: str, *, steps: int,
-                   step_s: float,
-                   fast_after_restart: float | None = None, chain: int = 1,
-                   time_limit: str = "10:00", signal_warn_s: int = 60, ntasks: int = 2):
+def submit_standin(
+    tmp_path: Path,
+    monkeypatch,
+    dataset: Path,
+    name: str,
+    *,
+    steps: int,
+    step_s: float,
+    fast_after_restart: float | None = None,
+    chain: int = 1,
+    time_limit: str = "10:00",
+    signal_warn_s: int = 60,
+    ntasks: int = 2,
+):
     """Render train.sbatch with the stand-in as the command and submit it via submit_train."""
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / name
     standin = tmp_path / "standin.py"
     standin.write_text(STANDIN)
     config = tmp_path / f"{name}.yaml"
-    config.write_text(TRAIN_YAML.format(name=name, run_dir=run_dir, data=dataset,
-                                        model=REPO / "configs/model/tiny.yaml"))
+    config.write_text(
+        TRAIN_YAML.format(
+            name=name, run_dir=run_dir, data=dataset, model=REPO / "configs/model/tiny.yaml"
+        )
+    )
     command = [sys.executable, str(standin), str(run_dir), str(steps), str(step_s)]
     if fast_after_restart is not None:
         command.append(str(fast_after_restart))
     opts = SbatchOptions(nodes=1, gpus_per_node=0, ntasks_per_node=ntasks, time=time_limit)
-    plan = plan_train(str(config), [], opts, SiteConfig(), chain=chain,
-                      signal_warn_s=signal_warn_s, command=command)
+    plan = plan_train(
+        str(config),
+        [],
+        opts,
+        SiteConfig(),
+        chain=chain,
+        signal_warn_s=signal_warn_s,
+        command=command,
+    )
     result = submit_train(plan)
     return run_dir, result.job_ids
 
@@ -124,8 +144,9 @@ def job_log(run_dir: Path, job_id: int) -> str:
 
 def test_usr1_checkpoint_requeue_resume(slurm_cluster, tmp_path, monkeypatch, tiny_dataset):
     slurm_cluster.activate(monkeypatch)
-    run_dir, (job,) = submit_standin(tmp_path, monkeypatch, tiny_dataset, "usr1", steps=40,
-                                     step_s=0.1)
+    run_dir, (job,) = submit_standin(
+        tmp_path, monkeypatch, tiny_dataset, "usr1", steps=40, step_s=0.1
+    )
     wait_for_event(run_dir, "start")
     time.sleep(0.3)  # a few steps in
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
@@ -146,19 +167,33 @@ def test_usr1_checkpoint_requeue_resume(slurm_cluster, tmp_path, monkeypatch, ti
 
 def test_chain_hands_over_then_stops(slurm_cluster, tmp_path, monkeypatch, tiny_dataset):
     slurm_cluster.activate(monkeypatch)
-    run_dir, jobs = submit_standin(tmp_path, monkeypatch, tiny_dataset, "chain", steps=30,
-                                   step_s=0.1, chain=3)
+    run_dir, jobs = submit_standin(
+        tmp_path, monkeypatch, tiny_dataset, "chain", steps=30, step_s=0.1, chain=3
+    )
     assert len(jobs) == 3
     second = slurm_cluster.job(jobs[1])
     assert second["JobState"] == "PENDING" and f"afterany:{jobs[0]}" in second["Dependency"]
     wait_for_event(run_dir, "start")
-    listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs", "--json"],
-                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     states = [(r["id"], r["state"]) for r in map(json.loads, listed.splitlines())]
-    assert states == [(str(jobs[0]), "RUNNING"), (str(jobs[1]), "PENDING"),
-                      (str(jobs[2]), "PENDING")]
-    table = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs"], capture_output=True,
-                           text=True, cwd=tmp_path, check=True).stdout
+    assert states == [
+        (str(jobs[0]), "RUNNING"),
+        (str(jobs[1]), "PENDING"),
+        (str(jobs[2]), "PENDING"),
+    ]
+    table = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert "PENDING (Dependency)" in table and "runs/chain" in table
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(jobs[0]))
     first = slurm_cluster.wait_finished(jobs[0], timeout=60)
@@ -177,11 +212,16 @@ def test_chain_hands_over_then_stops(slurm_cluster, tmp_path, monkeypatch, tiny_
 
 def test_cancel_stops_without_requeue(slurm_cluster, tmp_path, monkeypatch, tiny_dataset):
     slurm_cluster.activate(monkeypatch)
-    run_dir, jobs = submit_standin(tmp_path, monkeypatch, tiny_dataset, "cancel", steps=600,
-                                   step_s=0.1, chain=2)
+    run_dir, jobs = submit_standin(
+        tmp_path, monkeypatch, tiny_dataset, "cancel", steps=600, step_s=0.1, chain=2
+    )
     wait_for_event(run_dir, "start")
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs", "cancel", str(jobs[0])],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs", "cancel", str(jobs[0])],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"cancelled {jobs[0]}, {jobs[1]}"
     infos = [slurm_cluster.wait_finished(j, timeout=60) for j in jobs]
@@ -191,11 +231,20 @@ def test_cancel_stops_without_requeue(slurm_cluster, tmp_path, monkeypatch, tiny
     assert slurm_cluster.job(jobs[0])["JobState"] == "CANCELLED"  # still: it was not requeued
     # the TERM reached the step: it checkpointed before the job ended
     assert [e["event"] for e in events(run_dir)] == ["start", "checkpoint"]
-    rows = [json.loads(line) for line in subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "jobs", "--json"], capture_output=True,
-        text=True, cwd=tmp_path, check=True).stdout.splitlines()]
-    assert [(r["id"], r["state"]) for r in rows] == [(str(jobs[0]), "CANCELLED"),
-                                                     (str(jobs[1]), "CANCELLED")]
+    rows = [
+        json.loads(line)
+        for line in subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "jobs", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            check=True,
+        ).stdout.splitlines()
+    ]
+    assert [(r["id"], r["state"]) for r in rows] == [
+        (str(jobs[0]), "CANCELLED"),
+        (str(jobs[1]), "CANCELLED"),
+    ]
     assert {r["run_dir"] for r in rows} == {str(run_dir)}
 
 
@@ -203,9 +252,18 @@ def test_cancel_stops_without_requeue(slurm_cluster, tmp_path, monkeypatch, tiny
 def test_real_time_limit_signal_requeues(slurm_cluster, tmp_path, monkeypatch, tiny_dataset):
     """--time=1 --signal=B:USR1@30: Slurm's own warning signal (30 s tick), not scancel."""
     slurm_cluster.activate(monkeypatch)
-    run_dir, (job,) = submit_standin(tmp_path, monkeypatch, tiny_dataset, "limit", steps=2000,
-                                     step_s=0.05, fast_after_restart=0.0, time_limit="1",
-                                     signal_warn_s=30, ntasks=1)
+    run_dir, (job,) = submit_standin(
+        tmp_path,
+        monkeypatch,
+        tiny_dataset,
+        "limit",
+        steps=2000,
+        step_s=0.05,
+        fast_after_restart=0.0,
+        time_limit="1",
+        signal_warn_s=30,
+        ntasks=1,
+    )
     info = slurm_cluster.wait_finished(job, timeout=150)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log

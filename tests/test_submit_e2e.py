@@ -25,21 +25,41 @@ from fixtures_data import build_tiny_dataset, stdlib_subset
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs/train/tiny.yaml")
 STEPS = 12
-TINY_ARGS = [f"train.max_steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=4",
-             "checkpoint.interval=4", "eval.interval=0", "train.log_interval=1"]
+TINY_ARGS = [
+    f"train.max_steps={STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "checkpoint.interval=4",
+    "eval.interval=0",
+    "train.log_interval=1",
+]
 
 
 def rdpt(cluster, cwd: Path, *argv: str) -> dict:
     """Run the real `rdpt` CLI (as a user would, in a subprocess) with --json; its JSON."""
-    out = cluster.run(sys.executable, "-m", "pipeline.cli", *argv, "--json", cwd=cwd,
-                      check=False, timeout=120)
+    out = cluster.run(
+        sys.executable, "-m", "pipeline.cli", *argv, "--json", cwd=cwd, check=False, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def submit_train(cluster, cwd: Path, dataset: Path, name: str, *args: str) -> tuple[Path, list]:
-    res = rdpt(cluster, cwd, "submit", "train", TINY, "--gpus-per-node", "0", "--time", "10:00",
-               f"data.path={dataset}", f"run.name={name}", *TINY_ARGS, *args)
+    res = rdpt(
+        cluster,
+        cwd,
+        "submit",
+        "train",
+        TINY,
+        "--gpus-per-node",
+        "0",
+        "--time",
+        "10:00",
+        f"data.path={dataset}",
+        f"run.name={name}",
+        *TINY_ARGS,
+        *args,
+    )
     return Path(res["run_dir"]), res["job_ids"], res
 
 
@@ -83,8 +103,11 @@ def kill_step_tasks(job: int) -> list[int]:
             env = proc.environ()
         except (psutil.Error, OSError):
             continue
-        if env.get("SLURM_JOB_ID") == str(job) and env.get("SLURM_STEP_ID") == "0" \
-                and "pipeline.cli" in " ".join(proc.cmdline()):
+        if (
+            env.get("SLURM_JOB_ID") == str(job)
+            and env.get("SLURM_STEP_ID") == "0"
+            and "pipeline.cli" in " ".join(proc.cmdline())
+        ):
             proc.kill()
             pids.append(proc.pid)
     return pids
@@ -109,11 +132,17 @@ def reference(slurm_cluster, project, tiny_dataset, mlflow_server):
     """The uninterrupted 2-process run on one node (tracked in MLflow)."""
     experiment = f"slurm-{uuid.uuid4().hex[:8]}"
     run_dir, (job,), res = submit_train(
-        slurm_cluster, project, tiny_dataset, "reference", "--ntasks-per-node", "2",
-        f"tracking.uri={mlflow_server.url}", f"tracking.experiment={experiment}")
+        slurm_cluster,
+        project,
+        tiny_dataset,
+        "reference",
+        "--ntasks-per-node",
+        "2",
+        f"tracking.uri={mlflow_server.url}",
+        f"tracking.experiment={experiment}",
+    )
     info = assert_completed(slurm_cluster, run_dir, job)
-    return {"run_dir": run_dir, "job": job, "info": info, "submit": res,
-            "losses": losses(run_dir)}
+    return {"run_dir": run_dir, "job": job, "info": info, "submit": res, "losses": losses(run_dir)}
 
 
 @pytest.mark.slow
@@ -148,12 +177,21 @@ def test_jobs_lists_the_submitted_job(slurm_cluster, reference, project):
     assert reference["submit"]["mlflow"]["run_id"] in row
 
 
-def test_two_node_job_matches_single_node_loss(slurm_cluster_2nodes, project, tiny_dataset,
-                                               reference):
+def test_two_node_job_matches_single_node_loss(
+    slurm_cluster_2nodes, project, tiny_dataset, reference
+):
     # NOTE: tracking off: the node namespaces cannot reach the MLflow server on 127.0.0.1.
     run_dir, (job,), _ = submit_train(
-        slurm_cluster_2nodes, project, tiny_dataset, "twonode", "--nodes", "2",
-        "--ntasks-per-node", "1", "tracking.enabled=false")
+        slurm_cluster_2nodes,
+        project,
+        tiny_dataset,
+        "twonode",
+        "--nodes",
+        "2",
+        "--ntasks-per-node",
+        "1",
+        "tracking.enabled=false",
+    )
     assert_completed(slurm_cluster_2nodes, run_dir, job)
     log = log_of(run_dir, job)
     assert "on n[1-2] (2 nodes x 1 tasks)" in log
@@ -161,15 +199,23 @@ def test_two_node_job_matches_single_node_loss(slurm_cluster_2nodes, project, ti
 
 
 @pytest.mark.slow
-def test_preemption_requeue_resumes_to_the_same_loss(slurm_cluster, project, tiny_dataset,
-                                                     reference, mlflow_server):
+def test_preemption_requeue_resumes_to_the_same_loss(
+    slurm_cluster, project, tiny_dataset, reference, mlflow_server
+):
     from mlflow.tracking import MlflowClient
 
     experiment = f"slurm-{uuid.uuid4().hex[:8]}"
     run_dir, (job,), res = submit_train(
-        slurm_cluster, project, tiny_dataset, "preempt", "--ntasks-per-node", "2",
-        "debug.sleep_per_step_s=0.3", f"tracking.uri={mlflow_server.url}",
-        f"tracking.experiment={experiment}")
+        slurm_cluster,
+        project,
+        tiny_dataset,
+        "preempt",
+        "--ntasks-per-node",
+        "2",
+        "debug.sleep_per_step_s=0.3",
+        f"tracking.uri={mlflow_server.url}",
+        f"tracking.experiment={experiment}",
+    )
     wait_for_step(run_dir, 2)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     assert_completed(slurm_cluster, run_dir, job, restarts=1)
@@ -195,15 +241,25 @@ def test_preemption_requeue_resumes_to_the_same_loss(slurm_cluster, project, tin
 
 
 @pytest.mark.slow
-def test_chain_continues_after_a_kill_without_warning(slurm_cluster, project, tiny_dataset,
-                                                     reference):
+def test_chain_continues_after_a_kill_without_warning(
+    slurm_cluster, project, tiny_dataset, reference
+):
     """`--chain 2`, and job 1 is SIGKILLed (no warning, no checkpoint on the way out): job 2
     (afterany) resumes from the last periodic checkpoint and ends at the reference loss.
     (The USR1 hand-over between chain jobs is tested with the stand-in in test_slurm_jobscript.)
     """
     run_dir, jobs, _ = submit_train(
-        slurm_cluster, project, tiny_dataset, "chained", "--ntasks-per-node", "2", "--chain",
-        "2", "debug.sleep_per_step_s=0.3", "tracking.enabled=false")
+        slurm_cluster,
+        project,
+        tiny_dataset,
+        "chained",
+        "--ntasks-per-node",
+        "2",
+        "--chain",
+        "2",
+        "debug.sleep_per_step_s=0.3",
+        "tracking.enabled=false",
+    )
     assert len(jobs) == 2
     wait_for_step(run_dir, 6)  # past the periodic checkpoint of step 4
     # NOTE: `scancel --signal=KILL` would cancel the job (TERM first: a graceful checkpoint);
@@ -226,27 +282,41 @@ def test_chain_continues_after_a_kill_without_warning(slurm_cluster, project, ti
     assert losses(run_dir)[STEPS] == reference["losses"][STEPS]
 
 
-PREP_FIELDS = dict(limit_bytes=400_000, tokenizer={"vocab_size": 512}, seq_len=64,
-                   val_fraction=0.1, seqs_per_member=16, shard_size_mb=0.1, workers=1,
-                   chunk_mb=0.05)
+PREP_FIELDS = dict(
+    limit_bytes=400_000,
+    tokenizer={"vocab_size": 512},
+    seq_len=64,
+    val_fraction=0.1,
+    seqs_per_member=16,
+    shard_size_mb=0.1,
+    workers=1,
+    chunk_mb=0.05,
+)
 
 
 def test_prep_array_matches_local_prep(slurm_cluster, project):
     local = build_tiny_dataset(project / "prep-local", **PREP_FIELDS)
     config = project / "prep.yaml"
-    config.write_text(yaml.safe_dump({"inputs": stdlib_subset(), "output": "prep-array",
-                                      **PREP_FIELDS}))
-    res = rdpt(slurm_cluster, project, "submit", "prep", str(config), "--array", "3",
-               "--time", "10:00")
+    config.write_text(
+        yaml.safe_dump({"inputs": stdlib_subset(), "output": "prep-array", **PREP_FIELDS})
+    )
+    res = rdpt(
+        slurm_cluster, project, "submit", "prep", str(config), "--array", "3", "--time", "10:00"
+    )
     array_job, final_job = res["job_ids"]
     final = slurm_cluster.wait_finished(final_job, timeout=300)
     assert final["JobState"] == "COMPLETED", final
     records = slurm_cluster.run("scontrol", "show", "job", "-o", str(array_job)).stdout
-    tasks = {m.group(1): m.group(2) for m in
-             re.finditer(r"ArrayTaskId=(\d+) .*?JobState=(\w+)", records)}
+    tasks = {
+        m.group(1): m.group(2) for m in re.finditer(r"ArrayTaskId=(\d+) .*?JobState=(\w+)", records)
+    }
     assert tasks == {"0": "COMPLETED", "1": "COMPLETED", "2": "COMPLETED"}, records
-    rows = [json.loads(line) for line in slurm_cluster.run(
-        sys.executable, "-m", "pipeline.cli", "jobs", "--json", cwd=project).stdout.splitlines()]
+    rows = [
+        json.loads(line)
+        for line in slurm_cluster.run(
+            sys.executable, "-m", "pipeline.cli", "jobs", "--json", cwd=project
+        ).stdout.splitlines()
+    ]
     states = {r["id"]: (r["kind"], r["state"]) for r in rows}
     assert states[str(array_job)] == ("prep-array", "COMPLETED")
     assert states[str(final_job)] == ("prep-finalize", "COMPLETED")

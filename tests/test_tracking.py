@@ -24,12 +24,26 @@ def _history(client, run_id, key):
 
 def test_params_metrics_artifacts_read_back(mlflow_server, tmp_path, experiment_name):
     run_dir = tmp_path / "run"
-    tracker = RunTracker(run_dir, mlflow_server.url, experiment_name, "readback",
-                         system_metrics_interval=0.2, flush_interval=0.2)  # fmt: skip
+    tracker = RunTracker(
+        run_dir,
+        mlflow_server.url,
+        experiment_name,
+        "readback",
+        system_metrics_interval=0.2,
+        flush_interval=0.2,
+    )
     run_id = tracker.ensure_run()
     assert run_id and json.loads((run_dir / RUN_FILE).read_text())["run_id"] == run_id
-    tracker.log_params({"model.hidden_size": 128, "optim.lr": 3e-4, "eval.recurrences": [1, 4],
-                        "data.path": None, "note": "x" * 7000, "bad key?": 1})  # fmt: skip
+    tracker.log_params(
+        {
+            "model.hidden_size": 128,
+            "optim.lr": 3e-4,
+            "eval.recurrences": [1, 4],
+            "data.path": None,
+            "note": "x" * 7000,
+            "bad key?": 1,
+        }
+    )
     tracker.set_tags({"git.commit": "abc123", "world_size": 2})
     losses = [5.0 / (1 + 0.3 * s) for s in range(20)]
     for s, loss in enumerate(losses):
@@ -64,11 +78,19 @@ def test_params_metrics_artifacts_read_back(mlflow_server, tmp_path, experiment_
     assert any(k.startswith("system/cpu") for k in run.data.metrics)
 
     arts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
-    assert {"checkpoints/step-00000010.json", "checkpoints/step-00000020.json",
-            "checkpoints/step-00000010"} <= arts  # fmt: skip
+    assert {
+        "checkpoints/step-00000010.json",
+        "checkpoints/step-00000020.json",
+        "checkpoints/step-00000010",
+    } <= arts
     assert "checkpoints/ckpt-big.bin" not in arts  # over the size limit: reference only
-    ref = json.loads(open(client.download_artifacts(run_id, "checkpoints/step-00000020.json",
-                                                    str(tmp_path / "dl"))).read())  # fmt: skip
+    ref = json.loads(
+        open(
+            client.download_artifacts(
+                run_id, "checkpoints/step-00000020.json", str(tmp_path / "dl")
+            )
+        ).read()
+    )
     assert ref["path"] == str(big) and ref["size"] == 5000 and ref["sha256"] == "bb" * 32
     assert ref["uploaded_as_artifact"] is False
     assert [a.path for a in client.list_artifacts(run_id, "config")] == ["config/resolved.yaml"]
@@ -79,8 +101,13 @@ def test_params_metrics_artifacts_read_back(mlflow_server, tmp_path, experiment_
 
 
 def test_log_metrics_does_not_block(mlflow_server, tmp_path, experiment_name):
-    tracker = RunTracker(tmp_path / "run", mlflow_server.url, experiment_name, "nonblocking",
-                         system_metrics_interval=0)  # fmt: skip
+    tracker = RunTracker(
+        tmp_path / "run",
+        mlflow_server.url,
+        experiment_name,
+        "nonblocking",
+        system_metrics_interval=0,
+    )
     run_id = tracker.ensure_run()
     client = MlflowClient(mlflow_server.url)
     # One synchronous request, the cost a blocking log_metrics would pay at every call.
@@ -93,8 +120,10 @@ def test_log_metrics_does_not_block(mlflow_server, tmp_path, experiment_name):
     for step in range(1000):
         tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 1e-3}, step=step)
     elapsed = time.perf_counter() - t0
-    print(f"1000 log_metrics: {elapsed * 1e3:.1f} ms; one synchronous request: "
-          f"{round_trip * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"1000 log_metrics: {elapsed * 1e3:.1f} ms; one synchronous request: "
+        f"{round_trip * 1e3:.1f} ms"
+    )
     assert elapsed < 5.0
     assert elapsed < 100 * round_trip, "log_metrics costs like a synchronous request"
     assert tracker.close(timeout=60)
@@ -107,8 +136,14 @@ def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
 ):
     server = mlflow_server_factory()
     run_dir = tmp_path / "run"
-    tracker = RunTracker(run_dir, server.url, experiment_name, "outage",
-                         system_metrics_interval=0, flush_interval=0.2)  # fmt: skip
+    tracker = RunTracker(
+        run_dir,
+        server.url,
+        experiment_name,
+        "outage",
+        system_metrics_interval=0,
+        flush_interval=0.2,
+    )
     run_id = tracker.ensure_run()
     value = lambda s: 10.0 - 0.01 * s  # noqa: E731
     for s in range(0, 50):
@@ -157,8 +192,9 @@ def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
 
 def test_resume_continues_the_same_run(mlflow_server, tmp_path, experiment_name):
     run_dir = tmp_path / "run"
-    first = RunTracker(run_dir, mlflow_server.url, experiment_name, "resumed",
-                       system_metrics_interval=0)  # fmt: skip
+    first = RunTracker(
+        run_dir, mlflow_server.url, experiment_name, "resumed", system_metrics_interval=0
+    )
     run_id = first.ensure_run()
     first.log_params({"optim.lr": 1e-3, "train.max_steps": 10})
     for s in range(5):
@@ -169,8 +205,9 @@ def test_resume_continues_the_same_run(mlflow_server, tmp_path, experiment_name)
     with open(run_dir / METRICS_FILE, "a") as f:
         f.write('{"step": 5, "timest')  # the job was killed in the middle of a line
 
-    second = RunTracker(run_dir, mlflow_server.url, experiment_name, "resumed",
-                        system_metrics_interval=0)  # fmt: skip
+    second = RunTracker(
+        run_dir, mlflow_server.url, experiment_name, "resumed", system_metrics_interval=0
+    )
     assert second.ensure_run() == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
     second.log_params({"optim.lr": 1e-3, "train.max_steps": 20})  # max_steps raised on resume

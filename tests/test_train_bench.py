@@ -13,9 +13,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_train_bench_smoke_writes_side_by_side_figures(tiny_dataset, tmp_path):
     out = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train.py"), "--data", str(tiny_dataset),
-         "--steps", "3", "--warmup", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "bench" / "train.py"),
+            "--data",
+            str(tiny_dataset),
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr[-3000:]

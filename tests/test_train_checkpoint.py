@@ -18,8 +18,15 @@ def _engine(seed: int):
     from pipeline.config import load_train_config
     from pipeline.engine import build_engine
 
-    cfg = load_train_config(None, ["parallel.zero_stage=2", "train.global_batch_size=2",
-                                   "train.micro_batch_size=2", "optim.lr=0.01"])
+    cfg = load_train_config(
+        None,
+        [
+            "parallel.zero_stage=2",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=2",
+            "optim.lr=0.01",
+        ],
+    )
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     return build_engine(model, cfg, dp=1, grad_accum=1)
@@ -44,7 +51,10 @@ def checkpoint_checks(rank, world, tmp: str):
     import torch
 
     from pipeline.checkpoint import (
-        CheckpointManager, check_compatible, read_trainer_state, verify_checkpoint,
+        CheckpointManager,
+        check_compatible,
+        read_trainer_state,
+        verify_checkpoint,
     )
     from pipeline.errors import RdptCheckpointError
 
@@ -54,8 +64,12 @@ def checkpoint_checks(rank, world, tmp: str):
     saved = {}
     for step in (1, 2, 3):
         _train(engine, 1)
-        state = {"loader": {"position": step}, "manifest_sha256": "abc",
-                 "model_config": {"hidden_size": 8}, "parallel": {"tp": 1, "dp": 1, "zero_stage": 2}}
+        state = {
+            "loader": {"position": step},
+            "manifest_sha256": "abc",
+            "model_config": {"hidden_size": 8},
+            "parallel": {"tp": 1, "dp": 1, "zero_stage": 2},
+        }
         mgr.save(engine, step, state, config_yaml="a: 1\n")
         saved[step] = _params(engine)
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -104,16 +118,38 @@ def checkpoint_checks(rank, world, tmp: str):
     ckpt = run_dir / "checkpoints/step-00000002"
     st = read_trainer_state(ckpt)
     with pytest.raises(RdptCheckpointError, match="different dataset: manifest sha256 abc"):
-        check_compatible(st, ckpt, manifest_sha256="xyz", model_config={"hidden_size": 8},
-                         tp=1, dp=1, zero_stage=2)
+        check_compatible(
+            st,
+            ckpt,
+            manifest_sha256="xyz",
+            model_config={"hidden_size": 8},
+            tp=1,
+            dp=1,
+            zero_stage=2,
+        )
     with pytest.raises(RdptCheckpointError, match="model.hidden_size: 8 in checkpoint, 16 now"):
-        check_compatible(st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 16},
-                         tp=1, dp=1, zero_stage=2)
+        check_compatible(
+            st,
+            ckpt,
+            manifest_sha256="abc",
+            model_config={"hidden_size": 16},
+            tp=1,
+            dp=1,
+            zero_stage=2,
+        )
     with pytest.raises(RdptCheckpointError, match="ZeRO stage 2 x dp 1; now stage 2 x dp 2"):
-        check_compatible(st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 8},
-                         tp=1, dp=2, zero_stage=2)
-    check_compatible(st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 8},
-                     tp=1, dp=1, zero_stage=2)
+        check_compatible(
+            st,
+            ckpt,
+            manifest_sha256="abc",
+            model_config={"hidden_size": 8},
+            tp=1,
+            dp=2,
+            zero_stage=2,
+        )
+    check_compatible(
+        st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 8}, tp=1, dp=1, zero_stage=2
+    )
 
     # a later save cleans the stale temp dir and still keeps 2
     mgr.save(fresh, 5, {"loader": {}}, config_yaml="a: 1\n")
@@ -123,33 +159,62 @@ def checkpoint_checks(rank, world, tmp: str):
 
 
 def test_checkpoint_manager_with_a_real_deepspeed_engine(tmp_path):
-    assert run_distributed(checkpoint_checks, world_size=1, args=(str(tmp_path),),
-                           env={"OMP_NUM_THREADS": "1"}) == [True]
+    assert run_distributed(
+        checkpoint_checks, world_size=1, args=(str(tmp_path),), env={"OMP_NUM_THREADS": "1"}
+    ) == [True]
 
 
-def test_process_killed_while_writing_a_checkpoint_resumes_from_the_previous(tiny_dataset,
-                                                                            tmp_path):
+def test_process_killed_while_writing_a_checkpoint_resumes_from_the_previous(
+    tiny_dataset, tmp_path
+):
     import subprocess
 
     from fixtures_training import REPO, training_env
 
     run_dir = tmp_path / "run"
-    cmd = [str(REPO / ".venv/bin/python"), "-m", "pipeline", "train",
-           str(REPO / "configs/train/tiny.yaml"), f"data.path={tiny_dataset}",
-           f"run.dir={run_dir}", "train.max_steps=6", "train.global_batch_size=4",
-           "checkpoint.interval=2", "eval.interval=0", "tracking.enabled=false", "--nproc", "1"]
-    crashed = subprocess.run(cmd + ["debug.crash_in_checkpoint_at_step=4"], cwd=REPO,
-                             env=training_env(), capture_output=True, text=True, timeout=300)
+    cmd = [
+        str(REPO / ".venv/bin/python"),
+        "-m",
+        "pipeline",
+        "train",
+        str(REPO / "configs/train/tiny.yaml"),
+        f"data.path={tiny_dataset}",
+        f"run.dir={run_dir}",
+        "train.max_steps=6",
+        "train.global_batch_size=4",
+        "checkpoint.interval=2",
+        "eval.interval=0",
+        "tracking.enabled=false",
+        "--nproc",
+        "1",
+    ]
+    crashed = subprocess.run(
+        cmd + ["debug.crash_in_checkpoint_at_step=4"],
+        cwd=REPO,
+        env=training_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert crashed.returncode == 1, crashed.stdout[-2000:] + crashed.stderr[-2000:]
     ckpts = run_dir / "checkpoints"
     assert (ckpts / ".tmp-step-00000004").is_dir() and not (ckpts / "step-00000004").exists()
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
-    resumed = subprocess.run(cmd + ["--resume", "auto"], cwd=REPO, env=training_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        cmd + ["--resume", "auto"],
+        cwd=REPO,
+        env=training_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "step-00000002 (step 2)" in (run_dir / "logs/train.log").read_text()
     assert sorted(p.name for p in ckpts.iterdir()) == [
-        "latest", "step-00000004", "step-00000006"]  # keep_last 3 of tiny.yaml is 2
+        "latest",
+        "step-00000004",
+        "step-00000006",
+    ]  # keep_last 3 of tiny.yaml is 2
 
 
 class _Payload:

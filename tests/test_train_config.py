@@ -25,18 +25,30 @@ def test_shipped_configs_load_and_carry_the_paper_recipe():
     assert tuple(huginn.optim.betas) == (0.9, 0.95) and huginn.optim.grad_clip == 1.0
     assert huginn.optim.weight_decay > 0
     assert huginn.recurrence.mean == 32 and huginn.recurrence.backprop_depth == 8
-    big = load_train_config(REPO / "configs/train/huginn.yaml",
-                            [f"model={REPO / 'configs/model/huginn-3.5b.yaml'}"])
+    big = load_train_config(
+        REPO / "configs/train/huginn.yaml", [f"model={REPO / 'configs/model/huginn-3.5b.yaml'}"]
+    )
     assert big.model.hidden_size == 5280
 
 
 def test_dotted_overrides_users_reach_for_first():
-    cfg = load_train_config(REPO / "configs/train/tiny.yaml", [
-        "data.path=/x", "train.max_steps=7", "train.global_batch_size=32",
-        "train.micro_batch_size=2", "optim.lr=1e-3", "recurrence.mean=8",
-        "recurrence.backprop_depth=4", "parallel.tp=2", "parallel.zero_stage=3",
-        "checkpoint.interval=5", "run.name=abc", "run.dir=/tmp/r",
-    ])
+    cfg = load_train_config(
+        REPO / "configs/train/tiny.yaml",
+        [
+            "data.path=/x",
+            "train.max_steps=7",
+            "train.global_batch_size=32",
+            "train.micro_batch_size=2",
+            "optim.lr=1e-3",
+            "recurrence.mean=8",
+            "recurrence.backprop_depth=4",
+            "parallel.tp=2",
+            "parallel.zero_stage=3",
+            "checkpoint.interval=5",
+            "run.name=abc",
+            "run.dir=/tmp/r",
+        ],
+    )
     assert (cfg.data.path, cfg.train.max_steps, cfg.optim.lr) == ("/x", 7, 1e-3)
     assert cfg.recurrence.mean == 8 and cfg.recurrence.backprop_depth == 4
     assert cfg.parallel.tp == 2 and cfg.parallel.zero_stage == 3
@@ -47,11 +59,19 @@ def test_dotted_overrides_users_reach_for_first():
 def test_cross_field_rules_name_every_degree():
     with pytest.raises(RdptConfigError, match="parallel.zero_stage"):
         load_train_config(None, ["parallel.zero_stage=4"])
-    with pytest.raises(RdptConfigError, match="global_batch_size=10 is not divisible by "
-                                              "train.micro_batch_size=4"):
+    with pytest.raises(
+        RdptConfigError, match="global_batch_size=10 is not divisible by train.micro_batch_size=4"
+    ):
         load_train_config(None, ["train.global_batch_size=10", "train.micro_batch_size=4"])
-    cfg = load_train_config(None, ["train.global_batch_size=12", "train.micro_batch_size=2",
-                                   "model.num_heads=4", "model.hidden_size=64"])
+    cfg = load_train_config(
+        None,
+        [
+            "train.global_batch_size=12",
+            "train.micro_batch_size=2",
+            "model.num_heads=4",
+            "model.hidden_size=64",
+        ],
+    )
     assert parallel_dims(cfg, 3) == (1, 3, 2)
     with pytest.raises(RdptConfigError, match=r"2 x 4 = 8 \(world 4 = tp 1 x dp 4\)"):
         parallel_dims(cfg, 4)
@@ -75,19 +95,37 @@ def test_check_launch_wants_a_prepared_dataset(tmp_path, tiny_dataset):
     check_launch(cfg, 2)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.global_batch_size=15", "global_batch_size=15 is not divisible"),
-    ("train.global_batch_size=4", "global_batch_size=4 is not divisible by train.micro_batch_size"
-                                  " x data-parallel size = 4 x 2"),
-    ("parallel.zero_stage=4", "parallel.zero_stage"),
-    ("data.path=/nonexistent/dataset", "data.path: dataset directory '/nonexistent/dataset' "
-                                       "does not exist"),
-])
-def test_rdpt_train_refuses_bad_config_before_any_process(override, message, tmp_path,
-                                                          tiny_dataset, capsys):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.global_batch_size=15", "global_batch_size=15 is not divisible"),
+        (
+            "train.global_batch_size=4",
+            "global_batch_size=4 is not divisible by train.micro_batch_size"
+            " x data-parallel size = 4 x 2",
+        ),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        (
+            "data.path=/nonexistent/dataset",
+            "data.path: dataset directory '/nonexistent/dataset' does not exist",
+        ),
+    ],
+)
+def test_rdpt_train_refuses_bad_config_before_any_process(
+    override, message, tmp_path, tiny_dataset, capsys
+):
     run_dir = tmp_path / "run"
-    code = rdpt(["train", str(REPO / "configs/train/tiny.yaml"), f"data.path={tiny_dataset}",
-                 f"run.dir={run_dir}", override, "--nproc", "2"])
+    code = rdpt(
+        [
+            "train",
+            str(REPO / "configs/train/tiny.yaml"),
+            f"data.path={tiny_dataset}",
+            f"run.dir={run_dir}",
+            override,
+            "--nproc",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
@@ -96,9 +134,18 @@ def test_rdpt_train_refuses_bad_config_before_any_process(override, message, tmp
 
 
 def test_dry_run_prints_generated_deepspeed_config(tiny_dataset, capsys):
-    code = rdpt(["train", str(REPO / "configs/train/tiny.yaml"), f"data.path={tiny_dataset}",
-                 "parallel.zero_stage=3", "train.global_batch_size=32", "--nproc", "2",
-                 "--dry-run"])
+    code = rdpt(
+        [
+            "train",
+            str(REPO / "configs/train/tiny.yaml"),
+            f"data.path={tiny_dataset}",
+            "parallel.zero_stage=3",
+            "train.global_batch_size=32",
+            "--nproc",
+            "2",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert '"stage": 3' in out and '"gradient_accumulation_steps": 4' in out
@@ -122,8 +169,16 @@ def test_wsd_schedule_shape_and_dispatch():
     assert wsd_lr(10, **kw) == wsd_lr(79, **kw) == 1.0
     assert wsd_lr(90, **kw) == pytest.approx(0.5)
     assert wsd_lr(100, **kw) == pytest.approx(0.0)
-    cfg = load_train_config(None, ["optim.schedule=wsd", "optim.lr=1.0", "optim.min_lr=0",
-                                   "optim.warmup_steps=10", "optim.decay_fraction=0.2"])
+    cfg = load_train_config(
+        None,
+        [
+            "optim.schedule=wsd",
+            "optim.lr=1.0",
+            "optim.min_lr=0",
+            "optim.warmup_steps=10",
+            "optim.decay_fraction=0.2",
+        ],
+    )
     assert lr_at(90, cfg.optim, 100) == pytest.approx(0.5)
     cfg.optim.schedule = "cosine"
     assert lr_at(55, cfg.optim, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))

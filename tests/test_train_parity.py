@@ -20,13 +20,25 @@ STEPS = 4
 
 def _overrides(data: str, run_dir: Path, extra: list[str]) -> list[str]:
     return [
-        f"data.path={data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}",
-        "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_interval=1",
-        "train.precision=fp32", "optim.lr=3e-3", "optim.warmup_steps=1",
-        f"eval.interval={STEPS}", "eval.recurrences=[1,3]", "eval.max_sequences=8",
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.log_interval=1",
+        "train.precision=fp32",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=1",
+        f"eval.interval={STEPS}",
+        "eval.recurrences=[1,3]",
+        "eval.max_sequences=8",
         "eval.batch_size=2",
-        "checkpoint.interval=100", "tracking.enabled=false", "recurrence.mean=3",
-        "recurrence.backprop_depth=2", "recurrence.max_r=4", "model.vocab_size=512",
+        "checkpoint.interval=100",
+        "tracking.enabled=false",
+        "recurrence.mean=3",
+        "recurrence.backprop_depth=2",
+        "recurrence.max_r=4",
+        "model.vocab_size=512",
         *extra,
     ]
 
@@ -46,9 +58,10 @@ def train_runs(rank, world, data: str, tmp: str, runs: dict[str, list[str]]):
 
     codes = {}
     for name, extra in runs.items():
-        cfg = load_train_config(Path(__file__).resolve().parent.parent
-                                / "configs/train/tiny.yaml",
-                                _overrides(data, Path(tmp) / name, extra))
+        cfg = load_train_config(
+            Path(__file__).resolve().parent.parent / "configs/train/tiny.yaml",
+            _overrides(data, Path(tmp) / name, extra),
+        )
         codes[name] = main(cfg, resume="none")
     return codes
 
@@ -61,8 +74,12 @@ def _weights(ckpt: Path):
 
 def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
-    ref = run_distributed(train_runs, 1, args=(str(tiny_dataset), str(tmp_path),
-                                               {"ref": ["parallel.zero_stage=0"]}), env=env)
+    ref = run_distributed(
+        train_runs,
+        1,
+        args=(str(tiny_dataset), str(tmp_path), {"ref": ["parallel.zero_stage=0"]}),
+        env=env,
+    )
     assert ref == [{"ref": 0}]
     two = {
         "zero1": ["parallel.zero_stage=1"],
@@ -70,8 +87,11 @@ def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
         "zero3": ["parallel.zero_stage=3"],
         "tp2": ["parallel.zero_stage=1", "parallel.tp=2"],
         "nan_skip": ["parallel.zero_stage=2", f"debug.nan_at_steps=[{STEPS - 1}]"],
-        "nan_abort": ["parallel.zero_stage=0", "debug.nan_at_steps=[1,2]",
-                      "train.max_nonfinite_steps=2"],
+        "nan_abort": [
+            "parallel.zero_stage=0",
+            "debug.nan_at_steps=[1,2]",
+            "train.max_nonfinite_steps=2",
+        ],
     }
     codes = run_distributed(train_runs, 2, args=(str(tiny_dataset), str(tmp_path), two), env=env)
     assert codes[0] == {**{k: 0 for k in two}, "nan_abort": 86}
@@ -83,15 +103,17 @@ def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
     for name in ("zero1", "zero2", "zero3", "tp2"):
         curve = _curve(tmp_path / name)
         for s in range(1, STEPS + 1):
-            assert curve[s]["train/loss"] == pytest.approx(reference[s]["train/loss"], abs=1e-5), \
-                (name, s)
+            assert curve[s]["train/loss"] == pytest.approx(reference[s]["train/loss"], abs=1e-5), (
+                name,
+                s,
+            )
             assert curve[s]["train/grad_norm"] == pytest.approx(
-                reference[s]["train/grad_norm"], rel=1e-4), (name, s)
+                reference[s]["train/grad_norm"], rel=1e-4
+            ), (name, s)
             assert curve[s]["train/r"] == reference[s]["train/r"]
         # validation (random initial state seeded per global sample id) is layout-independent
         for key in ("val/loss_r1", "val/loss_r3", "val/state_cosine"):
-            assert curve[STEPS][key] == pytest.approx(reference[STEPS][key], abs=1e-5), \
-                (name, key)
+            assert curve[STEPS][key] == pytest.approx(reference[STEPS][key], abs=1e-5), (name, key)
     assert reference[STEPS]["val/loss_r1"] != reference[STEPS]["val/loss_r3"]
     tp2, dp2 = _curve(tmp_path / "tp2"), _curve(tmp_path / "zero1")
     assert all(abs(tp2[s]["train/loss"] - dp2[s]["train/loss"]) < 1e-5 for s in tp2)
@@ -99,8 +121,9 @@ def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
     # injected NaN at the last step: skipped and counted, the weights are those of the step before
     skip = _curve(tmp_path / "nan_skip")
     assert skip[STEPS]["train/skipped_steps"] == 1 and "train/loss" not in skip[STEPS]
-    assert skip[STEPS - 1]["train/loss"] == pytest.approx(reference[STEPS - 1]["train/loss"],
-                                                          abs=1e-5)
+    assert skip[STEPS - 1]["train/loss"] == pytest.approx(
+        reference[STEPS - 1]["train/loss"], abs=1e-5
+    )
     before = _weights(tmp_path / "zero2/checkpoints/step-00000003")
     after = _weights(tmp_path / "nan_skip/checkpoints/step-00000004")
     assert before.keys() == after.keys()
@@ -112,8 +135,10 @@ def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
     state = json.loads((abort_dir / "checkpoints/step-00000003/trainer_state.json").read_text())
     assert state["skipped_steps"] == 2 and state["step"] == 3
     assert not (abort_dir / "COMPLETED").exists()
-    assert all(math.isfinite(float(v.abs().max()))
-               for v in _weights(abort_dir / "checkpoints/step-00000003").values())
+    assert all(
+        math.isfinite(float(v.abs().max()))
+        for v in _weights(abort_dir / "checkpoints/step-00000003").values()
+    )
     abort = _curve(abort_dir)
     assert abort[1]["train/loss"] == pytest.approx(reference[1]["train/loss"], abs=1e-5)
     log = (abort_dir / "logs/train.log").read_text()

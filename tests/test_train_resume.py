@@ -59,12 +59,19 @@ def _wait_for(pred, proc, timeout: float, what: str) -> None:
 
 
 def _start(cmd, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=training_env(), stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=training_env(),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
-def test_sigusr1_and_kill9_then_resume_match_uninterrupted_run(tiny_trained_run, tiny_dataset,
-                                                               mlflow_server, tmp_path):
+def test_sigusr1_and_kill9_then_resume_match_uninterrupted_run(
+    tiny_trained_run, tiny_dataset, mlflow_server, tmp_path
+):
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
     cmd = tiny_run_command(tiny_dataset, run_dir, mlflow_server.url)
@@ -113,8 +120,9 @@ def test_sigusr1_and_kill9_then_resume_match_uninterrupted_run(tiny_trained_run,
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
 
     # a finished run exits 0 at once
-    again = subprocess.run(cmd, cwd=REPO, env=training_env(), capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run(
+        cmd, cwd=REPO, env=training_env(), capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
@@ -140,15 +148,27 @@ def test_mlflow_run_has_params_tags_metrics_and_artifacts(tiny_trained_run, mlfl
     assert tags["checkpoint.latest.step"] == str(TINY_RUN_STEPS)
     history = client.get_metric_history(info["run_id"], "train/loss")
     assert sorted(m.step for m in history) == list(range(1, TINY_RUN_STEPS + 1))
-    for name in ("train/lr", "train/grad_norm", "train/tokens", "train/tokens_per_s", "train/r",
-                 "train/r_no_grad", "train/r_grad", "train/skipped_steps", "val/loss_r1",
-                 "val/loss_r4", "val/loss_r8", "val/state_cosine"):
+    for name in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens",
+        "train/tokens_per_s",
+        "train/r",
+        "train/r_no_grad",
+        "train/r_grad",
+        "train/skipped_steps",
+        "val/loss_r1",
+        "val/loss_r4",
+        "val/loss_r8",
+        "val/state_cosine",
+    ):
         assert client.get_metric_history(info["run_id"], name), name
     final = run.data.metrics  # latest value of each metric
     assert final["val/loss_r8"] < final["val/loss_r1"]  # recurrence helps after training
     top = {a.path for a in client.list_artifacts(info["run_id"])}
     assert {"resolved.yaml", "dataset", "checkpoints"} <= top, top
-    assert "dataset/manifest.json" in {a.path for a in client.list_artifacts(info["run_id"],
-                                                                            "dataset")}
+    assert "dataset/manifest.json" in {
+        a.path for a in client.list_artifacts(info["run_id"], "dataset")
+    }
     refs = {a.path for a in client.list_artifacts(info["run_id"], "checkpoints")}
     assert "checkpoints/step-00000060.json" in refs, refs

@@ -30,20 +30,32 @@ def test_training_survives_mlflow_server_restart(tiny_dataset, mlflow_server_fac
     server = mlflow_server_factory()
     run_dir = tmp_path / "run"
     cmd = [
-        str(REPO / ".venv/bin/python"), "-m", "pipeline", "train",
-        str(REPO / "configs/train/tiny.yaml"), f"data.path={tiny_dataset}", f"run.dir={run_dir}",
-        "run.name=mlflow-outage", f"train.max_steps={STEPS}", "train.global_batch_size=4",
-        "train.log_interval=1", "eval.interval=0", "checkpoint.interval=12",
-        "debug.sleep_per_step_s=0.15", f"tracking.uri={server.url}",
-        "tracking.experiment=outage", "--nproc", "1",
+        str(REPO / ".venv/bin/python"),
+        "-m",
+        "pipeline",
+        "train",
+        str(REPO / "configs/train/tiny.yaml"),
+        f"data.path={tiny_dataset}",
+        f"run.dir={run_dir}",
+        "run.name=mlflow-outage",
+        f"train.max_steps={STEPS}",
+        "train.global_batch_size=4",
+        "train.log_interval=1",
+        "eval.interval=0",
+        "checkpoint.interval=12",
+        "debug.sleep_per_step_s=0.15",
+        f"tracking.uri={server.url}",
+        "tracking.experiment=outage",
+        "--nproc",
+        "1",
     ]
     log = open(tmp_path / "console.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=training_env(), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=training_env(), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while _steps_logged(run_dir) < 4:
-        assert proc.poll() is None and time.monotonic() < deadline, \
-            (tmp_path / "console.log").read_text()[-3000:]
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "console.log"
+        ).read_text()[-3000:]
         time.sleep(0.1)
     server.stop()
     down_at = _steps_logged(run_dir)
@@ -56,8 +68,10 @@ def test_training_survives_mlflow_server_restart(tiny_dataset, mlflow_server_fac
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(server.url)
     history = client.get_metric_history(run_id, "train/loss")
-    local = {json.loads(line)["step"]: json.loads(line)["train/loss"]
-             for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    local = {
+        json.loads(line)["step"]: json.loads(line)["train/loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    }
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1)) == sorted(local)
     assert all(m.value == pytest.approx(local[m.step]) for m in history)
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -90,8 +104,9 @@ def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
     assert len(params) == len(sd)
     for name, p in params.items():
         assert torch.equal(sd[consolidated_name(name)], p.detach()), name
-    hf = export_checkpoint(tiny_trained_run / "checkpoints/step-00000030", tmp_path / "hf",
-                           fmt="hf")
+    hf = export_checkpoint(
+        tiny_trained_run / "checkpoints/step-00000030", tmp_path / "hf", fmt="hf"
+    )
     hf_cfg, hf_sd = read_hf_dir(hf)
     assert "transformer.wte.weight" in hf_sd and hf_cfg
     assert torch.isfinite(ref).all()

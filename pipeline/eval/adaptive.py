@@ -118,8 +118,9 @@ def score_tokens(
             val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH)
             exit_BS = active_BS & ((val < rule.threshold) | (i == max_r))
             if exit_BS.any():
-                logprob = torch.where(exit_BS, logp.gather(-1, targets_safe_BS[..., None])[..., 0],
-                                      logprob)
+                logprob = torch.where(
+                    exit_BS, logp.gather(-1, targets_safe_BS[..., None])[..., 0], logprob
+                )
                 greedy = torch.where(exit_BS, logp.argmax(-1) == targets_BS, greedy)
                 depth = torch.where(exit_BS, torch.full_like(depth, i), depth)
                 active_BS = active_BS & ~exit_BS
@@ -193,8 +194,16 @@ def evaluate_adaptive(
         raise ValueError(f"max_r: must be >= 1, got {max_r}")
     check_state_init(state_init)
     if fixed_curve is None:
-        sweep = sweep_depths(model, batches, range(1, max_r + 1), state_init, seed, group=group,
-                             loss_every_iteration=True, progress=progress)
+        sweep = sweep_depths(
+            model,
+            batches,
+            range(1, max_r + 1),
+            state_init,
+            seed,
+            group=group,
+            loss_every_iteration=True,
+            progress=progress,
+        )
         fixed_curve = sweep.telemetry["loss"]
     if len(fixed_curve) < max_r:
         raise ValueError(f"fixed_curve: need losses for r = 1..{max_r}, got {len(fixed_curve)}")
@@ -211,8 +220,16 @@ def evaluate_adaptive(
             inputs_BS, targets_BS, ids_B = unpack_batch(batch)
             inputs_BS, targets_BS = inputs_BS.to(device), targets_BS.to(device)
             ids_B = ids_B.to(device) if ids_B is not None else None
-            sc = score_tokens(model, inputs_BS, targets_BS, max_r=max_r, rule=rule,
-                              state_init=state_init, seed=seed, sample_ids_B=ids_B)
+            sc = score_tokens(
+                model,
+                inputs_BS,
+                targets_BS,
+                max_r=max_r,
+                rule=rule,
+                state_init=state_init,
+                seed=seed,
+                sample_ids_B=ids_B,
+            )
             mask = targets_BS != IGNORE_INDEX
             sums[0] -= sc.logprob[mask].double().sum()
             sums[1] += mask.sum()

@@ -71,81 +71,145 @@ def parse_recurrences(text: str) -> list[int]:
 
 
 def _add_depth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-init", choices=["random", "zero"], default=None,
-                   help="initial latent state (eval default: random; generate default: zero)")
+    p.add_argument(
+        "--state-init",
+        choices=["random", "zero"],
+        default=None,
+        help="initial latent state (eval default: random; generate default: zero)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial state")
     p.add_argument("--adaptive", action="store_true", help="per-token adaptive exit")
-    p.add_argument("--exit-criterion", choices=["kl", "entropy", "state"], default="kl",
-                   help="kl: KL of successive next-token distributions; entropy: of the "
-                   "prediction; state: relative state change (default kl)")
-    p.add_argument("--threshold", type=float, default=5e-4,
-                   help="exit when the criterion falls below this (default 5e-4)")
-    p.add_argument("--max-r", type=_positive_int, default=64,
-                   help="maximum iterations with --adaptive (default 64)")
+    p.add_argument(
+        "--exit-criterion",
+        choices=["kl", "entropy", "state"],
+        default="kl",
+        help="kl: KL of successive next-token distributions; entropy: of the "
+        "prediction; state: relative state change (default kl)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=5e-4,
+        help="exit when the criterion falls below this (default 5e-4)",
+    )
+    p.add_argument(
+        "--max-r",
+        type=_positive_int,
+        default=64,
+        help="maximum iterations with --adaptive (default 64)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow URI (default: the run's mlflow_run.json, then MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: the run's mlflow_run.json, then MLFLOW_TRACKING_URI)",
+    )
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="loss against recurrence depth, adaptive exit, lm-eval tasks",
+        "eval",
+        help="loss against recurrence depth, adaptive exit, lm-eval tasks",
         description="Evaluate a checkpoint at several recurrence counts r (loss, perplexity, "
         "telemetry), optionally with per-token adaptive exit and lm-evaluation-harness tasks.",
-        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("target", metavar="CKPT_OR_RUN")
-    p.add_argument("--recurrences", default=DEFAULT_RECURRENCES,
-                   help=f"comma-separated r values (default {DEFAULT_RECURRENCES})")
+    p.add_argument(
+        "--recurrences",
+        default=DEFAULT_RECURRENCES,
+        help=f"comma-separated r values (default {DEFAULT_RECURRENCES})",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", default=None,
-                     help="an `rdpt prep` dataset (default: the run's own dataset)")
-    src.add_argument("--tokens", default=None,
-                     help="a [batch, seq] integer .npy array; next-token loss within each row")
+    src.add_argument(
+        "--data", default=None, help="an `rdpt prep` dataset (default: the run's own dataset)"
+    )
+    src.add_argument(
+        "--tokens",
+        default=None,
+        help="a [batch, seq] integer .npy array; next-token loss within each row",
+    )
     p.add_argument("--split", default="val", help="dataset split (default val)")
-    p.add_argument("--max-sequences", type=int, default=DEFAULT_MAX_SEQUENCES,
-                   help=f"evaluate the first N sequences (default {DEFAULT_MAX_SEQUENCES}; "
-                   "0 = all)")
+    p.add_argument(
+        "--max-sequences",
+        type=int,
+        default=DEFAULT_MAX_SEQUENCES,
+        help=f"evaluate the first N sequences (default {DEFAULT_MAX_SEQUENCES}; 0 = all)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--no-telemetry", action="store_true",
-                   help="skip per-iteration telemetry (state change, cosine, loss per iteration)")
-    p.add_argument("--telemetry-sequences", type=_positive_int, default=64,
-                   help="sequences for the per-iteration telemetry (default 64: it decodes "
-                   "after every iteration)")
-    p.add_argument("--json", default=None,
-                   help="results file (default <run_dir>/eval-step<N>.json)")
+    p.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="skip per-iteration telemetry (state change, cosine, loss per iteration)",
+    )
+    p.add_argument(
+        "--telemetry-sequences",
+        type=_positive_int,
+        default=64,
+        help="sequences for the per-iteration telemetry (default 64: it decodes "
+        "after every iteration)",
+    )
+    p.add_argument(
+        "--json", default=None, help="results file (default <run_dir>/eval-step<N>.json)"
+    )
     p.add_argument("--out-dir", default=None, help="plot folder (default <run_dir>/eval)")
     p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval task names")
-    p.add_argument("--lm-eval-include", default=None,
-                   help="folder of lm-eval task YAML files (local data)")
-    p.add_argument("--lm-eval-limit", type=float, default=None,
-                   help="at most N examples per lm-eval task")
-    p.add_argument("--lm-eval-r", type=_positive_int, default=None,
-                   help="r for lm-eval tasks (default: the largest --recurrences, or --max-r "
-                   "with --adaptive)")
-    p.add_argument("--nproc", type=_positive_int, default=1,
-                   help="processes (data-parallel ranks) on this machine (default 1)")
+    p.add_argument(
+        "--lm-eval-include", default=None, help="folder of lm-eval task YAML files (local data)"
+    )
+    p.add_argument(
+        "--lm-eval-limit", type=float, default=None, help="at most N examples per lm-eval task"
+    )
+    p.add_argument(
+        "--lm-eval-r",
+        type=_positive_int,
+        default=None,
+        help="r for lm-eval tasks (default: the largest --recurrences, or --max-r with --adaptive)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        help="processes (data-parallel ranks) on this machine (default 1)",
+    )
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     _add_depth_args(p)
     p.set_defaults(func=eval_handler)
 
     g = subparsers.add_parser(
-        "generate", help="sample text at a fixed or adaptive depth",
+        "generate",
+        help="sample text at a fixed or adaptive depth",
         description="Generate text from a checkpoint with a KV cache: greedy / temperature / "
         "top-p sampling, fixed r or adaptive exit per token, Huginn KV-cache sharing and "
         "continuous chain of thought.",
-        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g.add_argument("target", metavar="CKPT_OR_RUN")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--recurrences", "-r", type=_positive_int, default=32,
-                   help="iterations per token (default 32)")
+    g.add_argument(
+        "--recurrences",
+        "-r",
+        type=_positive_int,
+        default=32,
+        help="iterations per token (default 32)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--kv-budget", type=_positive_int, default=None,
-                   help="KV-cache slots per core layer (iteration i writes slot i mod k); "
-                   "default one per iteration")
-    g.add_argument("--continuous-cot", action="store_true",
-                   help="warm-start each position's state from the previous final state")
+    g.add_argument(
+        "--kv-budget",
+        type=_positive_int,
+        default=None,
+        help="KV-cache slots per core layer (iteration i writes slot i mod k); "
+        "default one per iteration",
+    )
+    g.add_argument(
+        "--continuous-cot",
+        action="store_true",
+        help="warm-start each position's state from the previous final state",
+    )
     g.add_argument("--json", default=None, help="write the result (ids, depths, timing) here")
     _add_depth_args(g)
     g.set_defaults(func=generate_handler)
@@ -159,8 +223,7 @@ def _check_eval_args(args) -> list[int]:
     if args.tokens and not Path(args.tokens).is_file():
         raise RdptDataError(f"--tokens: no such file {args.tokens}")
     if args.data and not (Path(args.data) / "manifest.json").is_file():
-        raise RdptDataError(f"--data: {args.data} is not an `rdpt prep` dataset "
-                            "(no manifest.json)")
+        raise RdptDataError(f"--data: {args.data} is not an `rdpt prep` dataset (no manifest.json)")
     if args.lm_eval_include and not Path(args.lm_eval_include).exists():
         raise RdptConfigError(f"--lm-eval-include: no such file or folder {args.lm_eval_include}")
     if args.max_sequences < 0:
@@ -187,9 +250,14 @@ def eval_handler(args) -> int:
 
 
 def _spawn_worker(rank: int, args, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(args.nproc),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(args.nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -204,8 +272,13 @@ def _spawn(args) -> int:
     from pipeline.errors import RdptError
 
     try:
-        mp.start_processes(_spawn_worker, args=(args, free_port()), nprocs=args.nproc,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            _spawn_worker,
+            args=(args, free_port()),
+            nprocs=args.nproc,
+            start_method="spawn",
+            join=True,
+        )
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1]
         raise RdptError(f"an evaluation process failed: {last}") from None
@@ -224,8 +297,14 @@ def _device(name: str):
     return torch.device(name)
 
 
-def load_token_batches(path: str, batch_size: int, rank: int, world: int, vocab_size: int,
-                       max_sequences: int | None = None) -> list:
+def load_token_batches(
+    path: str,
+    batch_size: int,
+    rank: int,
+    world: int,
+    vocab_size: int,
+    max_sequences: int | None = None,
+) -> list:
     """(inputs, targets, sample_ids) batches of this rank's contiguous share of the rows of a
     [batch, seq] .npy token array."""
     import numpy as np
@@ -236,23 +315,29 @@ def load_token_batches(path: str, batch_size: int, rank: int, world: int, vocab_
     except (ValueError, OSError) as e:
         raise RdptDataError(f"--tokens: cannot read {path} as a .npy array: {e}") from None
     if arr.ndim != 2 or arr.shape[1] < 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise RdptDataError(f"--tokens: {path} must be a [batch, seq>=2] integer array, got "
-                            f"shape {arr.shape} dtype {arr.dtype}")
+        raise RdptDataError(
+            f"--tokens: {path} must be a [batch, seq>=2] integer array, got "
+            f"shape {arr.shape} dtype {arr.dtype}"
+        )
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise RdptDataError(f"--tokens: {path} has ids outside [0, {vocab_size}) "
-                            f"(min {arr.min()}, max {arr.max()})")
+        raise RdptDataError(
+            f"--tokens: {path} has ids outside [0, {vocab_size}) (min {arr.min()}, max {arr.max()})"
+        )
     if max_sequences:
         arr = arr[:max_sequences]
     n = arr.shape[0]
     lo, hi = rank * n // world, (rank + 1) * n // world
     rows = torch.from_numpy(arr[lo:hi].astype(np.int64))
     ids = torch.arange(lo, hi, dtype=torch.long)
-    return [(rows[i:i + batch_size, :-1], rows[i:i + batch_size, 1:], ids[i:i + batch_size])
-            for i in range(0, rows.shape[0], batch_size)]
+    return [
+        (rows[i : i + batch_size, :-1], rows[i : i + batch_size, 1:], ids[i : i + batch_size])
+        for i in range(0, rows.shape[0], batch_size)
+    ]
 
 
-def load_dataset_batches(path: str, split: str, batch_size: int, rank: int, world: int,
-                         max_sequences: int | None = None) -> list:
+def load_dataset_batches(
+    path: str, split: str, batch_size: int, rank: int, world: int, max_sequences: int | None = None
+) -> list:
     """This rank's share of a prepared dataset's `split` as (inputs, targets, sample_ids)
     batches; sample ids are global sequence indices, so a random initial state does not depend
     on the number of processes."""
@@ -260,11 +345,21 @@ def load_dataset_batches(path: str, split: str, batch_size: int, rank: int, worl
 
     info = open_dataset(path)
     if split not in info.manifest.get("splits", {}):
-        raise RdptDataError(f"--split: dataset {path} has no split {split!r} "
-                            f"(has {sorted(info.manifest.get('splits', {}))})")
-    return [tuple(mb) for mb in iterate_sequences(path, split=split, batch_size=batch_size,
-                                                  dp_rank=rank, dp_size=world,
-                                                  max_sequences=max_sequences)]
+        raise RdptDataError(
+            f"--split: dataset {path} has no split {split!r} "
+            f"(has {sorted(info.manifest.get('splits', {}))})"
+        )
+    return [
+        tuple(mb)
+        for mb in iterate_sequences(
+            path,
+            split=split,
+            batch_size=batch_size,
+            dp_rank=rank,
+            dp_size=world,
+            max_sequences=max_sequences,
+        )
+    ]
 
 
 def run_eval(args) -> dict | None:
@@ -288,17 +383,20 @@ def run_eval(args) -> dict | None:
     vocab = int(loaded.cfg.model.vocab_size)
     if args.tokens:
         source = {"tokens": str(Path(args.tokens).resolve())}
-        batches = load_token_batches(args.tokens, args.batch_size, rank, world, vocab,
-                                     args.max_sequences or None)
+        batches = load_token_batches(
+            args.tokens, args.batch_size, rank, world, vocab, args.max_sequences or None
+        )
     else:
         data = args.data or (str(loaded.data_path) if loaded.data_path else None)
         if not data or not (Path(data) / "manifest.json").is_file():
             raise RdptDataError(
                 f"the run's dataset {loaded.cfg.data.path!r} is not on this machine; "
-                "pass --data DIR or --tokens FILE.npy")
+                "pass --data DIR or --tokens FILE.npy"
+            )
         source = {"data": str(Path(data).resolve()), "split": args.split}
-        batches = load_dataset_batches(data, args.split, args.batch_size, rank, world,
-                                       args.max_sequences or None)
+        batches = load_dataset_batches(
+            data, args.split, args.batch_size, rank, world, args.max_sequences or None
+        )
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
     telemetry = not args.no_telemetry
     progress = rank == 0 and sys.stderr.isatty()
@@ -306,9 +404,16 @@ def run_eval(args) -> dict | None:
     # so then the main sweep decodes after every iteration (and records telemetry on the way);
     # otherwise it decodes only at the requested r and telemetry runs on a small subset.
     sweep_rs = sorted(set(rs) | ({args.max_r} if rule else set()))
-    sweep = sweep_depths(model, batches, sweep_rs, args.state_init, args.seed,
-                         telemetry=telemetry and rule is not None,
-                         loss_every_iteration=rule is not None, progress=progress)
+    sweep = sweep_depths(
+        model,
+        batches,
+        sweep_rs,
+        args.state_init,
+        args.seed,
+        telemetry=telemetry and rule is not None,
+        loss_every_iteration=rule is not None,
+        progress=progress,
+    )
     tel = sweep.telemetry if rule is not None else {}
     if telemetry and rule is None:
         tel_batches, n = [], 0
@@ -317,8 +422,15 @@ def run_eval(args) -> dict | None:
                 break
             tel_batches.append(b)
             n += b[0].shape[0]
-        tel = sweep_depths(model, tel_batches, [rs[-1]], args.state_init, args.seed,
-                           telemetry=True, loss_every_iteration=True).telemetry
+        tel = sweep_depths(
+            model,
+            tel_batches,
+            [rs[-1]],
+            args.state_init,
+            args.seed,
+            telemetry=True,
+            loss_every_iteration=True,
+        ).telemetry
     results = {
         "target": args.target,
         "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
@@ -331,10 +443,16 @@ def run_eval(args) -> dict | None:
     results["recurrences"] = rs
     results["depth"] = {str(r): results["depth"][str(r)] for r in rs}
     if rule is not None:
-        adaptive = evaluate_adaptive(model, batches, rule=rule, max_r=args.max_r,
-                                     state_init=args.state_init, seed=args.seed,
-                                     fixed_curve=sweep.telemetry["loss"][: args.max_r],
-                                     progress=progress)
+        adaptive = evaluate_adaptive(
+            model,
+            batches,
+            rule=rule,
+            max_r=args.max_r,
+            state_init=args.state_init,
+            seed=args.seed,
+            fixed_curve=sweep.telemetry["loss"][: args.max_r],
+            progress=progress,
+        )
         results["adaptive"] = adaptive.to_dict()
     if world > 1:
         torch.distributed.barrier()
@@ -357,16 +475,29 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
     if loaded.tokenizer is None:
         raise RdptDataError(f"lm-eval needs the tokenizer; {loaded.tokenizer_path} is missing")
     r = args.lm_eval_r or (args.max_r if rule else rs[-1])
-    lm = RdptLM(loaded.model, loaded.tokenizer, eot_id=loaded.eot_id,
-                max_length=loaded.max_length, num_steps=r, exit_rule=rule,
-                state_init=args.lm_eval_state_init, seed=args.seed, batch_size=args.batch_size)
+    lm = RdptLM(
+        loaded.model,
+        loaded.tokenizer,
+        eot_id=loaded.eot_id,
+        max_length=loaded.max_length,
+        num_steps=r,
+        exit_rule=rule,
+        state_init=args.lm_eval_state_init,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     limit = args.lm_eval_limit
     if limit is not None and limit >= 1:
         limit = int(limit)
     scores = run_lm_eval(lm, tasks, include_path=args.lm_eval_include, limit=limit)
-    return {"r": r, "adaptive": rule is not None, "state_init": args.lm_eval_state_init,
-            "mean_depth": lm.mean_depth, "tasks": scores}
+    return {
+        "r": r,
+        "adaptive": rule is not None,
+        "state_init": args.lm_eval_state_init,
+        "mean_depth": lm.mean_depth,
+        "tasks": scores,
+    }
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -381,37 +512,57 @@ def generate_handler(args) -> int:
         raise RdptConfigError(f"--temperature: must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise RdptConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    loaded = load_model_and_tokenizer(args.target, args.tracking_uri,
-                                      device=str(_device(args.device)))
+    loaded = load_model_and_tokenizer(
+        args.target, args.tracking_uri, device=str(_device(args.device))
+    )
     if loaded.tokenizer is None:
         raise RdptDataError(f"generate needs the tokenizer; {loaded.tokenizer_path} is missing")
     tok = loaded.tokenizer
     prompt = tok.encode(args.prompt, add_special_tokens=False).ids or [loaded.eot_id]
     room = loaded.max_length - len(prompt)
     if room <= 0:
-        raise RdptConfigError(f"--prompt: {len(prompt)} tokens leave no room in the model's "
-                              f"context of {loaded.max_length}")
+        raise RdptConfigError(
+            f"--prompt: {len(prompt)} tokens leave no room in the model's "
+            f"context of {loaded.max_length}"
+        )
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
     cfg = GenerationConfig(
         max_new_tokens=min(args.max_new_tokens, room),
-        num_steps=args.max_r if rule else args.recurrences, exit_rule=rule,
-        kv_budget=args.kv_budget, continuous_cot=args.continuous_cot,
-        temperature=args.temperature, top_p=args.top_p,
-        state_init=args.state_init or "zero", seed=args.seed, stop_ids=[loaded.eot_id])
+        num_steps=args.max_r if rule else args.recurrences,
+        exit_rule=rule,
+        kv_budget=args.kv_budget,
+        continuous_cot=args.continuous_cot,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        state_init=args.state_init or "zero",
+        seed=args.seed,
+        stop_ids=[loaded.eot_id],
+    )
     result = generate(loaded.model, prompt, cfg)
     print(args.prompt + tok.decode(result.new_ids, skip_special_tokens=False))
-    print(f"\n[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, "
-          f"mean depth {result.mean_depth:.1f} iterations/token, prefill "
-          f"{result.prefill_seconds:.2f} s]", file=sys.stderr)
+    print(
+        f"\n[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, "
+        f"mean depth {result.mean_depth:.1f} iterations/token, prefill "
+        f"{result.prefill_seconds:.2f} s]",
+        file=sys.stderr,
+    )
     if args.json:
         from pipeline.atomic import atomic_write_json
 
-        out = {"prompt": args.prompt, "text": tok.decode(result.new_ids), **result.to_dict(),
-               "config": {"r": cfg.num_steps, "adaptive": rule is not None,
-                          "criterion": args.exit_criterion if rule else None,
-                          "threshold": args.threshold if rule else None,
-                          "kv_budget": args.kv_budget, "continuous_cot": args.continuous_cot,
-                          "temperature": args.temperature, "top_p": args.top_p}}
+        out = {
+            "prompt": args.prompt,
+            "text": tok.decode(result.new_ids),
+            **result.to_dict(),
+            "config": {
+                "r": cfg.num_steps,
+                "adaptive": rule is not None,
+                "criterion": args.exit_criterion if rule else None,
+                "threshold": args.threshold if rule else None,
+                "kv_budget": args.kv_budget,
+                "continuous_cot": args.continuous_cot,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+            },
+        }
         atomic_write_json(Path(args.json), out)
     return 0
-

@@ -57,8 +57,9 @@ class DepthSweep:
             "seed": self.seed,
             "tokens": self.tokens,
             "sequences": self.sequences,
-            "depth": {str(r): {"loss": self.loss[r], "ppl": _ppl(self.loss[r])}
-                      for r in self.recurrences},
+            "depth": {
+                str(r): {"loss": self.loss[r], "ppl": _ppl(self.loss[r])} for r in self.recurrences
+            },
             "telemetry": self.telemetry,
         }
 
@@ -101,8 +102,12 @@ def model_device(model) -> torch.device:
 def token_nll(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood in fp32, 0 where the target is IGNORE_INDEX."""
     V = logits_BSV.shape[-1]
-    nll = F.cross_entropy(logits_BSV.float().reshape(-1, V), targets_BS.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(
+        logits_BSV.float().reshape(-1, V),
+        targets_BS.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
     return nll.view_as(targets_BS)
 
 

@@ -92,8 +92,12 @@ class GenerationResult:
         }
 
 
-def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits_BV: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids [B]: argmax at temperature 0, else temperature + nucleus sampling."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
@@ -124,7 +128,7 @@ def fill_unwritten_slots(cache, offset: int, written: int, last_slot: int) -> No
         if block != "core" or slot != written - 1:
             continue
         k_all, v_all = cache.get((block, slot, layer))
-        k_SBNh, v_SBNh = k_all[offset:offset + 1], v_all[offset:offset + 1]
+        k_SBNh, v_SBNh = k_all[offset : offset + 1], v_all[offset : offset + 1]
         for dst_slot in range(written, last_slot):
             cache.update((block, dst_slot, layer), k_SBNh, v_SBNh, offset)
 
@@ -143,13 +147,15 @@ def _run_chunk(model, ids_BS, cache, offset: int, cfg: GenerationConfig, warm_SB
     prev_logp = None
     if rule is not None and rule.criterion != "state":
         prev_logp = F.log_softmax(
-            model.coda(s_SBH, kv_cache=cache, position_offset=offset).float(), -1)
+            model.coda(s_SBH, kv_cache=cache, position_offset=offset).float(), -1
+        )
     depth = cfg.num_steps
     logits_BSV = None
     for i in range(1, cfg.num_steps + 1):
         prev_SBH = s_SBH
-        s_SBH = model.core_step(s_SBH, e_SBH, kv_cache=cache, cache_slot=(i - 1) % cfg.slots,
-                                position_offset=offset)
+        s_SBH = model.core_step(
+            s_SBH, e_SBH, kv_cache=cache, cache_slot=(i - 1) % cfg.slots, position_offset=offset
+        )
         if rule is None or i == cfg.num_steps:
             continue
         # NOTE: the coda attends to earlier positions through the cache; a second decode at the
@@ -170,8 +176,9 @@ def _run_chunk(model, ids_BS, cache, offset: int, cfg: GenerationConfig, warm_SB
     return logits_BSV[:, -1], s_SBH[-1:], depth
 
 
-def generate(model, prompt_ids: Sequence[int] | torch.Tensor, cfg: GenerationConfig,
-             on_token=None) -> GenerationResult:
+def generate(
+    model, prompt_ids: Sequence[int] | torch.Tensor, cfg: GenerationConfig, on_token=None
+) -> GenerationResult:
     """Generate up to cfg.max_new_tokens after `prompt_ids` (one sequence) with a KV cache.
 
     `on_token(token_id, depth)` is called after each new token (for streaming output).
@@ -187,8 +194,7 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, cfg: GenerationCon
         t0 = time.perf_counter()
         cache = new_kv_cache()
         ids_BS = torch.tensor([prompt], dtype=torch.long, device=device)
-        logits_BV, last_SBH, depth = _run_chunk(model, ids_BS, cache, 0, cfg, None,
-                                                adaptive=False)
+        logits_BV, last_SBH, depth = _run_chunk(model, ids_BS, cache, 0, cfg, None, adaptive=False)
         result.prefill_seconds = time.perf_counter() - t0
         offset = len(prompt)
         for _ in range(cfg.max_new_tokens):
@@ -201,8 +207,9 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, cfg: GenerationCon
                 break
             ids_BS = torch.tensor([[tok]], dtype=torch.long, device=device)
             warm = last_SBH if cfg.continuous_cot else None
-            logits_BV, last_SBH, depth = _run_chunk(model, ids_BS, cache, offset, cfg, warm,
-                                                    adaptive=True)
+            logits_BV, last_SBH, depth = _run_chunk(
+                model, ids_BS, cache, offset, cfg, warm, adaptive=True
+            )
             offset += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -210,8 +217,14 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, cfg: GenerationCon
     return result
 
 
-def generate_uncached(model, prompt_ids: Sequence[int], max_new_tokens: int, num_steps: int,
-                      state_init: str = "zero", seed: int = 0) -> list[int]:
+def generate_uncached(
+    model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    num_steps: int,
+    state_init: str = "zero",
+    seed: int = 0,
+) -> list[int]:
     """Greedy reference: recompute the whole sequence at fixed r for every new token."""
     device = model_device(model)
     ids = [int(t) for t in prompt_ids]

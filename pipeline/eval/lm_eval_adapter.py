@@ -38,9 +38,20 @@ class RdptLM(LM):
         max_gen_toks: default generation length for generate_until.
     """
 
-    def __init__(self, model, tokenizer, *, eot_id: int, max_length: int, num_steps: int = 32,
-                 exit_rule: ExitRule | None = None, state_init: str = "zero", seed: int = 0,
-                 batch_size: int = 8, max_gen_toks: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        eot_id: int,
+        max_length: int,
+        num_steps: int = 32,
+        exit_rule: ExitRule | None = None,
+        state_init: str = "zero",
+        seed: int = 0,
+        batch_size: int = 8,
+        max_gen_toks: int = 64,
+    ):
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps: r must be >= 1, got {num_steps}")
@@ -58,13 +69,18 @@ class RdptLM(LM):
         self.depth_tokens = 0
 
     @classmethod
-    def from_checkpoint(cls, ckpt_or_run: str, **kwargs) -> "RdptLM":
+    def from_checkpoint(cls, ckpt_or_run: str, **kwargs) -> RdptLM:
         """Load with pipeline.checkpoint.load_for_inference and wrap it."""
         from pipeline.eval.loading import load_model_and_tokenizer
 
         loaded = load_model_and_tokenizer(ckpt_or_run)
-        return cls(loaded.model, loaded.tokenizer, eot_id=loaded.eot_id,
-                   max_length=loaded.max_length, **kwargs)
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            eot_id=loaded.eot_id,
+            max_length=loaded.max_length,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ tokens
     def tok_encode(self, text: str) -> list[int]:
@@ -82,7 +98,7 @@ class RdptLM(LM):
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
         if whole[: len(ctx)] == ctx:
-            cont = whole[len(ctx):]
+            cont = whole[len(ctx) :]
         else:  # the merge crossed the boundary: encode separately
             cont = self.tok_encode(continuation)
         return (ctx or [self.eot_id]), cont
@@ -95,11 +111,11 @@ class RdptLM(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         with _EvalMode(self.model):
             for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 rows = []
                 for i in idx:
                     ctx, cont = pairs[i]
-                    full = (ctx + cont)[-(self.max_length + 1):]
+                    full = (ctx + cont)[-(self.max_length + 1) :]
                     n_cont = min(len(cont), len(full) - 1)
                     rows.append((full[:-1], full[1:], n_cont))
                 S = max(len(r[0]) for r in rows)
@@ -108,10 +124,17 @@ class RdptLM(LM):
                 for b, (inp, tgt, n_cont) in enumerate(rows):
                     inputs[b, : len(inp)] = torch.tensor(inp)
                     if n_cont:
-                        targets[b, len(tgt) - n_cont: len(tgt)] = torch.tensor(tgt[-n_cont:])
+                        targets[b, len(tgt) - n_cont : len(tgt)] = torch.tensor(tgt[-n_cont:])
                 inputs, targets = inputs.to(device), targets.to(device)
-                sc = score_tokens(self.model, inputs, targets, max_r=self.num_steps,
-                                  rule=self.exit_rule, state_init=self.state_init, seed=self.seed)
+                sc = score_tokens(
+                    self.model,
+                    inputs,
+                    targets,
+                    max_r=self.num_steps,
+                    rule=self.exit_rule,
+                    state_init=self.state_init,
+                    seed=self.seed,
+                )
                 scored = targets != IGNORE_INDEX
                 self.depth_sum += int(sc.depth[scored].sum())
                 self.depth_tokens += int(scored.sum())
@@ -141,8 +164,11 @@ class RdptLM(LM):
             windows = [
                 make_disjoint_window(w)
                 for w in get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.eot_id,
-                    max_seq_len=self.max_length, context_len=1)
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.eot_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
             ]
             total = sum(lp for lp, _ in self._score(windows))
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
@@ -158,13 +184,18 @@ class RdptLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            prompt = (self.tok_encode(context) or [self.eot_id])[-self.max_length:]
+            prompt = (self.tok_encode(context) or [self.eot_id])[-self.max_length :]
             max_new = max(0, min(max_new, self.max_length - len(prompt)))
-            cfg = GenerationConfig(max_new_tokens=max_new, num_steps=self.num_steps,
-                                   exit_rule=self.exit_rule, temperature=temperature,
-                                   top_p=float(kw.get("top_p", 1.0) or 1.0),
-                                   state_init=self.state_init, seed=self.seed,
-                                   stop_ids=[self.eot_id])
+            cfg = GenerationConfig(
+                max_new_tokens=max_new,
+                num_steps=self.num_steps,
+                exit_rule=self.exit_rule,
+                temperature=temperature,
+                top_p=float(kw.get("top_p", 1.0) or 1.0),
+                state_init=self.state_init,
+                seed=self.seed,
+                stop_ids=[self.eot_id],
+            )
             res = generate(self.model, prompt, cfg) if max_new else None
             ids = [t for t in (res.new_ids if res else []) if t != self.eot_id]
             text = self.tok_decode(ids)
@@ -176,8 +207,13 @@ class RdptLM(LM):
         return outputs
 
 
-def run_lm_eval(lm: RdptLM, tasks: list[str], include_path: str | None = None,
-                limit: int | float | None = None, num_fewshot: int | None = None) -> dict:
+def run_lm_eval(
+    lm: RdptLM,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+) -> dict:
     """Run lm-eval `tasks` on `lm`; returns lm-eval's per-task metrics {task: {metric: value}}.
 
     `include_path`: a folder of task YAML files (local data); with it, lm-eval's built-in task
@@ -193,8 +229,16 @@ def run_lm_eval(lm: RdptLM, tasks: list[str], include_path: str | None = None,
     if missing:
         where = f"in {include_path}" if include_path else "(no --lm-eval-include given)"
         raise RdptConfigError(f"lm-eval task(s) not found {where}: {', '.join(missing)}")
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
-                                  num_fewshot=num_fewshot, log_samples=False,
-                                  bootstrap_iters=0)
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-            for task, metrics in out["results"].items()}
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=tm,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        for task, metrics in out["results"].items()
+    }

@@ -73,12 +73,13 @@ def resolve_target(target: str, tracking_uri: str | None = None) -> Path:
     looks_like_id = len(target) >= 8 and all(c in "0123456789abcdef" for c in target.lower())
     if uri and looks_like_id:
         return _run_dir_from_mlflow(target, uri)
-    hint = ("" if uri else "; to name an MLflow run id, set --tracking-uri or MLFLOW_TRACKING_URI")
+    hint = "" if uri else "; to name an MLflow run id, set --tracking-uri or MLFLOW_TRACKING_URI"
     raise RdptCheckpointError(f"no checkpoint or run directory at {target!r}{hint}")
 
 
-def load_model_and_tokenizer(target: str, tracking_uri: str | None = None,
-                             device: str | None = None) -> Loaded:
+def load_model_and_tokenizer(
+    target: str, tracking_uri: str | None = None, device: str | None = None
+) -> Loaded:
     """Load a checkpoint (via pipeline.checkpoint.load_for_inference) with its tokenizer."""
     import torch
 
@@ -111,11 +112,16 @@ def load_model_and_tokenizer(target: str, tracking_uri: str | None = None,
         if eot_id is None:
             eot_id = tokenizer.token_to_id("<|endoftext|>")
             if eot_id is None:
-                specials = [i for i, t in tokenizer.get_added_tokens_decoder().items()
-                            if t.special]
+                specials = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
                 eot_id = min(specials) if specials else None
     return Loaded(
-        model=model, cfg=cfg, tokenizer=tokenizer, tokenizer_path=tok_path, data_path=data_path,
-        eot_id=int(eot_id or 0), max_length=int(cfg.model.max_seq_len), meta=dict(meta or {}),
+        model=model,
+        cfg=cfg,
+        tokenizer=tokenizer,
+        tokenizer_path=tok_path,
+        data_path=data_path,
+        eot_id=int(eot_id or 0),
+        max_length=int(cfg.model.max_seq_len),
+        meta=dict(meta or {}),
         run_dir=run_dir_of(path),
     )

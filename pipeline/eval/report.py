@@ -22,9 +22,11 @@ log = logging.getLogger("rdpt.eval")
 def print_table(results: dict) -> None:
     """The loss-against-depth table (and adaptive / lm-eval summaries) on stdout."""
     step = results.get("step")
-    print(f"\nloss against recurrence depth ({results['tokens']} tokens, "
-          f"{results['sequences']} sequences, state init {results['state_init']}, "
-          f"seed {results['seed']}{'' if step is None else f', checkpoint step {step}'})")
+    print(
+        f"\nloss against recurrence depth ({results['tokens']} tokens, "
+        f"{results['sequences']} sequences, state init {results['state_init']}, "
+        f"seed {results['seed']}{'' if step is None else f', checkpoint step {step}'})"
+    )
     print(f"{'r':>5} {'loss':>9} {'ppl':>10}")
     for r in results["recurrences"]:
         v = results["depth"][str(r)]
@@ -33,20 +35,27 @@ def print_table(results: dict) -> None:
     if ad:
         saved = ad["compute_saved"]
         eq = ad["equal_loss_r"]
-        print(f"\nadaptive exit ({ad['criterion']} < {ad['threshold']:g}, max r {ad['max_r']}): "
-              f"loss {ad['loss']:.4f}, mean depth {ad['mean_depth']:.2f}; "
-              + (f"fixed r with equal loss: {eq}, compute saved {100 * saved:.1f}%"
-                 if eq else "no fixed r up to max r reaches that loss")
-              + f"; vs max r: {100 * ad['compute_saved_vs_max_r']:.1f}% saved")
+        print(
+            f"\nadaptive exit ({ad['criterion']} < {ad['threshold']:g}, max r {ad['max_r']}): "
+            f"loss {ad['loss']:.4f}, mean depth {ad['mean_depth']:.2f}; "
+            + (
+                f"fixed r with equal loss: {eq}, compute saved {100 * saved:.1f}%"
+                if eq
+                else "no fixed r up to max r reaches that loss"
+            )
+            + f"; vs max r: {100 * ad['compute_saved_vs_max_r']:.1f}% saved"
+        )
         hist = " ".join(f"{d}:{c}" for d, c in ad["histogram"].items())
         print(f"exit-depth histogram (depth:tokens): {hist}")
     lm = results.get("lm_eval")
     if lm:
         print(f"\nlm-eval at r={lm['r']}{' (adaptive)' if lm['adaptive'] else ''}:")
         for task, metrics in lm["tasks"].items():
-            vals = ", ".join(f"{k.split(',')[0]}={v:.4f}" for k, v in metrics.items()
-                             if "," in k and isinstance(v, (int, float))
-                             and not isinstance(v, bool))
+            vals = ", ".join(
+                f"{k.split(',')[0]}={v:.4f}"
+                for k, v in metrics.items()
+                if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
             print(f"  {task}: {vals}")
 
 
@@ -76,17 +85,25 @@ def make_plots(results: dict, out_dir: Path, run_dir: Path | None) -> list[Path]
     from pipeline.tracking import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plots.plot_loss_vs_r({int(r): v["loss"] for r, v in results["depth"].items()},
-                                  out_dir / "loss_vs_r.png")]
+    paths = [
+        plots.plot_loss_vs_r(
+            {int(r): v["loss"] for r, v in results["depth"].items()}, out_dir / "loss_vs_r.png"
+        )
+    ]
     ad = results.get("adaptive")
     if ad:
         hist = {int(d): c for d, c in ad["histogram"].items()}
         paths.append(plots.plot_exit_histogram(hist, out_dir / "exit_histogram.png"))
     tel = results.get("telemetry") or {}
-    curves = {name: tel[key] for key, name in (("rel_change", "relative state change"),
-                                               ("state_cosine", "state cosine"),
-                                               ("loss", "loss"))
-              if tel.get(key)}
+    curves = {
+        name: tel[key]
+        for key, name in (
+            ("rel_change", "relative state change"),
+            ("state_cosine", "state cosine"),
+            ("loss", "loss"),
+        )
+        if tel.get(key)
+    }
     if curves:
         paths.append(plots.plot_state_convergence(curves, out_dir / "state_convergence.png"))
     curve = training_curve(run_dir) if run_dir else []
@@ -102,19 +119,27 @@ def _metric_key(text: str) -> str:
 
 def eval_metrics(results: dict) -> list[tuple[dict, int]]:
     """(metrics, step) groups for MLflow."""
-    groups = [({"eval/loss_r": v["loss"], "eval/ppl_r": v["ppl"]}, int(r))
-              for r, v in results["depth"].items()]
+    groups = [
+        ({"eval/loss_r": v["loss"], "eval/ppl_r": v["ppl"]}, int(r))
+        for r, v in results["depth"].items()
+    ]
     tel = results.get("telemetry") or {}
     for i, it in enumerate(tel.get("iteration", [])):
-        m = {f"eval/iter_{k}": tel[k][i] for k in ("rel_change", "state_cosine", "loss")
-             if tel.get(k)}
+        m = {
+            f"eval/iter_{k}": tel[k][i]
+            for k in ("rel_change", "state_cosine", "loss")
+            if tel.get(k)
+        }
         if m:
             groups.append((m, int(it)))
     step = int(results.get("step") or 0)
     ad = results.get("adaptive")
     if ad:
-        m = {"eval/adaptive_loss": ad["loss"], "eval/adaptive_mean_depth": ad["mean_depth"],
-             "eval/adaptive_compute_saved_vs_max_r": ad["compute_saved_vs_max_r"]}
+        m = {
+            "eval/adaptive_loss": ad["loss"],
+            "eval/adaptive_mean_depth": ad["mean_depth"],
+            "eval/adaptive_compute_saved_vs_max_r": ad["compute_saved_vs_max_r"],
+        }
         if ad["compute_saved"] is not None:
             m["eval/adaptive_compute_saved"] = ad["compute_saved"]
         groups.append((m, step))
@@ -168,11 +193,13 @@ def finish_tracker(tracker, prev_status) -> None:
     if prev_status == "RUNNING":
         ok = tracker.flush(timeout=60)
     else:
-        ok = tracker.close(prev_status if prev_status in ("FAILED", "KILLED") else "FINISHED",
-                           timeout=60)
+        ok = tracker.close(
+            prev_status if prev_status in ("FAILED", "KILLED") else "FINISHED", timeout=60
+        )
     if not ok:
-        log.warning("MLflow: not everything was delivered; it is kept in %s/metrics.jsonl",
-                    tracker.run_dir)
+        log.warning(
+            "MLflow: not everything was delivered; it is kept in %s/metrics.jsonl", tracker.run_dir
+        )
 
 
 def write_outputs(results: dict, args, loaded) -> Path:
@@ -185,8 +212,11 @@ def write_outputs(results: dict, args, loaded) -> Path:
     out_dir = Path(args.out_dir) if args.out_dir else base / "eval"
     pngs = make_plots(results, out_dir, loaded.run_dir)
     results["plots"] = [str(p) for p in pngs]
-    tracker, prev_status = (None, None) if args.no_mlflow else open_tracker(
-        loaded.run_dir, args.tracking_uri, loaded.cfg, args.target)
+    tracker, prev_status = (
+        (None, None)
+        if args.no_mlflow
+        else open_tracker(loaded.run_dir, args.tracking_uri, loaded.cfg, args.target)
+    )
     results["mlflow_run_id"] = tracker.run_id if tracker else None
     atomic_write_json(json_path, results)
     if tracker is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +78,7 @@ class CoreAttention(MegatronModule):
     def __init__(self, config, backend: str = "auto"):
         super().__init__(config=config)
         self.backend_name = backend
-        self._resolved: Optional[str] = None
+        self._resolved: str | None = None
 
     def backend(self, device: torch.device) -> str:
         if self._resolved is None:
@@ -118,17 +117,24 @@ class CoreAttention(MegatronModule):
 
 @dataclass
 class SelfAttentionSubmodules:
-    linear_qkv: Union[ModuleSpec, type]
-    core_attention: Union[ModuleSpec, type]
-    linear_proj: Union[ModuleSpec, type]
+    linear_qkv: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
 
 
 class HuginnSelfAttention(MegatronModule):
     """Causal self-attention: fused head-major QKV, optional qk_bias before RoPE (fp32,
     interleaved pairs), no GQA, no linear biases."""
 
-    def __init__(self, config, submodules: SelfAttentionSubmodules, *, qk_bias: bool,
-                 backend: str, output_init_method):
+    def __init__(
+        self,
+        config,
+        submodules: SelfAttentionSubmodules,
+        *,
+        qk_bias: bool,
+        backend: str,
+        output_init_method,
+    ):
         super().__init__(config=config)
         from megatron.core.parallel_state import get_tensor_model_parallel_world_size
         from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
@@ -138,13 +144,24 @@ class HuginnSelfAttention(MegatronModule):
         self.num_heads_local = config.num_attention_heads // tp
         self.head_dim = h // config.num_attention_heads
         self.linear_qkv = build_module(
-            submodules.linear_qkv, h, 3 * h, config=config, init_method=config.init_method,
-            bias=False, gather_output=False,
+            submodules.linear_qkv,
+            h,
+            3 * h,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
         )
         self.core_attention = build_module(submodules.core_attention, config, backend=backend)
         self.linear_proj = build_module(
-            submodules.linear_proj, h, h, config=config, init_method=output_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=False,
+            submodules.linear_proj,
+            h,
+            h,
+            config=config,
+            init_method=output_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
         if qk_bias:
             # Huginn layout [2 (q,k), 1, heads, head_dim]; TP splits the heads dim.

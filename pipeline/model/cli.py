@@ -57,13 +57,13 @@ def register(subparsers) -> None:
 
 
 def model_info(args) -> int:
+    from megatron.core import parallel_state
+
     from pipeline.config_io import load_config
     from pipeline.model.config import ModelConfig
     from pipeline.model.counting import closed_form_parameters, count_parameters_meta
     from pipeline.model.flops import flops_per_token, forward_flops_per_token
     from pipeline.parallel import destroy_parallel, initialize_parallel
-
-    from megatron.core import parallel_state
 
     cfg = load_config(ModelConfig, args.config, args.overrides)
     owns_state = not parallel_state.model_parallel_is_initialized()
@@ -94,9 +94,11 @@ def model_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{args.config}: h={cfg.hidden_size} heads={cfg.num_heads}x{cfg.head_dim} "
-          f"ffn={cfg.ffn_hidden_size} vocab={cfg.vocab_size} layers "
-          f"{cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} ({cfg.layer_type})")
+    print(
+        f"{args.config}: h={cfg.hidden_size} heads={cfg.num_heads}x{cfg.head_dim} "
+        f"ffn={cfg.ffn_hidden_size} vocab={cfg.vocab_size} layers "
+        f"{cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} ({cfg.layer_type})"
+    )
     for part, n in counts.items():
         if part == "total":
             continue
@@ -104,8 +106,10 @@ def model_info(args) -> int:
     tied = " (tied embeddings)" if cfg.tie_embeddings else ""
     print(f"  {'total':<12} {counts['total']:>16,} unique parameters{tied}")
     print(f"  closed-form formula agrees: {counts == formula}")
-    print(f"FLOPs per token at seq_len {args.seq_len}: training r={args.r} k={args.k}: "
-          f"{_fmt(train_f)}; forward r={args.r}: {_fmt(fwd_f)}")
+    print(
+        f"FLOPs per token at seq_len {args.seq_len}: training r={args.r} k={args.k}: "
+        f"{_fmt(train_f)}; forward r={args.r}: {_fmt(fwd_f)}"
+    )
     return 0 if counts == formula else 1
 
 

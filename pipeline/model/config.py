@@ -7,7 +7,7 @@ docstring; cross-field rules are checked in `check()` and raise RdptConfigError 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import model_validator
 
@@ -47,14 +47,14 @@ class ModelConfig(ConfigModel):
     """Multiply token embeddings by sqrt(hidden_size) (Huginn)."""
     tie_embeddings: bool = True
     """LM head shares the token-embedding matrix."""
-    init_std: Optional[float] = None
+    init_std: float | None = None
     """Std of the normal weight init; None = sqrt(2 / (5 h)). Output projections are
     further scaled by 1/sqrt(2 * (n_prelude + n_core + n_coda))."""
     state_init: Literal["truncated_normal", "zeros"] = "truncated_normal"
     """Default distribution of the initial latent state s0 (the forward's state_init wins)."""
-    state_init_std: Optional[float] = None
+    state_init_std: float | None = None
     """Std of s0's truncated normal (cut at +-3 std) before scaling; None = sqrt(2 / (5 h))."""
-    state_init_scale: Optional[float] = None
+    state_init_scale: float | None = None
     """Factor applied to s0 after drawing; None = sqrt(h) (Huginn)."""
     attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     """Core attention: flash-attn, torch SDPA (cuDNN preferred on Hopper), plain math; auto
@@ -63,7 +63,7 @@ class ModelConfig(ConfigModel):
     """Recompute the activations of each graded core iteration in backward (exact)."""
 
     @model_validator(mode="after")
-    def _validate(self) -> "ModelConfig":
+    def _validate(self) -> ModelConfig:
         self.check()
         return self
 

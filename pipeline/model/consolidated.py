@@ -5,8 +5,9 @@ read it, and any TP size can load it (resharded on load).
     <dir>/model.safetensors   names as in RecurrentDepthLM.named_parameters() (tied head stored
                               once as embedding.weight) except that a block's layers are
                               `<part>_block.<i>` (the model's TransformerBlocks hold them as
-                              `<part>_block.layers.<i>`: `consolidated_name`); QKV rows in megatron's head-major
-                              [head, (q|k|v), head_dim] order; fc1 rows [gate | up]
+                              `<part>_block.layers.<i>`: `consolidated_name`); QKV rows in
+                              megatron's head-major [head, (q|k|v), head_dim] order; fc1 rows
+                              [gate | up]
     <dir>/model.yaml          the ModelConfig
 
     save_consolidated(model, cfg, out_dir)    # collective over the TP group; rank 0 writes
@@ -110,8 +111,9 @@ def load_full_state_dict(model, full_sd: dict[str, torch.Tensor]) -> None:
             p.copy_(t.to(p.dtype))
 
 
-def write_consolidated(full_sd: dict[str, torch.Tensor], cfg: ModelConfig,
-                       out_dir: str | os.PathLike) -> Path:
+def write_consolidated(
+    full_sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike
+) -> Path:
     """Write an already gathered state dict + config as a consolidated checkpoint directory
     (built under a temporary name, then renamed)."""
     from safetensors.torch import save_file

@@ -224,5 +224,3 @@ def convert_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     cfg, sd = load_consolidated(ckpt)
     return write_hf_dir(rdpt_to_hf(sd, cfg), config_to_hf(cfg), out_dir)
-
-

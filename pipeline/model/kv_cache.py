@@ -90,8 +90,11 @@ class KVCache:
     def _latest_donor(self, key, offset):
         block, _, layer = key
         candidates = [
-            other for other in self._k
-            if other[0] == block and other[2] == layer and other != key
+            other
+            for other in self._k
+            if other[0] == block
+            and other[2] == layer
+            and other != key
             and self._len[other] >= offset
         ]
         return max(candidates, key=lambda o: self._written[o], default=None)

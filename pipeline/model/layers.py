@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +84,8 @@ class RMSNorm(torch.nn.Module):
 
 @dataclass
 class MLPSubmodules:
-    linear_fc1: Union[ModuleSpec, type]
-    linear_fc2: Union[ModuleSpec, type]
+    linear_fc1: ModuleSpec | type
+    linear_fc2: ModuleSpec | type
 
 
 class SwiGLUMLP(MegatronModule):
@@ -97,12 +96,24 @@ class SwiGLUMLP(MegatronModule):
         super().__init__(config=config)
         h, f = config.hidden_size, config.ffn_hidden_size
         self.linear_fc1 = build_module(
-            submodules.linear_fc1, h, 2 * f, config=config, init_method=config.init_method,
-            bias=False, gather_output=False, stride=2,
+            submodules.linear_fc1,
+            h,
+            2 * f,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+            stride=2,
         )
         self.linear_fc2 = build_module(
-            submodules.linear_fc2, f, h, config=config, init_method=output_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=False,
+            submodules.linear_fc2,
+            f,
+            h,
+            config=config,
+            init_method=output_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
 
     def forward(self, x_SBH):
@@ -114,12 +125,12 @@ class SwiGLUMLP(MegatronModule):
 
 @dataclass
 class LayerSubmodules:
-    norm_1: Union[ModuleSpec, type]
-    self_attention: Union[ModuleSpec, type]
-    norm_2: Union[ModuleSpec, type, None]
-    norm_3: Union[ModuleSpec, type]
-    mlp: Union[ModuleSpec, type]
-    norm_4: Union[ModuleSpec, type, None]
+    norm_1: ModuleSpec | type
+    self_attention: ModuleSpec | type
+    norm_2: ModuleSpec | type | None
+    norm_3: ModuleSpec | type
+    mlp: ModuleSpec | type
+    norm_4: ModuleSpec | type | None
 
 
 class DecoderLayer(MegatronModule):
@@ -130,9 +141,19 @@ class DecoderLayer(MegatronModule):
     what TransformerBlock passes to every layer it builds; the layer number is the layer index
     of rdpt's KV cache key (block, slot, layer)."""
 
-    def __init__(self, config, submodules: LayerSubmodules, *, eps: float, qk_bias: bool,
-                 backend: str, output_init_method, layer_number: int = 1, pg_collection=None,
-                 vp_stage=None):
+    def __init__(
+        self,
+        config,
+        submodules: LayerSubmodules,
+        *,
+        eps: float,
+        qk_bias: bool,
+        backend: str,
+        output_init_method,
+        layer_number: int = 1,
+        pg_collection=None,
+        vp_stage=None,
+    ):
         super().__init__(config=config)
         self.layer_number = layer_number
         h, dt = config.hidden_size, config.params_dtype
@@ -142,7 +163,10 @@ class DecoderLayer(MegatronModule):
 
         self.norm_1 = norm(submodules.norm_1)
         self.self_attention = build_module(
-            submodules.self_attention, config, qk_bias=qk_bias, backend=backend,
+            submodules.self_attention,
+            config,
+            qk_bias=qk_bias,
+            backend=backend,
             output_init_method=output_init_method,
         )
         self.norm_2 = norm(submodules.norm_2)
@@ -150,8 +174,16 @@ class DecoderLayer(MegatronModule):
         self.mlp = build_module(submodules.mlp, config, output_init_method=output_init_method)
         self.norm_4 = norm(submodules.norm_4)
 
-    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
-                rotary_pos_emb=None, inference_context=None, **unused):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        context=None,
+        context_mask=None,
+        rotary_pos_emb=None,
+        inference_context=None,
+        **unused,
+    ):
         """megatron's TransformerLayer contract, as TransformerBlock calls it (all keywords).
 
         hidden_states [S, B, H]; rotary_pos_emb: the RoPE table [S, 1, 1, head_dim];
@@ -202,15 +234,17 @@ def layer_spec(layer_type: str = "sandwich") -> ModuleSpec:
     )
 
 
-def block_spec(layer_type: str, n_layers: int, *, eps: float, qk_bias: bool, backend: str,
-               output_init_method):
+def block_spec(
+    layer_type: str, n_layers: int, *, eps: float, qk_bias: bool, backend: str, output_init_method
+):
     """megatron's TransformerBlockSubmodules for a block of `n_layers` identical layers (the
     layer's own constructor arguments travel in the ModuleSpec's params)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     spec = dataclasses.replace(
         layer_spec(layer_type),
-        params=dict(eps=eps, qk_bias=qk_bias, backend=backend,
-                    output_init_method=output_init_method),
+        params=dict(
+            eps=eps, qk_bias=qk_bias, backend=backend, output_init_method=output_init_method
+        ),
     )
     return TransformerBlockSubmodules(layer_specs=[spec] * n_layers)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,9 @@ class RecurrentOutput(NamedTuple):
         scalar (mean pairwise cosine of the final token states)} when asked for, else None.
     """
 
-    loss_BS: Optional[torch.Tensor]
-    logits_BSV: Optional[torch.Tensor]
-    telemetry: Optional[dict]
+    loss_BS: torch.Tensor | None
+    logits_BSV: torch.Tensor | None
+    telemetry: dict | None
 
 
 def state_seed_for(seed: int, sample_id: int) -> int:
@@ -99,9 +99,17 @@ class RecurrentDepthLM(MegatronModule):
             # the final norm is the model's shared ln_f.
             return TransformerBlock(
                 dataclasses.replace(config, num_layers=n),
-                block_spec(cfg.layer_type, n, eps=cfg.norm_eps, qk_bias=cfg.qk_bias,
-                           backend=cfg.attention_backend, output_init_method=output_init),
-                post_layer_norm=False, pre_process=True, post_process=True,
+                block_spec(
+                    cfg.layer_type,
+                    n,
+                    eps=cfg.norm_eps,
+                    qk_bias=cfg.qk_bias,
+                    backend=cfg.attention_backend,
+                    output_init_method=output_init,
+                ),
+                post_layer_norm=False,
+                pre_process=True,
+                post_process=True,
             )
 
         self.embedding = tensor_parallel.VocabParallelEmbedding(
@@ -109,8 +117,13 @@ class RecurrentDepthLM(MegatronModule):
         )
         self.prelude_block = make_block(cfg.n_prelude)
         self.adapter = RowLinear(
-            2 * h, h, config=config, init_method=config.init_method, bias=False,
-            input_is_parallel=True, skip_bias_add=False,
+            2 * h,
+            h,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
         self.core_block = make_block(cfg.n_core)
         self.coda_block = make_block(cfg.n_coda)
@@ -119,7 +132,11 @@ class RecurrentDepthLM(MegatronModule):
             self.output_layer = None
         else:
             self.output_layer = ColumnLinear(
-                h, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
+                h,
+                cfg.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
                 gather_output=False,
             )
         self.rotary = compat.make_rotary(cfg.head_dim, cfg.rope_base)
@@ -132,8 +149,9 @@ class RecurrentDepthLM(MegatronModule):
         # The layers take the KV cache through TransformerBlock's inference_context pass-through
         # (see kv_cache.CacheView); the attention is causal by construction (no mask).
         view = None if kv_cache is None else CacheView(kv_cache, name, slot, position_offset)
-        return block(hidden_states=x_SBH, attention_mask=None, rotary_pos_emb=rope,
-                     inference_context=view)
+        return block(
+            hidden_states=x_SBH, attention_mask=None, rotary_pos_emb=rope, inference_context=view
+        )
 
     def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
@@ -143,8 +161,9 @@ class RecurrentDepthLM(MegatronModule):
         rope = self._rope(x_SBH.shape[0], position_offset, x_SBH.device)
         return self._run(self.prelude_block, "prelude", 0, x_SBH, rope, kv_cache, position_offset)
 
-    def initial_state(self, e_SBH, mode: str | None = None, seed: int = 0,
-                      sample_ids_B=None) -> torch.Tensor:
+    def initial_state(
+        self, e_SBH, mode: str | None = None, seed: int = 0, sample_ids_B=None
+    ) -> torch.Tensor:
         """s_0 [S, B, H]: zeros, or a truncated normal (std sqrt(2/(5h)) cut at +-3 std, times
         sqrt(h) by default) drawn per sample from a generator seeded by (seed, sample id), so a
         sample's state never depends on the batch it sits in or the data-parallel size."""
@@ -178,8 +197,9 @@ class RecurrentDepthLM(MegatronModule):
         x, _ = self.adapter(compat.scatter_last_dim(torch.cat([s_SBH, e_SBH], dim=-1)))
         return self._run(self.core_block, "core", cache_slot, x, rope, kv_cache, position_offset)
 
-    def core_step(self, s_SBH, e_SBH, kv_cache=None, cache_slot: int = 0,
-                  position_offset: int = 0) -> torch.Tensor:
+    def core_step(
+        self, s_SBH, e_SBH, kv_cache=None, cache_slot: int = 0, position_offset: int = 0
+    ) -> torch.Tensor:
         """One core iteration: s <- core(adapter(concat(s, e)))."""
         rope = self._rope(s_SBH.shape[0], position_offset, s_SBH.device)
         return self._core(s_SBH, e_SBH, rope, kv_cache, cache_slot, position_offset)
@@ -203,10 +223,18 @@ class RecurrentDepthLM(MegatronModule):
         return logits.transpose(0, 1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids_BS, labels_BS=None, *, num_steps: int,
-                backprop_depth: int | None = None, state_init: str | None = None,
-                state_seed: int = 0, sample_ids_B=None, telemetry: bool = False
-                ) -> RecurrentOutput:
+    def forward(
+        self,
+        input_ids_BS,
+        labels_BS=None,
+        *,
+        num_steps: int,
+        backprop_depth: int | None = None,
+        state_init: str | None = None,
+        state_seed: int = 0,
+        sample_ids_B=None,
+        telemetry: bool = False,
+    ) -> RecurrentOutput:
         """Run the model with r = num_steps core iterations, of which the last
         min(backprop_depth, r) carry gradients (None: all of them).
 

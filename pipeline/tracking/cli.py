@@ -33,40 +33,62 @@ as artifacts comparisons/vs-<ids>/ to each compared run (--no-log to skip)."""
 def register(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
-        "mlflow-server", help="start/stop a local MLflow tracking server (sqlite, 127.0.0.1)",
+        "mlflow-server",
+        help="start/stop a local MLflow tracking server (sqlite, 127.0.0.1)",
         description="Run a local MLflow tracking server in the background: sqlite database and "
         "artifact store under --root, bound to 127.0.0.1.",
-        epilog=SERVER_EPILOG, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=SERVER_EPILOG,
+        formatter_class=fmt,
+    )
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--root", default=None, help="server directory (default ./mlflow or "
-                   "$RDPT_MLFLOW_ROOT)")  # fmt: skip
+    p.add_argument(
+        "--root", default=None, help="server directory (default ./mlflow or $RDPT_MLFLOW_ROOT)"
+    )
     p.add_argument("--port", type=int, default=None, help="port (default 5000 if free)")
     p.set_defaults(func=server_handler)
 
     p = subparsers.add_parser(
-        "runs", help="list and compare training runs in MLflow",
+        "runs",
+        help="list and compare training runs in MLflow",
         description="Tables of runs (status, tokens, loss, loss at r = 1/8/32, tokens/s) and "
         "side-by-side comparisons of runs with plots.",
-        epilog=RUNS_EPILOG, formatter_class=fmt,
-    )  # fmt: skip
+        epilog=RUNS_EPILOG,
+        formatter_class=fmt,
+    )
     sub = p.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--experiment", "-e", default=None, help="experiment name (default: all)")
     common.add_argument("--tracking-uri", default=None, help="server URL or sqlite:///file.db")
     common.add_argument("--format", choices=["md", "csv", "json"], default="md")
-    q = sub.add_parser("list", parents=[common], help="table of runs", epilog=RUNS_EPILOG,
-                       formatter_class=fmt, description="List runs, newest first.")  # fmt: skip
-    q.add_argument("--filter", default=None, help="MLflow filter, e.g. \"params.optim.lr = "
-                   "'0.001'\" or \"metrics.`train/loss` < 3\"")  # fmt: skip
+    q = sub.add_parser(
+        "list",
+        parents=[common],
+        help="table of runs",
+        epilog=RUNS_EPILOG,
+        formatter_class=fmt,
+        description="List runs, newest first.",
+    )
+    q.add_argument(
+        "--filter",
+        default=None,
+        help='MLflow filter, e.g. "params.optim.lr = \'0.001\'" or "metrics.`train/loss` < 3"',
+    )
     q.add_argument("--max-results", type=int, default=1000)
     q.set_defaults(func=runs_list_handler)
-    q = sub.add_parser("compare", parents=[common], help="compare two or more runs",
-                       epilog=RUNS_EPILOG, formatter_class=fmt,
-                       description="Params that differ, metrics side by side, plots.")  # fmt: skip
+    q = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="compare two or more runs",
+        epilog=RUNS_EPILOG,
+        formatter_class=fmt,
+        description="Params that differ, metrics side by side, plots.",
+    )
     q.add_argument("runs", nargs="+", metavar="RUN", help="run ids or run names")
-    q.add_argument("--out", default=None, help="directory for plots and comparison.json "
-                   "(default comparisons/vs-<ids>)")  # fmt: skip
+    q.add_argument(
+        "--out",
+        default=None,
+        help="directory for plots and comparison.json (default comparisons/vs-<ids>)",
+    )
     q.add_argument("--no-log", action="store_true", help="do not log the plots to the runs")
     q.set_defaults(func=runs_compare_handler)
 
@@ -79,8 +101,11 @@ def server_handler(args) -> int:
     if args.action == "start":
         url, started = start_detached(root, args.port)
         print(url)
-        print(f"MLflow server {'started' if started else 'already running'} at {url} "
-              f"(root {root}); export MLFLOW_TRACKING_URI={url}", file=sys.stderr)  # fmt: skip
+        print(
+            f"MLflow server {'started' if started else 'already running'} at {url} "
+            f"(root {root}); export MLFLOW_TRACKING_URI={url}",
+            file=sys.stderr,
+        )
         return 0
     if args.action == "stop":
         stopped = stop_detached(root)
@@ -107,7 +132,8 @@ def runs_list_handler(args) -> int:
 def runs_compare_handler(args) -> int:
     from pipeline.tracking.runs import compare_runs, format_comparison
 
-    result = compare_runs(args.runs, args.tracking_uri, args.experiment, args.out,
-                          log_to_runs=not args.no_log)  # fmt: skip
+    result = compare_runs(
+        args.runs, args.tracking_uri, args.experiment, args.out, log_to_runs=not args.no_log
+    )
     print(format_comparison(result, args.format), end="")
     return 0

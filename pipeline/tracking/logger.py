@@ -34,8 +34,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from pipeline.atomic import atomic_write_json
 from pipeline.tracking.server import health_ok
@@ -133,8 +134,10 @@ class RunTracker:
         self.run_name = run_name or self.run_dir.name
         self.enabled = bool(enabled and self.tracking_uri)
         if enabled and not self.tracking_uri:
-            log.warning("no tracking URI (argument or MLFLOW_TRACKING_URI): metrics go to %s only",
-                        self.run_dir / METRICS_FILE)  # fmt: skip
+            log.warning(
+                "no tracking URI (argument or MLFLOW_TRACKING_URI): metrics go to %s only",
+                self.run_dir / METRICS_FILE,
+            )
         self.system_metrics_interval = system_metrics_interval or 0.0
         self.flush_interval = flush_interval
         self.checkpoint_artifact_max_bytes = checkpoint_artifact_max_bytes
@@ -169,8 +172,9 @@ class RunTracker:
         self._worker: threading.Thread | None = None
         self.stats = {"batches": 0, "metrics_sent": 0, "send_failures": 0, "dropped_ops": 0}
         if self.enabled:
-            self._worker = threading.Thread(target=self._run_worker, name="rdpt-mlflow",
-                                            daemon=True)  # fmt: skip
+            self._worker = threading.Thread(
+                target=self._run_worker, name="rdpt-mlflow", daemon=True
+            )
             self._worker.start()
             atexit.register(self._flush_at_exit)
 
@@ -204,8 +208,9 @@ class RunTracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue tags (values stringified, cut to 8000 characters)."""
-        self._enqueue(_Op("tags", {_clean_key(k): _stringify(v, MAX_TAG_VAL)
-                                   for k, v in tags.items()}))  # fmt: skip
+        self._enqueue(
+            _Op("tags", {_clean_key(k): _stringify(v, MAX_TAG_VAL) for k, v in tags.items()})
+        )
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Record `metrics` at `step`: one line in metrics.jsonl now, MLflow in the background.
@@ -251,14 +256,25 @@ class RunTracker:
             size = _tree_size(p)
         upload = size <= self.checkpoint_artifact_max_bytes
         name = f"step-{int(step):08d}"
-        ref = {"path": str(p), "host": socket.gethostname(), "step": int(step), "size": int(size),
-               "sha256": sha256, "uploaded_as_artifact": upload}  # fmt: skip
+        ref = {
+            "path": str(p),
+            "host": socket.gethostname(),
+            "step": int(step),
+            "size": int(size),
+            "sha256": sha256,
+            "uploaded_as_artifact": upload,
+        }
         ref_path = self.run_dir / REFS_DIR / f"{name}.json"
         atomic_write_json(ref_path, ref)
         self.log_artifact(ref_path, "checkpoints")
-        self.set_tags({"checkpoint.latest.path": str(p), "checkpoint.latest.step": int(step),
-                       "checkpoint.latest.size": int(size),
-                       "checkpoint.latest.sha256": sha256 or ""})  # fmt: skip
+        self.set_tags(
+            {
+                "checkpoint.latest.path": str(p),
+                "checkpoint.latest.step": int(step),
+                "checkpoint.latest.size": int(size),
+                "checkpoint.latest.sha256": sha256 or "",
+            }
+        )
         if upload:
             self.log_artifact(p, f"checkpoints/{name}" if p.is_dir() else "checkpoints")
 
@@ -281,8 +297,11 @@ class RunTracker:
                     down_since = None
                 elif down_since is None:
                     down_since = now
-                if down_grace is not None and down_since is not None and \
-                        now - down_since >= down_grace:
+                if (
+                    down_grace is not None
+                    and down_since is not None
+                    and now - down_since >= down_grace
+                ):
                     return False
                 left = deadline - now
                 if left <= 0 or not self._worker.is_alive():
@@ -291,8 +310,9 @@ class RunTracker:
                 self._wake.set()
         return True
 
-    def close(self, status: str = "FINISHED", timeout: float = 30.0,
-              down_grace: float = 5.0) -> bool:
+    def close(
+        self, status: str = "FINISHED", timeout: float = 30.0, down_grace: float = 5.0
+    ) -> bool:
         """Mark the run `status` (FINISHED, FAILED, KILLED), flush, stop the thread.
 
         Waits up to `timeout` s while the server answers, but only `down_grace` s once it is
@@ -317,18 +337,27 @@ class RunTracker:
         with self._lock:
             self._jsonl.close()
         if not ok:
-            log.warning("MLflow: %d operations not delivered to %s (metrics are in %s; a "
-                        "resumed run replays them)", pending, self.tracking_uri,
-                        self._jsonl_path)  # fmt: skip
+            log.warning(
+                "MLflow: %d operations not delivered to %s (metrics are in %s; a "
+                "resumed run replays them)",
+                pending,
+                self.tracking_uri,
+                self._jsonl_path,
+            )
         return ok
 
-    def __enter__(self) -> "RunTracker":
+    def __enter__(self) -> RunTracker:
         self.ensure_run()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close("FINISHED" if exc_type is None else
-                   "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")  # fmt: skip
+        self.close(
+            "FINISHED"
+            if exc_type is None
+            else "KILLED"
+            if issubclass(exc_type, KeyboardInterrupt)
+            else "FAILED"
+        )
 
     def _flush_at_exit(self) -> None:
         # A process that never called close(): deliver what we can; the rest is replayed later.
@@ -380,9 +409,13 @@ class RunTracker:
                 except MlflowException as e:
                     if e.get_http_status_code() >= 500:
                         raise
-                    log.warning("run %s from %s is not in %s (%s): starting a new MLflow run",
-                                saved["run_id"], self.run_dir / RUN_FILE, self.tracking_uri,
-                                e.error_code)  # fmt: skip
+                    log.warning(
+                        "run %s from %s is not in %s (%s): starting a new MLflow run",
+                        saved["run_id"],
+                        self.run_dir / RUN_FILE,
+                        self.tracking_uri,
+                        e.error_code,
+                    )
             if run is not None:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
@@ -392,11 +425,16 @@ class RunTracker:
                 tags = {"rdpt.run_dir": str(self.run_dir.resolve())}
                 run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.experiment_id = run.info.experiment_id
-            atomic_write_json(self.run_dir / RUN_FILE, {
-                "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                "experiment": self.experiment, "run_name": run.info.run_name,
-                "tracking_uri": self.tracking_uri,
-            })  # fmt: skip
+            atomic_write_json(
+                self.run_dir / RUN_FILE,
+                {
+                    "run_id": run.info.run_id,
+                    "experiment_id": run.info.experiment_id,
+                    "experiment": self.experiment,
+                    "run_name": run.info.run_name,
+                    "tracking_uri": self.tracking_uri,
+                },
+            )
             delivered = _read_json(self.run_dir / DELIVERED_FILE)
             start = delivered.get("offset", 0) if delivered.get("run_id") == run.info.run_id else 0
             replay = list(self._read_lines(start, self._replay_end))
@@ -417,7 +455,7 @@ class RunTracker:
             return exp.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:///"):
-            db = Path(self.tracking_uri[len("sqlite:///"):]).resolve()
+            db = Path(self.tracking_uri[len("sqlite:///") :]).resolve()
             location = (db.parent / "artifacts").as_uri()
         try:
             return client.create_experiment(self.experiment, artifact_location=location)
@@ -440,8 +478,11 @@ class RunTracker:
                     step, ts = int(rec.pop("step")), int(rec.pop("timestamp"))
                     items = [(k, float(v), ts, step) for k, v in rec.items()]
                 except (ValueError, KeyError, TypeError):
-                    log.warning("skipping unreadable line at byte %d of %s", offset - len(raw),
-                                self._jsonl_path)  # fmt: skip
+                    log.warning(
+                        "skipping unreadable line at byte %d of %s",
+                        offset - len(raw),
+                        self._jsonl_path,
+                    )
                     continue
                 yield _Op("metrics", items, offset)
 
@@ -466,8 +507,11 @@ class RunTracker:
                 continue
             if self._drain():
                 if not self._server_ok:
-                    log.warning("MLflow server %s is back after %.0f s; delivered the backlog",
-                                self.tracking_uri, time.monotonic() - (self._outage_since or now))
+                    log.warning(
+                        "MLflow server %s is back after %.0f s; delivered the backlog",
+                        self.tracking_uri,
+                        time.monotonic() - (self._outage_since or now),
+                    )
                 self._server_ok, self._outage_since = True, None
                 delay = self.flush_interval
             elif self._stop:
@@ -475,8 +519,11 @@ class RunTracker:
             else:
                 self.stats["send_failures"] += 1
                 if self._server_ok:
-                    log.warning("MLflow server %s unreachable: buffering (%d queued); training "
-                                "continues", self.tracking_uri, self.pending)  # fmt: skip
+                    log.warning(
+                        "MLflow server %s unreachable: buffering (%d queued); training continues",
+                        self.tracking_uri,
+                        self.pending,
+                    )
                     self._server_ok, self._outage_since = False, now
                     delay = 0.5
                 else:
@@ -504,8 +551,9 @@ class RunTracker:
                     self.stats["batches"] += 1
                 except _PermanentError as e:
                     self.stats["dropped_ops"] += len(ops)
-                    log.warning("MLflow rejected %s (%s); dropped (still in metrics.jsonl)",
-                                ops[0].kind, e)  # fmt: skip
+                    log.warning(
+                        "MLflow rejected %s (%s); dropped (still in metrics.jsonl)", ops[0].kind, e
+                    )
                 except Exception:
                     with self._lock:
                         self._queue.extendleft(reversed(ops))
@@ -549,8 +597,9 @@ class RunTracker:
             if kind in ("metrics", "system"):
                 metrics = [Metric(k, v, ts, step) for op in ops for (k, v, ts, step) in op.payload]
                 for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                    client.log_batch(run_id, metrics=metrics[i: i + MAX_METRICS_PER_BATCH],
-                                     synchronous=True)  # fmt: skip
+                    client.log_batch(
+                        run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True
+                    )
                 self.stats["metrics_sent"] += len(metrics)
             elif kind == "params":
                 new, changed = {}, {}
@@ -562,12 +611,16 @@ class RunTracker:
                         changed[f"rdpt.param_changed.{k}"[:MAX_KEY]] = v
                 items = [Param(k, v) for k, v in new.items()]
                 for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                    client.log_batch(run_id, params=items[i: i + MAX_PARAMS_PER_BATCH],
-                                     synchronous=True)  # fmt: skip
+                    client.log_batch(
+                        run_id, params=items[i : i + MAX_PARAMS_PER_BATCH], synchronous=True
+                    )
                 self._existing_params.update(new)
                 if changed:
-                    log.warning("params changed on a continued run (kept the first values, new "
-                                "ones as tags): %s", sorted(changed))  # fmt: skip
+                    log.warning(
+                        "params changed on a continued run (kept the first values, new "
+                        "ones as tags): %s",
+                        sorted(changed),
+                    )
                     self._log_tags(client, run_id, changed, RunTag)
             elif kind == "tags":
                 self._log_tags(client, run_id, ops[0].payload, RunTag)
@@ -591,7 +644,7 @@ class RunTracker:
     def _log_tags(client, run_id, tags: Mapping[str, str], RunTag) -> None:
         items = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, tags=items[i: i + MAX_PARAMS_PER_BATCH], synchronous=True)
+            client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_PER_BATCH], synchronous=True)
 
     def _write_delivered(self, force: bool = False) -> None:
         with self._lock:
@@ -665,8 +718,11 @@ def _nvidia_smi_metrics() -> dict[str, float]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {}
-    cmd = [exe, "--query-gpu=index,utilization.gpu,memory.used,memory.total",
-           "--format=csv,noheader,nounits"]  # fmt: skip
+    cmd = [
+        exe,
+        "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+        "--format=csv,noheader,nounits",
+    ]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if re.fullmatch(r"\d+(,\d+)*", visible):
         cmd.append(f"--id={visible}")

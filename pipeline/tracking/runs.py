@@ -14,8 +14,9 @@ import json
 import os
 import re
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline.tracking.server import RdptTrackingError, health_ok, running_server
 
@@ -74,9 +75,14 @@ def resolve_run(client, ref: str, experiment: str | None = None):
         except MlflowException:
             pass
     quote = '"' if "'" in ref else "'"
-    runs = client.search_runs(
-        [e.experiment_id for e in exps], filter_string=f"attributes.run_name = {quote}{ref}{quote}"
-    ) if exps else []  # fmt: skip
+    runs = (
+        client.search_runs(
+            [e.experiment_id for e in exps],
+            filter_string=f"attributes.run_name = {quote}{ref}{quote}",
+        )
+        if exps
+        else []
+    )
     if not runs:
         raise RdptTrackingError(f"unknown run {ref!r} in {where}")
     if len(runs) > 1:
@@ -148,9 +154,11 @@ def list_runs(
         return []
     try:
         runs = client.search_runs(
-            list(names), filter_string=filter_string or "", max_results=max_results,
+            list(names),
+            filter_string=filter_string or "",
+            max_results=max_results,
             order_by=["attributes.start_time DESC"],
-        )  # fmt: skip
+        )
     except MlflowException as e:
         raise RdptTrackingError(f"bad --filter {filter_string!r}: {e.message}") from e
     return [run_row(client, r, names[r.info.experiment_id]) for r in runs]
@@ -183,8 +191,11 @@ def compare_runs(
     exp_names = {e.experiment_id: e.name for e in client.search_experiments()}
 
     keys = sorted(set().union(*(r.data.params for r in runs)))
-    differ = {k: [r.data.params.get(k) for r in runs] for k in keys
-              if len({r.data.params.get(k) for r in runs}) > 1}  # fmt: skip
+    differ = {
+        k: [r.data.params.get(k) for r in runs]
+        for k in keys
+        if len({r.data.params.get(k) for r in runs}) > 1
+    }
 
     by_r = [loss_by_r(client, r) for r in runs]
     losses = [_history(client, r, "train/loss") for r in runs]
@@ -208,13 +219,20 @@ def compare_runs(
         series[label] = [(tokens.get(m.step, m.step), m.value) for m in hist]
     plots = [str(plot_loss_vs_tokens(series, out / "loss_vs_tokens.png"))]
     if any(by_r):
-        plots.append(str(plot_loss_vs_r({lb: d for lb, d in zip(labels, by_r) if d},
-                                        out / "loss_vs_r.png")))  # fmt: skip
+        plots.append(
+            str(plot_loss_vs_r({lb: d for lb, d in zip(labels, by_r) if d}, out / "loss_vs_r.png"))
+        )
     result = {
         "id": comp_id,
-        "runs": [{"run_id": r.info.run_id, "run_name": r.info.run_name, "label": lb,
-                  "experiment": exp_names.get(r.info.experiment_id, r.info.experiment_id)}
-                 for r, lb in zip(runs, labels)],  # fmt: skip
+        "runs": [
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "label": lb,
+                "experiment": exp_names.get(r.info.experiment_id, r.info.experiment_id),
+            }
+            for r, lb in zip(runs, labels)
+        ],
         "params_differ": differ,
         "params_compared": len(keys),
         "metrics": metrics,
@@ -279,11 +297,15 @@ def format_comparison(result: dict[str, Any], fmt: str = "md") -> str:
         return buf.getvalue()
     n_same = result["params_compared"] - len(result["params_differ"])
     parts = [f"### params that differ ({len(result['params_differ'])}; {n_same} equal)", ""]
-    parts.append(_markdown(["param", *labels], [[k, *map(_cell, v)]
-                                                for k, v in result["params_differ"].items()]))
+    parts.append(
+        _markdown(
+            ["param", *labels], [[k, *map(_cell, v)] for k, v in result["params_differ"].items()]
+        )
+    )
     parts += ["", "### metrics", ""]
-    parts.append(_markdown(["metric", *labels], [[k, *map(_cell, v)]
-                                                 for k, v in result["metrics"].items()]))
+    parts.append(
+        _markdown(["metric", *labels], [[k, *map(_cell, v)] for k, v in result["metrics"].items()])
+    )
     parts += ["", "plots: " + ", ".join(result["plots"])]
     if result.get("artifact_path"):
         parts.append(f"logged to each run under artifacts/{result['artifact_path']}/")
@@ -292,6 +314,7 @@ def format_comparison(result: dict[str, Any], fmt: str = "md") -> str:
 
 def _markdown(cols: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 

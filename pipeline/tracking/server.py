@@ -194,20 +194,33 @@ def start_server(
 def _spawn_and_wait(root: Path, db: Path, port: int, host: str, workers: int, timeout: float):
     url = f"http://{host}:{port}"
     cmd = [
-        *_mlflow_executable(), "server",
-        "--backend-store-uri", f"sqlite:///{db}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", host, "--port", str(port), "--workers", str(workers),
-    ]  # fmt: skip
+        *_mlflow_executable(),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     log_path = root / LOG_NAME
     env = {**os.environ, **SERVER_ENV}
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=root, env=env, start_new_session=True,
-        )  # fmt: skip
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=root,
+            env=env,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
