@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo
+	$(PY) -m pipeline.cli.demo
 
 # lint first: a formatting slip fails in seconds instead of after the whole suite
 test: lint

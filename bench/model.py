@@ -114,7 +114,7 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     def step():
         for p in model.parameters():
             p.grad = None
-        out = model(ids, labels, num_steps=r, backprop_depth=k, state_seed=0)
+        out = model(ids, labels, r=r, backprop_depth=k, state_seed=0)
         out.loss_BS.float().mean().backward()
 
     def sync():
@@ -163,9 +163,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from pipeline.config_io import load_config
+    from pipeline.common.config_io import load_config
     from pipeline.model.config import ModelConfig
-    from pipeline.parallel import destroy_parallel, initialize_parallel
+    from pipeline.model.runtime import destroy_model_parallel, init_model_parallel
 
     cuda = torch.cuda.is_available()
     s = settings(args, cuda)
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
 
     owns = not parallel_state.model_parallel_is_initialized()
     if owns:
-        initialize_parallel(tp=1, seed=0)
+        init_model_parallel(tp=1, seed=0)
     rows = []
     try:
         compiles = {"off": [False], "on": [True], "both": [False, True]}[s["compile"]]
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                     rows.append(res)
     finally:
         if owns:
-            destroy_parallel()
+            destroy_model_parallel()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     tag = "cpu-smoke" if not cuda else device_name.replace(" ", "_")
     record = {
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         "time": stamp,
         "results": rows,
     }
-    from pipeline.atomic import atomic_write_json
+    from pipeline.common.atomic import atomic_write_json
 
     out = Path(args.out) / f"model-{tag}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,15 +88,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from pipeline.config import load_train_config
-    from pipeline.data import ResumableLoader, open_dataset
-    from pipeline.distributed import init_process_group
-    from pipeline.engine import MegatronMpu, build_engine, resolve_precision
+    from pipeline.common.distributed import init_process_group
+    from pipeline.data.loader import ResumableLoader, open_dataset
     from pipeline.model import build_model
     from pipeline.model.flops import flops_per_token
-    from pipeline.parallel import initialize_parallel
     from pipeline.tracking.logger import RunTracker
-    from pipeline.train import StopFlag, train_step
+    from pipeline.training.config import load_train_config
+    from pipeline.training.engine import resolve_precision
+    from pipeline.training.hooks import TrainHooks
+    from pipeline.training.parallel import ParallelDims, parallelize
+    from pipeline.training.rank import RankContext, StopFlag
+    from pipeline.training.step import train_step
 
     tmp = Path(tempfile.mkdtemp(prefix="rdpt-bench-train-"))
     data = Path(args.data) if args.data else tiny_dataset(tmp)
@@ -123,18 +125,20 @@ def main(argv=None) -> int:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     init_process_group(export_env=True)  # DeepSpeed reads the rank variables
-    initialize_parallel(tp=1, seed=0)
 
-    # full stack
-    engine = build_engine(build_model(cfg.model), cfg, dp=1, grad_accum=1, mpu=MegatronMpu())
+    # full stack: the engine exactly as training builds it (parallelize), the real loader,
+    # the real step (agreement all-reduce, non-finite guard) and metrics logging
+    dims = ParallelDims.from_config(cfg, world_size=1)
+    engine = parallelize(lambda dtype: build_model(cfg.model, params_dtype=dtype), dims, cfg)
     loader = iter(ResumableLoader(data, micro_batch_size=args.micro_batch, seed=0))
     tracker = RunTracker(tmp / "run", None, enabled=False, system_metrics_interval=0)
-    stop, step = StopFlag(), [0]
+    ctx = RankContext(cfg, 0, 1, device, tmp / "run", StopFlag())
+    hooks, step = TrainHooks(), [0]
 
     def full_step():
         batches = next(loader)
-        loss, _, _, gnorm = train_step(engine, batches, args.r, args.k, step[0], cfg, stop, device)
-        tracker.log_metrics({"train/loss": loss, "train/grad_norm": gnorm}, step[0])
+        res = train_step(engine, batches, step[0], r=args.r, n_grad=args.k, ctx=ctx, hooks=hooks)
+        tracker.log_metrics({"train/loss": res.loss, "train/grad_norm": res.grad_norm}, step[0])
         step[0] += 1
 
     full = timed(full_step, args.steps, args.warmup, sync)
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     x, y = batch.inputs.to(device), batch.targets.to(device)
 
     def bare_step():
-        out = model(x, y, num_steps=args.r, backprop_depth=args.k, sample_ids_B=batch.sample_ids)
+        out = model(x, y, r=args.r, backprop_depth=args.k, sample_ids_B=batch.sample_ids)
         out.loss_BS.float().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,6 @@ Start at `prep.py` (the phases of `rdpt prep`). Then:
   pack.py       phase 2: rows of seq_len+1 tokens -> shards
   shards.py     tar/npy layout: writing, indexed reading
   verify.py     `rdpt prep verify` / `inspect`, manifest reading
-  cli.py        the `rdpt prep` command
-The reader used by training and evaluation is pipeline/data.py.
+The reader used by training and evaluation is pipeline/data/loader.py; the command is
+pipeline/cli/prep.py.
 """

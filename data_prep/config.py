@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from data_prep.sources import STDLIB  # noqa: F401  (re-exported: the "@stdlib" input)
 from data_prep.tokenizer import DEFAULT_SPECIAL_TOKENS, EOT, PAD
-from pipeline.config_io import ConfigModel
+from pipeline.common.config_io import ConfigModel
 
 DEFAULT_EXTENSIONS = [
     ".txt",

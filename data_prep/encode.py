@@ -19,7 +19,7 @@ import numpy as np
 
 from data_prep.sources import Skipped, SourceFile, is_val, iter_documents
 from data_prep.tokenizer import make_encoder
-from pipeline.atomic import atomic_open
+from pipeline.common.atomic import atomic_open
 
 SPLITS = ("train", "val")
 

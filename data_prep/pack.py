@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.shards import write_shard
-from pipeline.atomic import sha256_file
+from pipeline.common.atomic import sha256_file
 
 
 def rows_per_shard(seq_len: int, itemsize: int, shard_size_mb: float, seqs_per_member: int) -> int:

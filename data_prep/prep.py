@@ -37,9 +37,9 @@ from data_prep.sources import (
     iter_documents,
     plan_chunks,
 )
-from pipeline.atomic import atomic_copy, atomic_write_json, atomic_write_text, sha256_file
-from pipeline.config_io import save_resolved
-from pipeline.errors import RdptDataError
+from pipeline.common.atomic import atomic_copy, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.common.config_io import save_resolved
+from pipeline.common.errors import RdptDataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

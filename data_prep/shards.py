@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_open, sha256_file
-from pipeline.errors import RdptDataError
+from pipeline.common.atomic import atomic_open, sha256_file
+from pipeline.common.errors import RdptDataError
 
 
 def member_key(member_index: int) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import RdptDataError
+from pipeline.common.errors import RdptDataError
 
 STDLIB = "@stdlib"  # input placeholder: the running interpreter's standard-library sources
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.errors import RdptDataError
+from pipeline.common.errors import RdptDataError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from data_prep.progress import say
 from data_prep.shards import ShardReader
-from pipeline.atomic import sha256_file
-from pipeline.errors import RdptDataError
+from pipeline.common.atomic import sha256_file
+from pipeline.common.errors import RdptDataError
 
 SPLITS = ("train", "val")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import registry, slurm_tools
-from pipeline.errors import RdptLaunchError
+from pipeline.common.errors import RdptLaunchError
 
 
 def job_rows(limit: int | None = None) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from launch.submit import (
     check_paths,
     sbatch_jobs,
 )
-from pipeline.errors import RdptLaunchError
+from pipeline.common.errors import RdptLaunchError
 
 MAX_ARRAY = 10000
 
@@ -69,7 +69,7 @@ def plan_prep(
 ) -> PrepPlan:
     """Validate the prep config and render the array + finalize scripts; no side effects."""
     from data_prep.config import PrepConfig
-    from pipeline.config_io import load_config, to_yaml
+    from pipeline.common.config_io import load_config, to_yaml
 
     if not 1 <= array <= MAX_ARRAY:
         raise RdptLaunchError(f"--array must be between 1 and {MAX_ARRAY}, got {array}")
@@ -139,7 +139,7 @@ def check_prep(plan: PrepPlan, *, dry_run: bool) -> None:
 
 
 def submit_prep(plan: PrepPlan) -> SubmitResult:
-    from pipeline.atomic import atomic_write_text
+    from pipeline.common.atomic import atomic_write_text
 
     plan.job_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.job_dir / "prep.yaml", plan.resolved_yaml)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.site import SiteConfig
-from pipeline.errors import RdptLaunchError
+from pipeline.common.errors import RdptLaunchError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}")

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config_io import ConfigModel, load_config
+from pipeline.common.config_io import ConfigModel, load_config
 
 DEFAULT_SITE_PATH = Path("configs/site/site.yaml")
 SITE_ENV_VAR = "RDPT_SITE_CONFIG"

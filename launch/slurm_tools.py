@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import RdptLaunchError
+from pipeline.common.errors import RdptLaunchError
 
 
 def available(command: str = "sbatch") -> bool:

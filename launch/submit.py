@@ -31,8 +31,8 @@ from launch.render import (
     shell_join,
 )
 from launch.site import SiteConfig
-from pipeline.errors import RdptError, RdptLaunchError
-from pipeline.exitcodes import REQUEUE
+from pipeline.common.errors import RdptError, RdptLaunchError
+from pipeline.common.exitcodes import REQUEUE
 
 STEP_EXIT_WAIT_S = 120  # srun --wait: other ranks' grace after the first one exits
 TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
@@ -52,7 +52,7 @@ class JobPlan:
 class TrainPlan:
     config_path: str
     overrides: list[str]
-    cfg: object  # pipeline.config.TrainConfig
+    cfg: object  # pipeline.training.config.TrainConfig
     run_dir: Path
     opts: SbatchOptions
     site: SiteConfig
@@ -118,7 +118,7 @@ def check_options(opts: SbatchOptions, signal_warn_s: int, chain: int) -> None:
 
 def check_layout(cfg, opts: SbatchOptions) -> None:
     """GPUs per node vs the config's TP x DP layout (tensor parallelism stays inside a node)."""
-    from pipeline.config import parallel_dims
+    from pipeline.training.parallel import ParallelDims
 
     world = opts.nodes * opts.tasks_per_node
     tp = cfg.parallel.tp
@@ -128,7 +128,7 @@ def check_layout(cfg, opts: SbatchOptions) -> None:
             f"tensor-parallel groups must fit inside one node"
         )
     try:
-        parallel_dims(cfg, world)
+        ParallelDims.from_config(cfg, world)
     except RdptError as e:
         raise RdptLaunchError(
             f"layout {opts.nodes} node(s) x {opts.tasks_per_node} process(es) = world {world} "
@@ -232,23 +232,20 @@ def plan_train(
 
     `command` replaces the training command (tests run a stand-in that obeys the same contract).
     """
-    from pipeline.config import load_train_config
-    from pipeline.config_io import to_yaml
+    from pipeline.common.config_io import to_yaml
+    from pipeline.training.config import load_train_config
 
     warn = site.slurm.signal_warn_s if signal_warn_s is None else signal_warn_s
     check_options(opts, warn, chain)
-    from pipeline.train_cli import resolve_with_dataset
+    from pipeline.training.config import resolve
 
     cfg = load_train_config(config_path, overrides)
     check_layout(cfg, opts)
-    run_dir = cfg.run_dir().resolve()
-    check_paths(run_dir)
-    # NOTE: absolute paths make the resolved config independent of the job's working directory.
-    cfg.run.dir = str(run_dir)
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    # The config exactly as `rdpt train` will resolve it inside the job (vocab from the dataset,
-    # parallel.nproc = world size), after every check of the dataset against the model.
-    cfg = resolve_with_dataset(cfg, opts.nodes * opts.tasks_per_node)
+    check_paths(cfg.run_dir().resolve())
+    # The config exactly as `rdpt train` resolves it inside the job (absolute paths, vocab from
+    # the dataset, parallel.nproc = world size), after every check of the dataset and layout.
+    cfg, _ = resolve(cfg, opts.nodes * opts.tasks_per_node)
+    run_dir = cfg.run_dir()
     plan = TrainPlan(
         config_path=config_path,
         overrides=list(overrides),
@@ -351,7 +348,7 @@ def _check_same_config(existing: Path, plan: TrainPlan) -> None:
     """Resubmitting a run continues it; with a different config it would silently diverge."""
     import yaml
 
-    from pipeline.config_io import flatten
+    from pipeline.common.config_io import flatten
 
     old = flatten(yaml.safe_load(existing.read_text()) or {})
     new = flatten(yaml.safe_load(plan.resolved_yaml))
@@ -376,7 +373,7 @@ class SubmitResult:
 
 def submit_train(plan: TrainPlan) -> SubmitResult:
     """Write resolved.yaml and the scripts, create the MLflow run, sbatch, record the jobs."""
-    from pipeline.atomic import atomic_write_text
+    from pipeline.common.atomic import atomic_write_text
 
     log_dir = plan.run_dir / "slurm"
     log_dir.mkdir(parents=True, exist_ok=True)  # NOTE: a missing -o directory fails the job
@@ -401,7 +398,7 @@ def sbatch_jobs(jobs: list, run_dir: Path, describe) -> list[int]:
     """Write each job's script, sbatch it (a job with a dependency type depends on the job
     submitted just before it) and append it to the project's job registry, with the fields
     `describe(index from 1, job, job_id)` adds. Returns the job ids in order."""
-    from pipeline.atomic import atomic_write_text
+    from pipeline.common.atomic import atomic_write_text
 
     ids: list[int] = []
     for k, job in enumerate(jobs, 1):

@@ -10,11 +10,12 @@ with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 
 import torch.multiprocessing as mp
 
-from pipeline.distributed import free_port
+from pipeline.common.distributed import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue, env):
@@ -36,7 +37,10 @@ def _worker(rank, world_size, port, fn, args, queue, env):
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         dist.barrier()
-        queue.put((rank, True, result))
+        # NOTE: plain pickle bytes, not the objects: a tensor put on a multiprocessing queue is
+        # shared through a socket of this process, which may have exited by the time the
+        # parent reads it (FileNotFoundError in the parent under load).
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report any failure to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -62,7 +66,7 @@ def run_distributed(
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.distributed import free_port
+from pipeline.common.distributed import free_port
 
 FINAL_STATES = {
     "COMPLETED",

@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from pipeline.config_io import ConfigModel, flatten, load_config, save_resolved
-from pipeline.errors import RdptConfigError
+from pipeline.common.config_io import ConfigModel, flatten, load_config, save_resolved
+from pipeline.common.errors import RdptConfigError
 
 
 class Inner(ConfigModel):

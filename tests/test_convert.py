@@ -16,7 +16,7 @@ from test_model_reference import (  # noqa: F401  (tp1 is a fixture)
 )
 
 from pipeline.cli import main
-from pipeline.errors import RdptCheckpointError
+from pipeline.common.errors import RdptCheckpointError
 from pipeline.model.consolidated import build_from_consolidated, load_consolidated
 
 
@@ -66,7 +66,7 @@ def test_hf_round_trip_is_bitwise_and_logits_match_reference(tp1, tmp_path):
     ids = torch.randint(0, hf_cfg["vocab_size"], (2, 16), generator=g)
     for r in (1, 4, 7):
         with torch.no_grad():
-            out = model(ids, num_steps=r, state_init="zero").logits_BSV
+            out = model(ids, r=r, state_init="zero").logits_BSV
             s0 = torch.zeros(2, 16, hf_cfg["n_embd"])
             ref = huginn_forward(sd, hf_cfg, ids, r, s0)
         torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-5)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ResumableLoader, SplitReader, iterate_sequences, open_dataset
-from pipeline.errors import RdptDataError
+from pipeline.common.errors import RdptDataError
+from pipeline.data.loader import ResumableLoader, SplitReader, iterate_sequences, open_dataset
 from tests.distributed import run_distributed
 
 

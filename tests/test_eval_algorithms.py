@@ -19,9 +19,9 @@ VOCAB = 97
 @pytest.fixture(scope="module")
 def tiny_model():
     from pipeline.model import ModelConfig, build_model
-    from pipeline.parallel import initialize_parallel
+    from pipeline.model.runtime import init_model_parallel
 
-    initialize_parallel(tp=1)
+    init_model_parallel(tp=1)
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=VOCAB,
@@ -50,7 +50,7 @@ def _forward_loss(model, batches, r, state_init, seed):
             out = model(
                 inputs,
                 targets,
-                num_steps=r,
+                r=r,
                 state_init=state_init,
                 state_seed=seed,
                 sample_ids_B=ids,
@@ -164,7 +164,7 @@ def test_score_tokens_fixed_matches_forward(tiny_model, batches):
     targets[:, :5] = -100
     with torch.no_grad():
         sc = score_tokens(tiny_model, inputs, targets, max_r=4, state_init="zero")
-        out = tiny_model(inputs, targets, num_steps=4, state_init="zero")
+        out = tiny_model(inputs, targets, r=4, state_init="zero")
     assert torch.allclose(-sc.logprob, out.loss_BS, atol=1e-5)
     assert not sc.greedy[:, :5].any()
     assert (sc.depth == 4).all()
@@ -174,7 +174,7 @@ def test_score_tokens_fixed_matches_forward(tiny_model, batches):
 def test_cached_generation_equals_uncached_recomputation(tiny_model, r):
     prompt = [3, 14, 15, 9, 26, 5]
     ref = generate_uncached(tiny_model, prompt, 8, r, state_init="zero")
-    res = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=8, num_steps=r))
+    res = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=8, r=r))
     assert res.new_ids == ref
     assert res.depths == [r] * 8 and res.mean_depth == r
     assert res.tokens_per_s > 0
@@ -182,11 +182,9 @@ def test_cached_generation_equals_uncached_recomputation(tiny_model, r):
 
 def test_kv_sharing_with_budget_at_least_r_equals_no_sharing(tiny_model):
     prompt = [7, 1, 8, 2, 8]
-    base = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=8, num_steps=6))
+    base = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=8, r=6))
     for k in (6, 9):
-        shared = generate(
-            tiny_model, prompt, GenerationConfig(max_new_tokens=8, num_steps=6, kv_budget=k)
-        )
+        shared = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=8, r=6, kv_budget=k))
         assert shared.new_ids == base.new_ids
 
 
@@ -202,9 +200,7 @@ def test_kv_budget_bounds_cache_slots(tiny_model):
 
     gen_mod.new_kv_cache = spy
     try:
-        generate(
-            tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, num_steps=12, kv_budget=3)
-        )
+        generate(tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, r=12, kv_budget=3))
     finally:
         gen_mod.new_kv_cache = orig
     core_slots = {slot for block, slot, _ in caches[0].keys() if block == "core"}
@@ -216,16 +212,16 @@ def test_adaptive_generation_and_continuous_cot(tiny_model):
     never = generate(
         tiny_model,
         prompt,
-        GenerationConfig(max_new_tokens=6, num_steps=5, exit_rule=ExitRule("kl", 0.0)),
+        GenerationConfig(max_new_tokens=6, r=5, exit_rule=ExitRule("kl", 0.0)),
     )
-    fixed = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, num_steps=5))
+    fixed = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, r=5))
     assert never.new_ids == fixed.new_ids and never.depths == fixed.depths
     fast = generate(
         tiny_model,
         prompt,
         GenerationConfig(
             max_new_tokens=6,
-            num_steps=5,
+            r=5,
             kv_budget=2,
             exit_rule=ExitRule("kl", 1e30),
             continuous_cot=True,
@@ -246,19 +242,19 @@ def test_sampling_greedy_temperature_top_p():
     assert len(draws) >= 3
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0.0)
-    with pytest.raises(ValueError, match="num_steps"):
-        GenerationConfig(num_steps=0)
+    with pytest.raises(ValueError, match="r: the number of core iterations"):
+        GenerationConfig(r=0)
 
 
 @pytest.mark.gpu
 def test_cuda_sweep_and_generation_match_cpu(tiny_model, batches):
     cpu = evaluate_depths(tiny_model, batches, [1, 4], "zero")
     prompt = [5, 6, 7, 8]
-    ref = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, num_steps=4)).new_ids
+    ref = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, r=4)).new_ids
     tiny_model.cuda()
     try:
         gpu = evaluate_depths(tiny_model, batches, [1, 4], "zero")
-        res = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, num_steps=4))
+        res = generate(tiny_model, prompt, GenerationConfig(max_new_tokens=6, r=4))
     finally:
         tiny_model.cpu()
     for r in (1, 4):

@@ -49,7 +49,7 @@ def eval_run(tiny_trained_run, mlflow_server, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def val_tokens(tiny_dataset, tmp_path_factory) -> Path:
     """The first 12 validation sequences as a [12, 65] uint16 .npy file."""
-    from pipeline.data import iterate_sequences
+    from pipeline.data.loader import iterate_sequences
 
     inputs, targets, _ = next(iterate_sequences(tiny_dataset, "val", batch_size=12))
     arr = np.concatenate([inputs.numpy(), targets.numpy()[:, -1:]], axis=1).astype(np.uint16)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_model_reference import huginn_forward, tp1  # noqa: F401  (tp1 is a fixture)
 
-from pipeline.config_io import load_config
-from pipeline.errors import RdptConfigError
+from pipeline.common.config_io import load_config
+from pipeline.common.errors import RdptConfigError
 from pipeline.model import ModelConfig, build_model
 from pipeline.model.consolidated import consolidated_name, full_state_dict
 from pipeline.model.counting import closed_form_parameters, count_parameters_meta
@@ -87,7 +87,7 @@ def test_prenorm_untied_variant_counts_and_runs(tp1):
     assert counts["head"] == cfg.vocab_size * h
     model = build(cfg)
     ids, labels = batch(cfg)
-    out = model(ids, labels, num_steps=3, backprop_depth=2)
+    out = model(ids, labels, r=3, backprop_depth=2)
     out.loss_BS.mean().backward()
     assert model.output_layer.weight.grad.abs().sum() > 0
     assert model.core_block.layers[0].norm_2 is None
@@ -129,14 +129,14 @@ def test_matches_independent_reference_with_truncated_backprop(tp1):
     hf_sd["lm_head.weight"] = hf_sd["transformer.wte.weight"]  # tied
     for r in (1, 3, 6):
         with torch.no_grad():
-            out = model(ids, num_steps=r, state_seed=7, sample_ids_B=[3, 4])
+            out = model(ids, r=r, state_seed=7, sample_ids_B=[3, 4])
             s0 = model.initial_state(model.prelude(ids), "random", 7, [3, 4]).transpose(0, 1)
             ref = huginn_forward(hf_sd, hf_cfg, ids, r, s0)
         assert out.logits_BSV.shape == (2, 12, cfg.vocab_size)
         torch.testing.assert_close(out.logits_BSV, ref, atol=2e-5, rtol=1e-5)
 
     r, k = 5, 2
-    out = model(ids, labels, num_steps=r, backprop_depth=k, state_seed=7, sample_ids_B=[3, 4])
+    out = model(ids, labels, r=r, backprop_depth=k, state_seed=7, sample_ids_B=[3, 4])
     out.loss_BS.mean().backward()
     with torch.no_grad():
         s0 = model.initial_state(model.prelude(ids), "random", 7, [3, 4]).transpose(0, 1)
@@ -173,13 +173,13 @@ def test_gradients_only_reach_the_last_k_iterations(tp1):
     with torch.no_grad():
         s_mid = model.core_step(model.core_step(s, e), e)
     assert not s_mid.requires_grad
-    full = model(ids, labels, num_steps=4, backprop_depth=None)
-    same = model(ids, labels, num_steps=4, backprop_depth=4)
+    full = model(ids, labels, r=4, backprop_depth=None)
+    same = model(ids, labels, r=4, backprop_depth=4)
     torch.testing.assert_close(full.loss_BS, same.loss_BS, atol=0, rtol=0)
     g_full = torch.autograd.grad(full.loss_BS.mean(), model.adapter.weight)[0]
     g_same = torch.autograd.grad(same.loss_BS.mean(), model.adapter.weight)[0]
     torch.testing.assert_close(g_full, g_same, atol=0, rtol=0)
-    trunc = model(ids, labels, num_steps=4, backprop_depth=1)
+    trunc = model(ids, labels, r=4, backprop_depth=1)
     g_trunc = torch.autograd.grad(trunc.loss_BS.mean(), model.adapter.weight)[0]
     torch.testing.assert_close(trunc.loss_BS, full.loss_BS, atol=0, rtol=0)  # same forward
     assert not torch.allclose(g_trunc, g_full)  # fewer paths
@@ -196,7 +196,7 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
     model = build(cfg)
     ids, labels = batch(cfg)
     r = 3
-    out = model(ids, labels, num_steps=r, state_init="zero")
+    out = model(ids, labels, r=r, state_init="zero")
     out.loss_BS.sum().backward()
 
     from pipeline.model import normal_init
@@ -237,12 +237,16 @@ def test_core_loop_equals_unrolled_layers_with_shared_weights(tp1):
 
 
 def test_recompute_is_exact(tp1):
+    from pipeline.training.parallel import checkpointed
+
     cfg = small_cfg()
     ids, labels = batch(cfg)
     results = []
     for recompute in (False, True):
-        model = build(cfg.model_copy(update={"recompute_core": recompute}), seed=3)
-        out = model(ids, labels, num_steps=4, backprop_depth=3, state_seed=1)
+        model = build(cfg, seed=3)
+        if recompute:
+            model.wrap_iteration(checkpointed)
+        out = model(ids, labels, r=4, backprop_depth=3, state_seed=1)
         out.loss_BS.mean().backward()
         results.append((out.loss_BS.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (l0, g0), (l1, g1) = results
@@ -261,7 +265,7 @@ def test_sdpa_and_math_backends_agree_and_cached_forward_equals_full(tp1):
     for backend in ("math", "sdpa"):
         model = build(cfg.model_copy(update={"attention_backend": backend}), seed=5)
         with torch.no_grad():
-            full = model(ids, num_steps=r, state_init="zero").logits_BSV
+            full = model(ids, r=r, state_init="zero").logits_BSV
             # Incremental: prefill 6 tokens, then one token at a time, cache slot = iteration.
             cache = KVCache()
             steps = []
@@ -311,11 +315,11 @@ def test_initial_state_depends_only_on_seed_and_sample_id(tp1):
         assert s_a.abs().max() <= 3 * std * math.sqrt(cfg.hidden_size) + 1e-6
         # std of a normal truncated at +-3 std is 0.9866 of the untruncated one
         assert abs(s_a.std().item() / (0.9866 * std * math.sqrt(cfg.hidden_size)) - 1) < 0.05
-        z1 = model(ids, num_steps=3, state_init="zero", state_seed=1).logits_BSV
-        z2 = model(ids, num_steps=3, state_init="zero", state_seed=2).logits_BSV
+        z1 = model(ids, r=3, state_init="zero", state_seed=1).logits_BSV
+        z2 = model(ids, r=3, state_init="zero", state_seed=2).logits_BSV
         assert torch.equal(z1, z2)
-        r1 = model(ids, num_steps=1, state_seed=1).logits_BSV
-        r2 = model(ids, num_steps=1, state_seed=2).logits_BSV
+        r1 = model(ids, r=1, state_seed=1).logits_BSV
+        r2 = model(ids, r=1, state_seed=2).logits_BSV
         assert (r1 - r2).abs().max() > 1e-4
         assert torch.equal(model.initial_state(e, "zero"), torch.zeros_like(e))
 
@@ -324,7 +328,7 @@ def test_telemetry_reports_per_iteration_change_and_state_cosine(tp1):
     cfg = small_cfg()
     model = build(cfg)
     ids, labels = batch(cfg)
-    out = model(ids, labels, num_steps=5, backprop_depth=2, telemetry=True)
+    out = model(ids, labels, r=5, backprop_depth=2, telemetry=True)
     tel = out.telemetry
     assert tel["rel_change"].shape == (5,) and torch.isfinite(tel["rel_change"]).all()
     assert -1.0 <= tel["state_cosine"].item() <= 1.0
@@ -341,7 +345,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
         small_cfg(hidden_size=66, num_heads=4)
     with pytest.raises(RdptConfigError, match="parallel.tp"):
         small_cfg().check(tp=3)
-    from pipeline.parallel import ParallelDims
+    from pipeline.training.parallel import ParallelDims
 
     with pytest.raises(RdptConfigError, match="world_size=4, tp=3"):
         ParallelDims(world_size=4, tp=3)
@@ -349,7 +353,8 @@ def test_bad_configs_give_clear_errors(tmp_path):
         ParallelDims(world_size=8, tp=8).check_model(small_cfg())
     with pytest.raises(RdptConfigError, match="model.num_heads"):
         load_config(ModelConfig, "configs/model/tiny.yaml", ["num_heads=5"])
-    from pipeline.recurrence import RecurrenceConfig, split_steps
+    from pipeline.model.depth import split_steps
+    from pipeline.training.recurrence import RecurrenceConfig
 
     with pytest.raises(RdptConfigError, match="recurrence.backprop_depth"):
         RecurrenceConfig(backprop_depth=0)

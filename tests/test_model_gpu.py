@@ -29,7 +29,7 @@ def test_gpu_backends_match_math_in_bf16(tp1, backend):
     losses = {}
     for name in ("math", backend):
         model = build_on_cuda(small_cfg(attention_backend=name), torch.bfloat16)
-        out = model(ids, labels, num_steps=4, backprop_depth=2, state_init="zero")
+        out = model(ids, labels, r=4, backprop_depth=2, state_init="zero")
         out.loss_BS.mean().backward()
         losses[name] = out.loss_BS.float()
     torch.testing.assert_close(losses[backend], losses["math"], atol=3e-2, rtol=3e-2)
@@ -45,8 +45,8 @@ def test_gpu_fp32_sdpa_matches_cpu_math(tp1):
     gpu_model = build_on_cuda(cfg.model_copy(update={"attention_backend": "sdpa"}), torch.float32)
     gpu_model.load_state_dict(cpu_model.state_dict())
     with torch.no_grad():
-        a = cpu_model(ids, num_steps=3, state_init="zero").logits_BSV
-        b = gpu_model(ids.cuda(), num_steps=3, state_init="zero").logits_BSV.cpu()
+        a = cpu_model(ids, r=3, state_init="zero").logits_BSV
+        b = gpu_model(ids.cuda(), r=3, state_init="zero").logits_BSV.cpu()
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

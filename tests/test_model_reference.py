@@ -142,16 +142,16 @@ def single_process_parallel(tp_seed: int = 0):
     """A world-size-1 gloo group (in-memory store, no env vars) + megatron parallel_state."""
     import torch.distributed as dist
 
-    from pipeline.parallel import destroy_parallel, initialize_parallel
+    from pipeline.model.runtime import destroy_model_parallel, init_model_parallel
 
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    initialize_parallel(tp=1, seed=tp_seed)
+    init_model_parallel(tp=1, seed=tp_seed)
     try:
         yield
     finally:
-        destroy_parallel()
+        destroy_model_parallel()
         if created:
             dist.destroy_process_group()
 

@@ -9,7 +9,7 @@ from test_model import batch, build, small_cfg
 from test_model_reference import single_process_parallel
 
 from pipeline.model.consolidated import full_state_dict, load_consolidated, write_consolidated
-from pipeline.recurrence import RecurrenceConfig, sample_num_steps
+from pipeline.training.recurrence import RecurrenceConfig, sample_iterations
 from tests.distributed import run_distributed
 
 R, K = 4, 2
@@ -17,17 +17,17 @@ R, K = 4, 2
 
 def run_model(model, ids, labels):
     with torch.no_grad():
-        logits = model(ids, num_steps=3, state_seed=5, sample_ids_B=[10, 11]).logits_BSV
-    out = model(ids, labels, num_steps=R, backprop_depth=K, state_seed=5, sample_ids_B=[10, 11])
+        logits = model(ids, r=3, state_seed=5, sample_ids_B=[10, 11]).logits_BSV
+    out = model(ids, labels, r=R, backprop_depth=K, state_seed=5, sample_ids_B=[10, 11])
     out.loss_BS.mean().backward()
     return logits, out.loss_BS.detach()
 
 
 def _tp2_worker(rank, world_size, cases, ids, labels):
     from pipeline.model.consolidated import build_from_consolidated, save_consolidated
-    from pipeline.parallel import destroy_parallel, initialize_parallel
+    from pipeline.model.runtime import destroy_model_parallel, init_model_parallel
 
-    initialize_parallel(tp=2, seed=0)
+    init_model_parallel(tp=2, seed=0)
     try:
         results = []
         for ckpt, out_dir in cases:
@@ -38,10 +38,10 @@ def _tp2_worker(rank, world_size, cases, ids, labels):
             grads = full_state_dict(model, grads=True)
             save_consolidated(model, cfg, out_dir)  # gathers over TP, rank 0 writes
             results.append({"logits": logits, "loss": loss, "grads": grads if rank == 0 else None})
-        draws = [sample_num_steps(RecurrenceConfig(seed=99), s) for s in range(200)]
+        draws = [sample_iterations(RecurrenceConfig(seed=99), s) for s in range(200)]
         return {"cases": results, "draws": draws}
     finally:
-        destroy_parallel()
+        destroy_model_parallel()
 
 
 def test_tp2_reproduces_tp1_and_reshards_checkpoints(tmp_path):

@@ -22,7 +22,7 @@ from data_prep.prep import prepare
 from data_prep.sources import expand_inputs, is_val, stdlib_root
 from data_prep.verify import verify_dataset
 from pipeline.cli import main as rdpt
-from pipeline.errors import RdptDataError
+from pipeline.common.errors import RdptDataError
 
 from fixtures_data import stdlib_subset
 
@@ -153,7 +153,7 @@ def test_round_trip_reproduces_every_document(tmp_path):
     assert val == expected_val and train == expected_train
     assert len(val) > 0 and len(train) > 0
     # manifest: counts and checksums match the files
-    from pipeline.atomic import sha256_file
+    from pipeline.common.atomic import sha256_file
 
     for split, n in (("train", len(train)), ("val", len(val))):
         info = manifest["splits"][split]
@@ -301,7 +301,7 @@ def test_bad_inputs_give_clear_errors_or_counted_skips(tmp_path):
 
 
 def test_verify_names_a_flipped_or_truncated_shard(tiny_dataset, tmp_path):
-    from pipeline.data import ResumableLoader
+    from pipeline.data.loader import ResumableLoader
 
     d = tmp_path / "copy"
     shutil.copytree(tiny_dataset, d)
@@ -351,7 +351,7 @@ def test_cli_verify_inspect_help_and_flags(tiny_dataset, capsys):
 def test_task_index_env_reads_the_slurm_array(monkeypatch):
     import argparse
 
-    from data_prep.cli import task_from_args
+    from pipeline.cli.prep import task_from_args
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.recurrence import RecurrenceConfig, sample_num_steps, sample_r, split_steps
+from pipeline.model.depth import split_steps
+from pipeline.training.recurrence import RecurrenceConfig, sample_iterations, sample_r
 
 
 def test_random_r_matches_huginn_distribution():
@@ -19,17 +20,17 @@ def test_random_r_matches_huginn_distribution():
 
 def test_draw_is_a_pure_function_of_seed_and_step():
     cfg = RecurrenceConfig(seed=7)
-    a = [sample_num_steps(cfg, s) for s in range(50)]
-    b = [sample_num_steps(RecurrenceConfig(seed=7), s) for s in reversed(range(50))][::-1]
+    a = [sample_iterations(cfg, s) for s in range(50)]
+    b = [sample_iterations(RecurrenceConfig(seed=7), s) for s in reversed(range(50))][::-1]
     assert a == b
-    assert a != [sample_num_steps(RecurrenceConfig(seed=8), s) for s in range(50)]
+    assert a != [sample_iterations(RecurrenceConfig(seed=8), s) for s in range(50)]
     for r, n_no_grad, n_grad in a:
         assert n_grad == min(8, r) and n_no_grad == r - n_grad
 
 
 def test_fixed_mode_and_split():
     cfg = RecurrenceConfig(mode="fixed", fixed=12, backprop_depth=8)
-    assert {sample_num_steps(cfg, s) for s in range(10)} == {(12, 4, 8)}
+    assert {sample_iterations(cfg, s) for s in range(10)} == {(12, 4, 8)}
     assert split_steps(3, 8) == (0, 3)
     assert split_steps(5, None) == (0, 5)
     capped = RecurrenceConfig(max_r=10)

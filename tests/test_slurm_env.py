@@ -1,4 +1,4 @@
-"""launch.slurm_env: torchrun variables derived from SLURM_* (unit rules + real srun steps)."""
+"""pipeline.common.slurm_env: torchrun variables from SLURM_* (unit rules + real srun steps)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from launch.slurm_env import (
+from pipeline.common.slurm_env import (
     apply_slurm_env,
     expand_hostlist,
     expand_hostlist_python,
@@ -30,7 +30,7 @@ STEP = {
 PRINT_ENV = textwrap.dedent(
     """
     import json, os, socket
-    from launch.slurm_env import apply_slurm_env
+    from pipeline.common.slurm_env import apply_slurm_env
     new = apply_slurm_env()
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     print(json.dumps({"host": socket.gethostname(), "job": os.environ["SLURM_JOB_ID"],
@@ -42,8 +42,8 @@ ALL_REDUCE = textwrap.dedent(
     """
     import json, os, socket
     import torch, torch.distributed as dist
-    from launch.slurm_env import apply_slurm_env
-    from pipeline.distributed import init_process_group
+    from pipeline.common.slurm_env import apply_slurm_env
+    from pipeline.common.distributed import init_process_group
     apply_slurm_env()
     init_process_group(backend="gloo", timeout_s=60)
     r = dist.get_rank()

@@ -1,7 +1,7 @@
 """The rendered train.sbatch on a real cluster, driving a small stand-in for `rdpt train`.
 
 The stand-in is a real Python process under srun that obeys the training contract: ranks from
-launch.slurm_env, a "checkpoint" (its step) per rank, USR1/TERM -> save and exit 85,
+pipeline.common.slurm_env, a "checkpoint" (its step) per rank, USR1/TERM -> save and exit 85,
 COMPLETED in the run directory at the end, and an immediate exit 0 when already complete. It
 lets these tests check the job script's signal forwarding, requeue, chain hand-over and
 cancel paths in seconds; tests/test_submit_e2e.py repeats the important ones with real training.
@@ -21,13 +21,13 @@ import pytest
 from launch.render import SbatchOptions
 from launch.site import SiteConfig
 from launch.submit import plan_train, submit_train
-from pipeline.exitcodes import REQUEUE
+from pipeline.common.exitcodes import REQUEUE
 
 STANDIN = textwrap.dedent(
     """
     import json, os, signal, sys, time
     from pathlib import Path
-    from launch.slurm_env import apply_slurm_env
+    from pipeline.common.slurm_env import apply_slurm_env
 
     run_dir, max_steps, step_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     fast_after_restart = float(sys.argv[4]) if len(sys.argv) > 4 else step_s

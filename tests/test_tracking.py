@@ -262,7 +262,7 @@ def test_bad_metric_name_and_use_after_close(tmp_path):
 
 def test_mlflow_server_cli_start_is_idempotent_and_stop_stops(tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.distributed import free_port
+    from pipeline.common.distributed import free_port
     from pipeline.tracking.server import health_ok, process_alive
 
     root, port = tmp_path / "srv", free_port()

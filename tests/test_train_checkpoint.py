@@ -15,8 +15,9 @@ from distributed import run_distributed
 def _engine(seed: int):
     import torch
 
-    from pipeline.config import load_train_config
-    from pipeline.engine import build_engine
+    from pipeline.training.config import load_train_config
+    from pipeline.training.engine import build_engine
+    from pipeline.training.parallel import ParallelDims
 
     cfg = load_train_config(
         None,
@@ -29,7 +30,15 @@ def _engine(seed: int):
     )
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    return build_engine(model, cfg, dp=1, grad_accum=1)
+    return build_engine(model, cfg, ParallelDims.from_config(cfg, world_size=1))
+
+
+def _identity(manifest: str, hidden: int, dp: int) -> dict:
+    return {
+        "manifest_sha256": manifest,
+        "model_config": {"hidden_size": hidden},
+        "parallel": {"tp": 1, "dp": dp, "zero_stage": 2},
+    }
 
 
 def _train(engine, steps: int) -> None:
@@ -50,13 +59,13 @@ def _params(engine):
 def checkpoint_checks(rank, world, tmp: str):
     import torch
 
-    from pipeline.checkpoint import (
+    from pipeline.common.errors import RdptCheckpointError
+    from pipeline.training.checkpoint import (
         CheckpointManager,
         check_compatible,
         read_trainer_state,
         verify_checkpoint,
     )
-    from pipeline.errors import RdptCheckpointError
 
     run_dir = Path(tmp) / "run"
     mgr = CheckpointManager(run_dir, keep_last=2)
@@ -118,38 +127,12 @@ def checkpoint_checks(rank, world, tmp: str):
     ckpt = run_dir / "checkpoints/step-00000002"
     st = read_trainer_state(ckpt)
     with pytest.raises(RdptCheckpointError, match="different dataset: manifest sha256 abc"):
-        check_compatible(
-            st,
-            ckpt,
-            manifest_sha256="xyz",
-            model_config={"hidden_size": 8},
-            tp=1,
-            dp=1,
-            zero_stage=2,
-        )
+        check_compatible(st, ckpt, _identity("xyz", 8, dp=1))
     with pytest.raises(RdptCheckpointError, match="model.hidden_size: 8 in checkpoint, 16 now"):
-        check_compatible(
-            st,
-            ckpt,
-            manifest_sha256="abc",
-            model_config={"hidden_size": 16},
-            tp=1,
-            dp=1,
-            zero_stage=2,
-        )
+        check_compatible(st, ckpt, _identity("abc", 16, dp=1))
     with pytest.raises(RdptCheckpointError, match="ZeRO stage 2 x dp 1; now stage 2 x dp 2"):
-        check_compatible(
-            st,
-            ckpt,
-            manifest_sha256="abc",
-            model_config={"hidden_size": 8},
-            tp=1,
-            dp=2,
-            zero_stage=2,
-        )
-    check_compatible(
-        st, ckpt, manifest_sha256="abc", model_config={"hidden_size": 8}, tp=1, dp=1, zero_stage=2
-    )
+        check_compatible(st, ckpt, _identity("abc", 8, dp=2))
+    check_compatible(st, ckpt, _identity("abc", 8, dp=1))
 
     # a later save cleans the stale temp dir and still keeps 2
     mgr.save(fresh, 5, {"loader": {}}, config_yaml="a: 1\n")
@@ -232,7 +215,11 @@ def test_checkpoint_loads_never_unpickle_arbitrary_objects(tmp_path, tiny_traine
 
     import torch
 
-    from pipeline.checkpoint import consolidated_state_dict, resolve_checkpoint, weights_only_loads
+    from pipeline.training.checkpoint import (
+        consolidated_state_dict,
+        resolve_checkpoint,
+        weights_only_loads,
+    )
 
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as rdpt
-from pipeline.config import TrainConfig, check_launch, load_train_config, parallel_dims
-from pipeline.errors import RdptConfigError
-from pipeline.schedules import cosine_lr, lr_at, wsd_lr
+from pipeline.common.errors import RdptConfigError
+from pipeline.training.config import TrainConfig, load_train_config, resolve
+from pipeline.training.parallel import ParallelDims
+from pipeline.training.schedules import cosine_lr, lr_at, wsd_lr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,27 +73,34 @@ def test_cross_field_rules_name_every_degree():
             "model.hidden_size=64",
         ],
     )
-    assert parallel_dims(cfg, 3) == (1, 3, 2)
+    dims = ParallelDims.from_config(cfg, 3)
+    assert (dims.tp, dims.dp, dims.grad_accum) == (1, 3, 2)
     with pytest.raises(RdptConfigError, match=r"2 x 4 = 8 \(world 4 = tp 1 x dp 4\)"):
-        parallel_dims(cfg, 4)
+        ParallelDims.from_config(cfg, 4)
     cfg.parallel.tp = 2
     with pytest.raises(RdptConfigError, match="parallel.tp=2 does not divide the world size 3"):
-        parallel_dims(cfg, 3)
+        ParallelDims.from_config(cfg, 3)
     cfg.parallel.tp = 8
     with pytest.raises(RdptConfigError, match="model.num_heads"):
-        parallel_dims(cfg, 8)
+        ParallelDims.from_config(cfg, 8)
 
 
-def test_check_launch_wants_a_prepared_dataset(tmp_path, tiny_dataset):
+def test_resolve_wants_a_prepared_dataset_and_fills_what_it_decides(tmp_path, tiny_dataset):
     cfg = load_train_config(REPO / "configs/train/tiny.yaml", [f"data.path={tmp_path / 'nope'}"])
     with pytest.raises(RdptConfigError, match="does not exist"):
-        check_launch(cfg, 2)
+        resolve(cfg, 2)
     (tmp_path / "empty").mkdir()
     cfg.data.path = str(tmp_path / "empty")
     with pytest.raises(RdptConfigError, match="no manifest.json"):
-        check_launch(cfg, 2)
+        resolve(cfg, 2)
     cfg.data.path = str(tiny_dataset)
-    check_launch(cfg, 2)
+    cfg.run.dir = "relative/run"
+    resolved, dims = resolve(cfg, 2)
+    manifest = __import__("json").loads((tiny_dataset / "manifest.json").read_text())
+    assert resolved.model.vocab_size == manifest["vocab_size"]
+    assert (resolved.parallel.nproc, dims.dp) == (2, 2)
+    assert resolved.run.dir == str(Path("relative/run").resolve())
+    assert cfg.run.dir == "relative/run"  # the input config is left as it was
 
 
 @pytest.mark.parametrize(

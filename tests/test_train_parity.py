@@ -53,8 +53,8 @@ def _curve(run_dir: Path) -> dict[int, dict]:
 
 def train_runs(rank, world, data: str, tmp: str, runs: dict[str, list[str]]):
     """Run pipeline.train.main once per named override list, in these processes."""
-    from pipeline.config import load_train_config
     from pipeline.train import main
+    from pipeline.training.config import load_train_config
 
     codes = {}
     for name, extra in runs.items():
@@ -67,7 +67,7 @@ def train_runs(rank, world, data: str, tmp: str, runs: dict[str, list[str]]):
 
 
 def _weights(ckpt: Path):
-    from pipeline.checkpoint import consolidated_state_dict
+    from pipeline.training.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(ckpt)
 

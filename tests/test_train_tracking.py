@@ -80,10 +80,11 @@ def test_training_survives_mlflow_server_restart(tiny_dataset, mlflow_server_fac
 def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
     import torch
 
-    from pipeline.atomic import sha256_file
-    from pipeline.checkpoint import export_checkpoint, load_for_inference
+    from pipeline.common.atomic import sha256_file
+    from pipeline.eval.loading import load_for_inference
     from pipeline.model.consolidated import consolidated_name, load_consolidated
     from pipeline.model.hf_convert import read_hf_dir
+    from pipeline.training.export import export_checkpoint
 
     model, cfg, data, meta = load_for_inference(tiny_trained_run)
     assert meta["step"] == 60 and meta["checkpoint"].endswith("step-00000060")
@@ -96,7 +97,7 @@ def test_checkpoint_loads_for_inference_and_exports(tiny_trained_run, tmp_path):
     assert cfg.parallel.zero_stage == 2 and data.vocab_size == cfg.model.vocab_size
     ids = torch.arange(32).reshape(2, 16) % cfg.model.vocab_size
     with torch.no_grad():
-        ref = model(ids, num_steps=4, state_init="zero").logits_BSV
+        ref = model(ids, r=4, state_init="zero").logits_BSV
     out = export_checkpoint(tiny_trained_run, tmp_path / "st")
     mcfg, sd = load_consolidated(out)
     assert mcfg == cfg.model

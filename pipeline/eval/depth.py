@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.config import STATE_INITS
+
 IGNORE_INDEX = -100
-STATE_INITS = ("random", "zero")
 
 
 @dataclass

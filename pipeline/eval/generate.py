@@ -32,7 +32,7 @@ class GenerationConfig:
     """How to generate; see the module docstring."""
 
     max_new_tokens: int = 64
-    num_steps: int = 32  # fixed r per token, or the maximum r with adaptive exit
+    r: int = 32  # fixed r per token, or the maximum r with adaptive exit
     exit_rule: ExitRule | None = None
     kv_budget: int | None = None  # slots per core layer; None: one per iteration (no sharing)
     continuous_cot: bool = False
@@ -43,8 +43,8 @@ class GenerationConfig:
     stop_ids: Sequence[int] = ()
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps: r must be >= 1, got {self.num_steps}")
+        if self.r < 1:
+            raise ValueError(f"r: the number of core iterations must be >= 1, got {self.r}")
         if self.kv_budget is not None and self.kv_budget < 1:
             raise ValueError(f"kv_budget: must be >= 1, got {self.kv_budget}")
         if self.temperature < 0:
@@ -57,7 +57,7 @@ class GenerationConfig:
 
     @property
     def slots(self) -> int:
-        return self.kv_budget or self.num_steps
+        return self.kv_budget or self.r
 
 
 @dataclass
@@ -149,14 +149,14 @@ def _run_chunk(model, ids_BS, cache, offset: int, cfg: GenerationConfig, warm_SB
         prev_logp = F.log_softmax(
             model.coda(s_SBH, kv_cache=cache, position_offset=offset).float(), -1
         )
-    depth = cfg.num_steps
+    depth = cfg.r
     logits_BSV = None
-    for i in range(1, cfg.num_steps + 1):
+    for i in range(1, cfg.r + 1):
         prev_SBH = s_SBH
         s_SBH = model.core_step(
             s_SBH, e_SBH, kv_cache=cache, cache_slot=(i - 1) % cfg.slots, position_offset=offset
         )
-        if rule is None or i == cfg.num_steps:
+        if rule is None or i == cfg.r:
             continue
         # NOTE: the coda attends to earlier positions through the cache; a second decode at the
         # same offset overwrites this position's coda entries (the cache is position-indexed).
@@ -168,7 +168,7 @@ def _run_chunk(model, ids_BS, cache, offset: int, cfg: GenerationConfig, warm_SB
         prev_logp = logp
         if bool((val < rule.threshold).all()):
             depth = i
-            fill_unwritten_slots(cache, offset, i, min(cfg.slots, cfg.num_steps))
+            fill_unwritten_slots(cache, offset, i, min(cfg.slots, cfg.r))
             break
         logits_BSV = None
     if logits_BSV is None:
@@ -221,7 +221,7 @@ def generate_uncached(
     model,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
-    num_steps: int,
+    r: int,
     state_init: str = "zero",
     seed: int = 0,
 ) -> list[int]:
@@ -234,7 +234,7 @@ def generate_uncached(
             ids_BS = torch.tensor([ids], dtype=torch.long, device=device)
             e_SBH = model.prelude(ids_BS)
             s_SBH = model.initial_state(e_SBH, state_init, seed, None)
-            for i in range(num_steps):
+            for i in range(r):
                 s_SBH = model.core_step(s_SBH, e_SBH, cache_slot=i)
             tok = int(model.coda(s_SBH)[0, -1].argmax())
             out.append(tok)

@@ -2,7 +2,7 @@
 adaptive exit.
 
     from pipeline.eval.lm_eval_adapter import RdptLM, run_lm_eval
-    lm = RdptLM.from_checkpoint("runs/tiny", num_steps=32)
+    lm = RdptLM.from_checkpoint("runs/tiny", r=32)
     results = run_lm_eval(lm, ["my_task"], include_path="tasks/")   # {"my_task": {"acc,none": ...}}
 
 Offline, lm-eval's built-in tasks cannot download their data; write a task YAML whose
@@ -31,7 +31,7 @@ class RdptLM(LM):
         tokenizer: a `tokenizers.Tokenizer`.
         eot_id: end-of-text id: the context of an empty prompt and the rolling-window prefix.
         max_length: longest scored window (the model's context length).
-        num_steps: fixed r, or the maximum r with `exit_rule`.
+        r: fixed r, or the maximum r with `exit_rule`.
         exit_rule: adaptive exit per token (None: fixed r).
         state_init / seed: initial latent state.
         batch_size: requests scored together (right-padded).
@@ -45,7 +45,7 @@ class RdptLM(LM):
         *,
         eot_id: int,
         max_length: int,
-        num_steps: int = 32,
+        r: int = 32,
         exit_rule: ExitRule | None = None,
         state_init: str = "zero",
         seed: int = 0,
@@ -53,13 +53,13 @@ class RdptLM(LM):
         max_gen_toks: int = 64,
     ):
         super().__init__()
-        if num_steps < 1:
-            raise ValueError(f"num_steps: r must be >= 1, got {num_steps}")
+        if r < 1:
+            raise ValueError(f"r: the number of core iterations must be >= 1, got {r}")
         self.model = model
         self.tokenizer = tokenizer
         self.eot_id = int(eot_id)
         self.max_length = int(max_length)
-        self.num_steps = int(num_steps)
+        self.r = int(r)
         self.exit_rule = exit_rule
         self.state_init = check_state_init(state_init)
         self.seed = seed
@@ -70,7 +70,7 @@ class RdptLM(LM):
 
     @classmethod
     def from_checkpoint(cls, ckpt_or_run: str, **kwargs) -> RdptLM:
-        """Load with pipeline.checkpoint.load_for_inference and wrap it."""
+        """Load with pipeline.eval.loading.load_for_inference and wrap it."""
         from pipeline.eval.loading import load_model_and_tokenizer
 
         loaded = load_model_and_tokenizer(ckpt_or_run)
@@ -130,7 +130,7 @@ class RdptLM(LM):
                     self.model,
                     inputs,
                     targets,
-                    max_r=self.num_steps,
+                    max_r=self.r,
                     rule=self.exit_rule,
                     state_init=self.state_init,
                     seed=self.seed,
@@ -188,7 +188,7 @@ class RdptLM(LM):
             max_new = max(0, min(max_new, self.max_length - len(prompt)))
             cfg = GenerationConfig(
                 max_new_tokens=max_new,
-                num_steps=self.num_steps,
+                r=self.r,
                 exit_rule=self.exit_rule,
                 temperature=temperature,
                 top_p=float(kw.get("top_p", 1.0) or 1.0),
@@ -222,7 +222,7 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from pipeline.errors import RdptConfigError
+    from pipeline.common.errors import RdptConfigError
 
     tm = TaskManager(include_path=include_path, include_defaults=include_path is None)
     missing = [t for t in tasks if t not in tm.all_tasks]

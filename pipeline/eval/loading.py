@@ -1,5 +1,9 @@
 """Resolve what the user names on the command line (a run directory, a checkpoint directory or
-an MLflow run id) and load the model, its tokenizer and its dataset for evaluation."""
+an MLflow run id) and load the model, its tokenizer and its dataset for evaluation.
+
+    model, cfg, data, meta = load_for_inference("runs/tiny")        # model in eval mode
+    loaded = load_model_and_tokenizer("runs/tiny")                  # + tokenizer, eot id, ...
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import RdptCheckpointError
+from pipeline.common.errors import RdptCheckpointError
+
+
+def load_for_inference(
+    run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu", dtype=None
+) -> tuple[Any, Any, Any, dict]:
+    """(model, TrainConfig, DatasetInfo or tokenizer path, meta{step, tokens, checkpoint, ...}).
+
+    Builds the model at tensor-parallel size 1 (initialising a world-size-1 process group and
+    megatron parallel_state when none exists) and loads the checkpoint's consolidated weights.
+    """
+    import torch
+
+    from pipeline.model import build_model
+    from pipeline.model.consolidated import load_full_state_dict
+    from pipeline.model.runtime import init_model_parallel
+    from pipeline.training.checkpoint import (
+        checkpoint_config,
+        consolidated_state_dict,
+        read_trainer_state,
+        resolve_checkpoint,
+    )
+
+    ckpt = resolve_checkpoint(run_dir_or_ckpt)
+    cfg = checkpoint_config(ckpt)
+    state = read_trainer_state(ckpt)
+    init_model_parallel(tp=1)
+    model = build_model(cfg.model, params_dtype=torch.float32)
+    load_full_state_dict(model, consolidated_state_dict(ckpt, cfg.model))
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    data: Any
+    try:
+        from pipeline.data.loader import open_dataset
+
+        data = open_dataset(cfg.data.path)
+        if data.manifest_sha256 != state.get("manifest_sha256"):
+            raise ValueError("dataset changed")
+    except Exception:  # noqa: BLE001  dataset moved or changed: the checkpoint's own tokenizer
+        data = str(ckpt / "tokenizer.json")
+    meta = {k: state.get(k) for k in ("step", "tokens", "skipped_steps", "manifest_sha256")}
+    meta["checkpoint"] = str(ckpt)
+    return model, cfg, data, meta
 
 
 @dataclass
@@ -80,10 +125,8 @@ def resolve_target(target: str, tracking_uri: str | None = None) -> Path:
 def load_model_and_tokenizer(
     target: str, tracking_uri: str | None = None, device: str | None = None
 ) -> Loaded:
-    """Load a checkpoint (via pipeline.checkpoint.load_for_inference) with its tokenizer."""
+    """Load a checkpoint (load_for_inference) with its tokenizer."""
     import torch
-
-    from pipeline.checkpoint import load_for_inference
 
     path = resolve_target(target, tracking_uri)
     # NOTE: DeepSpeed's ZeRO consolidation prints progress on stdout; keep stdout for results.

@@ -204,7 +204,7 @@ def finish_tracker(tracker, prev_status) -> None:
 
 def write_outputs(results: dict, args, loaded) -> Path:
     """JSON file, PNG plots and MLflow logging (rank 0). Returns the JSON path."""
-    from pipeline.atomic import atomic_write_json
+    from pipeline.common.atomic import atomic_write_json
 
     ckpt = Path(loaded.meta.get("checkpoint") or args.target)
     base = loaded.run_dir or ckpt.resolve().parent

@@ -1,71 +1,31 @@
-"""The recurrent-depth language model (Huginn architecture) on megatron-core: one MegatronModule
-(recurrent.py) whose prelude, core and coda are megatron-core TransformerBlocks of the layers in
-layers.py.
+"""The recurrent-depth language model (Huginn architecture) on megatron-core (layer 2: imports
+only the shared basics; no DeepSpeed, no training code).
 
-    from pipeline.parallel import initialize_parallel
-    from pipeline.model import build_model, ModelConfig
-    initialize_parallel(tp=1)
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.model.runtime import init_model_parallel
+    init_model_parallel(tp=1)
     model = build_model(cfg)                 # RecurrentDepthLM
-    out = model(ids_BS, labels_BS, num_steps=32, backprop_depth=8)
+    out = model(ids_BS, labels_BS, r=32, backprop_depth=8)
+
+  config.py        ModelConfig: shape and architectural switches (presets in configs/model/)
+  build.py         ModelConfig -> megatron TransformerConfig -> RecurrentDepthLM
+  recurrent.py     prelude -> core looped r times on a latent state -> coda -> tied head
+  layers.py        the decoder layer (Huginn sandwich or pre-norm), chosen by module spec
+  attention.py     core attention backends (flash-attn, torch SDPA, math)
+  depth.py         r iterations -> (no-grad, graded) under truncated backprop
+  init.py          weight initialisation
+  kv_cache.py      KV cache keyed by (block, slot, layer)
+  runtime.py       megatron parallel_state (TP groups, model-parallel RNG)
+  compat.py        megatron-core's CUDA assumptions bridged on CPU; version differences
+  consolidated.py  rdpt's TP-unsharded safetensors checkpoint format
+  hf_convert.py    conversion to/from the Hugging Face Huginn layout
+  counting.py      parameter counts;  flops.py  FLOPs per token
 """
 
 from __future__ import annotations
 
+from pipeline.model.build import build_model, megatron_config
 from pipeline.model.config import ModelConfig
+from pipeline.model.init import normal_init
 
-__all__ = ["ModelConfig", "build_model", "megatron_config"]
-
-
-def normal_init(std: float):
-    """Weight initialiser N(0, std) (megatron's init_method contract: fills a tensor in place)."""
-    import torch
-
-    def init_(t):
-        return torch.nn.init.normal_(t, mean=0.0, std=std)
-
-    return init_
-
-
-def megatron_config(cfg: ModelConfig, params_dtype=None):
-    """The megatron TransformerConfig for `cfg` (CPU-safe: fusions off, CPU initialisation)."""
-    import torch
-
-    from pipeline.model import compat
-
-    params_dtype = params_dtype or torch.float32
-    return compat.transformer_config(
-        num_layers=max(cfg.n_layers_total, 1),
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        kv_channels=cfg.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_eps,
-        gated_linear_unit=True,
-        rotary_interleaved=True,
-        init_method_std=cfg.resolved_init_std,
-        init_method=normal_init(cfg.resolved_init_std),
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        pipeline_dtype=params_dtype,
-    )
-
-
-def build_model(cfg: ModelConfig, *, params_dtype=None):
-    """Build a RecurrentDepthLM for the current megatron parallel_state (initialise it first
-    with `pipeline.parallel.initialize_parallel(tp)`). Parameters are created and initialised
-    in the module constructors (CPU init; under `torch.device("meta")` nothing is allocated)."""
-    import torch
-    from megatron.core import parallel_state
-
-    from pipeline.errors import RdptConfigError
-    from pipeline.model.recurrent import RecurrentDepthLM
-
-    if not parallel_state.model_parallel_is_initialized():
-        raise RdptConfigError(
-            "build_model: megatron parallel_state is not initialised; call "
-            "pipeline.parallel.initialize_parallel(tp) first"
-        )
-    cfg.check(tp=parallel_state.get_tensor_model_parallel_world_size())
-    return RecurrentDepthLM(cfg, megatron_config(cfg, params_dtype or torch.float32))
+__all__ = ["ModelConfig", "build_model", "megatron_config", "normal_init"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from pipeline.errors import RdptConfigError
+from pipeline.common.errors import RdptConfigError
 from pipeline.model import compat
 
 try:  # optional extra `rdpt[flash]`

@@ -11,8 +11,10 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from pipeline.config_io import ConfigModel
-from pipeline.errors import RdptConfigError
+from pipeline.common.config_io import ConfigModel
+from pipeline.common.errors import RdptConfigError
+
+STATE_INITS = ("random", "zero")  # initial latent state: truncated normal per sample id, or zeros
 
 
 class ModelConfig(ConfigModel):
@@ -50,8 +52,9 @@ class ModelConfig(ConfigModel):
     init_std: float | None = None
     """Std of the normal weight init; None = sqrt(2 / (5 h)). Output projections are
     further scaled by 1/sqrt(2 * (n_prelude + n_core + n_coda))."""
-    state_init: Literal["truncated_normal", "zeros"] = "truncated_normal"
-    """Default distribution of the initial latent state s0 (the forward's state_init wins)."""
+    state_init: Literal["random", "zero"] = "random"
+    """Default initial latent state s0: `random` (truncated normal, per sample) or `zero`; the
+    forward's `state_init` argument wins."""
     state_init_std: float | None = None
     """Std of s0's truncated normal (cut at +-3 std) before scaling; None = sqrt(2 / (5 h))."""
     state_init_scale: float | None = None
@@ -59,8 +62,6 @@ class ModelConfig(ConfigModel):
     attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     """Core attention: flash-attn, torch SDPA (cuDNN preferred on Hopper), plain math; auto
     picks flash > sdpa on CUDA, math on CPU."""
-    recompute_core: bool = False
-    """Recompute the activations of each graded core iteration in backward (exact)."""
 
     @model_validator(mode="after")
     def _validate(self) -> ModelConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import RdptCheckpointError
+from pipeline.common.errors import RdptCheckpointError
 from pipeline.model.config import ModelConfig
 
 FORMAT = "rdpt-consolidated-v1"
@@ -118,8 +118,8 @@ def write_consolidated(
     (built under a temporary name, then renamed)."""
     from safetensors.torch import save_file
 
-    from pipeline.atomic import atomic_directory
-    from pipeline.config_io import to_yaml
+    from pipeline.common.atomic import atomic_directory
+    from pipeline.common.config_io import to_yaml
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -146,7 +146,7 @@ def load_consolidated(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from pipeline.config_io import load_config
+    from pipeline.common.config_io import load_config
 
     path = Path(path)
     weights, config = path / WEIGHTS, path / CONFIG
@@ -164,9 +164,24 @@ def load_consolidated(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
 
 def build_from_consolidated(path: str | os.PathLike, params_dtype=None):
     """Build a model for the current parallel_state and load a consolidated checkpoint."""
-    from pipeline.model import build_model
+    from pipeline.model.build import build_model
 
     cfg, sd = load_consolidated(path)
     model = build_model(cfg, params_dtype=params_dtype)
     load_full_state_dict(model, sd)
     return model, cfg
+
+
+def parameter_names(cfg: ModelConfig) -> set[str]:
+    """The consolidated names of the parameters of a model of `cfg` (built on the meta device:
+    nothing is allocated; megatron parallel_state is initialised at tp=1 when missing)."""
+    from megatron.core import parallel_state
+
+    from pipeline.model.build import build_model
+    from pipeline.model.runtime import init_model_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_model_parallel(tp=1)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {consolidated_name(n) for n, _ in model.named_parameters()}

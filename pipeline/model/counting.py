@@ -53,7 +53,7 @@ def count_parameters_meta(cfg: ModelConfig) -> dict[str, int]:
     full counts) and count its parameters per part without allocating memory."""
     import torch
 
-    from pipeline.model import build_model
+    from pipeline.model.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)

@@ -10,7 +10,7 @@ Model FLOPs only: no credit for activation recompute.
 from __future__ import annotations
 
 from pipeline.model.config import ModelConfig
-from pipeline.recurrence import split_steps
+from pipeline.model.depth import split_steps
 
 
 def layer_flops(cfg: ModelConfig, seq_len: int) -> int:

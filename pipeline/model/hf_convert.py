@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import RdptCheckpointError
+from pipeline.common.errors import RdptCheckpointError
 from pipeline.model.config import ModelConfig
 
 BLOCKS = (("prelude", "prelude_block"), ("core_block", "core_block"), ("coda", "coda_block"))
@@ -198,7 +198,7 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
 def write_hf_dir(sd: dict[str, torch.Tensor], hf_config: dict, out: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
-    from pipeline.atomic import atomic_directory
+    from pipeline.common.atomic import atomic_directory
 
     out = Path(out)
     if out.exists():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -27,21 +28,13 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from pipeline.errors import RdptConfigError
+from pipeline.common.errors import RdptConfigError
 from pipeline.model import compat
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import STATE_INITS, ModelConfig
+from pipeline.model.depth import split_steps
 from pipeline.model.kv_cache import CacheView
 from pipeline.model.layers import ColumnLinear, RMSNorm, RowLinear, block_spec
-from pipeline.recurrence import split_steps
-
-STATE_INIT_ALIASES = {
-    "random": "truncated_normal",
-    "truncated_normal": "truncated_normal",
-    "zero": "zeros",
-    "zeros": "zeros",
-}
 
 
 class RecurrentOutput(NamedTuple):
@@ -88,7 +81,7 @@ class RecurrentDepthLM(MegatronModule):
         self.cfg = cfg
         h = cfg.hidden_size
         out_std = cfg.resolved_init_std / math.sqrt(2 * max(cfg.n_layers_total, 1))
-        from pipeline.model import normal_init
+        from pipeline.model.init import normal_init
 
         output_init = normal_init(out_std)
 
@@ -140,6 +133,9 @@ class RecurrentDepthLM(MegatronModule):
                 gather_output=False,
             )
         self.rotary = compat.make_rotary(cfg.head_dim, cfg.rope_base)
+        # One core iteration as the forward runs it: (s, e, rope) -> s'. wrap_iteration() may
+        # replace it (activation checkpointing, compile); it holds no parameters of its own.
+        self.iteration: Callable = self._core
 
     # ------------------------------------------------------------------ pieces
     def _rope(self, seq_len: int, offset: int, device) -> torch.Tensor:
@@ -167,13 +163,11 @@ class RecurrentDepthLM(MegatronModule):
         """s_0 [S, B, H]: zeros, or a truncated normal (std sqrt(2/(5h)) cut at +-3 std, times
         sqrt(h) by default) drawn per sample from a generator seeded by (seed, sample id), so a
         sample's state never depends on the batch it sits in or the data-parallel size."""
-        mode = STATE_INIT_ALIASES.get(mode or self.cfg.state_init)
-        if mode is None:
-            raise RdptConfigError(
-                f"state_init: expected one of {sorted(STATE_INIT_ALIASES)}, got {mode!r}"
-            )
+        mode = mode or self.cfg.state_init
+        if mode not in STATE_INITS:
+            raise RdptConfigError(f"state_init: expected one of {STATE_INITS}, got {mode!r}")
         S, B, H = e_SBH.shape
-        if mode == "zeros":
+        if mode == "zero":
             return torch.zeros_like(e_SBH)
         if sample_ids_B is None:
             ids = list(range(B))
@@ -196,6 +190,14 @@ class RecurrentDepthLM(MegatronModule):
         # NOTE: state first, then the embedded input (Huginn's adapter layout).
         x, _ = self.adapter(compat.scatter_last_dim(torch.cat([s_SBH, e_SBH], dim=-1)))
         return self._run(self.core_block, "core", cache_slot, x, rope, kv_cache, position_offset)
+
+    def wrap_iteration(self, wrapper: Callable[[Callable], Callable]) -> None:
+        """Replace the function the forward runs for each core iteration by wrapper(it).
+
+        This is how the training area applies activation checkpointing and torch.compile to
+        one iteration (the part that runs r times) without a flag in the forward:
+        `model.wrap_iteration(checkpointed)`. The decomposed API (core_step) stays plain."""
+        self.iteration = wrapper(self.iteration)
 
     def core_step(
         self, s_SBH, e_SBH, kv_cache=None, cache_slot: int = 0, position_offset: int = 0
@@ -228,19 +230,19 @@ class RecurrentDepthLM(MegatronModule):
         input_ids_BS,
         labels_BS=None,
         *,
-        num_steps: int,
+        r: int,
         backprop_depth: int | None = None,
         state_init: str | None = None,
         state_seed: int = 0,
         sample_ids_B=None,
         telemetry: bool = False,
     ) -> RecurrentOutput:
-        """Run the model with r = num_steps core iterations, of which the last
+        """Run the model with r core iterations, of which the last
         min(backprop_depth, r) carry gradients (None: all of them).
 
         With labels_BS: per-token cross entropy [B, S] (fp32, vocab-parallel, labels < 0 give
         0); without: logits [B, S, V]."""
-        n_no_grad, n_grad = split_steps(num_steps, backprop_depth)
+        n_no_grad, n_grad = split_steps(r, backprop_depth)
         e = self.prelude(input_ids_BS)
         S = e.shape[0]
         rope = self._rope(S, 0, e.device)
@@ -255,15 +257,11 @@ class RecurrentDepthLM(MegatronModule):
 
         with torch.no_grad():
             for _ in range(n_no_grad):
-                new = self._core(s, e, rope)
+                new = self.iteration(s, e, rope)
                 track(s, new)
                 s = new
-        recompute = self.cfg.recompute_core and torch.is_grad_enabled()
         for _ in range(n_grad):
-            if recompute:
-                new = torch_checkpoint(self._core, s, e, rope, use_reentrant=False)
-            else:
-                new = self._core(s, e, rope)
+            new = self.iteration(s, e, rope)
             track(s, new)
             s = new
 

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write_json
+from pipeline.common.atomic import atomic_write_json
 from pipeline.tracking.server import health_ok
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.atomic import atomic_open
+from pipeline.common.atomic import atomic_open
 
 Series = Mapping[int, float] | Sequence[Mapping[str, float]]
 

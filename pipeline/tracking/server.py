@@ -29,9 +29,9 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.atomic import atomic_copy, atomic_write_text
-from pipeline.distributed import free_port
-from pipeline.errors import RdptError
+from pipeline.common.atomic import atomic_copy, atomic_write_text
+from pipeline.common.distributed import free_port
+from pipeline.common.errors import RdptError
 
 DB_NAME = "mlflow.db"
 LOG_NAME = "server.log"

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.atomic import atomic_write_text
-from pipeline.errors import RdptConfigError
+from pipeline.common.atomic import atomic_write_text
+from pipeline.common.errors import RdptConfigError
 
 C = TypeVar("C", bound="ConfigModel")
 

@@ -1,6 +1,6 @@
 """Ranks of a process started by `srun`, in the torchrun variables the rest of rdpt reads.
 
-    from launch.slurm_env import apply_slurm_env
+    from pipeline.common.slurm_env import apply_slurm_env
     apply_slurm_env()          # first thing in `rdpt train`, before init_process_group()
 
 Inside an srun step, Slurm tells each task who it is (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,

@@ -1,7 +1,7 @@
 """DeepSpeed around the megatron-core model: config generated from TrainConfig, never by hand.
 
-    ds_config = deepspeed_config(cfg, dp=2, grad_accum=4)
-    engine = build_engine(model, cfg, dp=2, grad_accum=4)
+    ds_config = deepspeed_config(cfg, dims)           # dims: training.parallel.ParallelDims
+    engine = build_engine(model, cfg, dims)           # called by training.parallel.parallelize
 
 - ZeRO stage, micro/global batch, gradient accumulation and clipping come from `cfg`.
 - bf16 on GPU (fp32 on CPU, or whatever `train.precision` says), with DeepSpeed's overflow
@@ -15,13 +15,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.training.optim import build_optimizer, param_groups
 
-NO_DECAY_MARKERS = ("norm", "bias", "ln_f")
+if TYPE_CHECKING:  # a type only: config.py imports the layout, which imports this module
+    from pipeline.training.config import TrainConfig
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -36,8 +37,9 @@ def use_deepspeed_adam() -> bool:
     return torch.cuda.is_available()
 
 
-def deepspeed_config(cfg: TrainConfig, dp: int, grad_accum: int) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, dims) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (written to the run dir for reference only)."""
+    dp, grad_accum = dims.dp, dims.grad_accum
     precision = resolve_precision(cfg)
     zero: dict[str, Any] = {
         "stage": cfg.parallel.zero_stage,
@@ -76,23 +78,6 @@ def deepspeed_config(cfg: TrainConfig, dp: int, grad_accum: int) -> dict[str, An
         }
     assert cfg.train.global_batch_size == cfg.train.micro_batch_size * dp * grad_accum
     return ds
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: matrices decayed, norms/biases/qk_bias not (decoupled weight decay)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned params are flat
-        if ndim < 2 or any(m in name for m in NO_DECAY_MARKERS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 class MegatronMpu:
@@ -140,26 +125,18 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp: int, grad_accum: int, mpu=None):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, dims, mpu=None):
     """deepspeed.initialize with a generated config; torch.distributed must be up already.
 
-    NOTE: the process group is created by pipeline.distributed.init_process_group() before
+    NOTE: the process group is created by pipeline.common.distributed.init_process_group() before
     this call; deepspeed.initialize then finds it and skips its own (slow, JIT) comm set-up.
     """
     import deepspeed
 
     skip_shm_comm_build()
-    ds_config = deepspeed_config(cfg, dp, grad_accum)
+    ds_config = deepspeed_config(cfg, dims)
     groups = param_groups(model, cfg.optim.weight_decay)
-    optimizer = None
-    if not use_deepspeed_adam():
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-        )
+    optimizer = None if use_deepspeed_adam() else build_optimizer(groups, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -171,7 +148,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp: int, grad_accum: 
     return engine
 
 
-def construction_context(cfg: TrainConfig, dp: int, grad_accum: int):
+def zero3_construction(cfg: TrainConfig, dims):
     """Where to build the model: under ZeRO-3, inside `deepspeed.zero.Init`, so every parameter
     is partitioned as soon as its module is built (no rank ever holds the full model)."""
     import contextlib
@@ -181,23 +158,14 @@ def construction_context(cfg: TrainConfig, dp: int, grad_accum: int):
     import deepspeed
 
     skip_shm_comm_build()
-    ds = deepspeed_config(cfg, dp, grad_accum)
+    ds = deepspeed_config(cfg, dims)
     # NOTE: zero.Init checks the batch arithmetic against a world size of its own; it needs
     # only the ZeRO section, so give it no global batch to disagree with.
     for key in ("train_batch_size", "gradient_accumulation_steps"):
         ds.pop(key)
-    return deepspeed.zero.Init(config_dict_or_path=ds, mpu=MegatronMpu(), dtype=torch.float32)
-
-
-def set_lr(engine, lr: float) -> None:
-    """Set the learning rate of every param group (the schedule is a pure function of step)."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def global_grad_norm(engine) -> float:
-    """The pre-clip global gradient norm of the last optimizer step (nan when unknown)."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if torch.is_tensor(norm) else norm)
+    # NOTE: no dtype argument: DeepSpeed 0.19's zero.Init then takes it from the config (fp32, or
+    # bf16 when bf16 is on: parameters are built in the dtype they compute in). An explicit
+    # dtype is misread on accelerators without fp16 (`dtype or fp16 if fp16_supported() else
+    # bf16 if is_bf16_supported else fp32`: the last test is a method, always true), which on
+    # CPU built every fp32 parameter in bf16 and broke ZeRO-3 parity with the other stages.
+    return deepspeed.zero.Init(config_dict_or_path=ds, mpu=MegatronMpu())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.common.cli_args import OverridesParser
+
 SUBMIT_EPILOG = """\
 examples:
   rdpt submit train configs/train/tiny.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 \\
@@ -24,24 +26,6 @@ examples:
   rdpt jobs                 # the jobs submitted from this project, with their Slurm state
   rdpt jobs --json          # the same as JSON lines
   rdpt jobs cancel 1234     # cancel job 1234 (and the later jobs of its chain); no requeue"""
-
-
-class OverridesParser(argparse.ArgumentParser):
-    """Accepts `dotted.key=value` overrides anywhere, also after options.
-
-    argparse consumes the positionals (CONFIG and the overrides) in one go, so
-    `rdpt submit train CONFIG --nodes 2 run.name=x` would leave `run.name=x` unrecognized.
-    """
-
-    def parse_known_args(self, args=None, namespace=None):
-        ns, extras = super().parse_known_args(args, namespace)
-        rest = []
-        for arg in extras:
-            if "=" in arg and not arg.startswith("-") and hasattr(ns, "overrides"):
-                ns.overrides.append(arg)
-            else:
-                rest.append(arg)
-        return ns, rest
 
 
 def _add_sbatch_options(p: argparse.ArgumentParser, *, train: bool) -> None:

@@ -27,6 +27,13 @@ def env_rank() -> tuple[int, int, int]:
     )
 
 
+def launched_externally() -> bool:
+    """True under srun or torchrun: this process is one rank, started by someone else."""
+    from pipeline.common.slurm_env import in_srun_step
+
+    return in_srun_step() or "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init_process_group(
     backend: str | None = None, timeout_s: float = 600, export_env: bool = False
 ) -> None:

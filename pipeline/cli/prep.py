@@ -7,7 +7,7 @@ import logging
 import os
 import time
 
-from pipeline.errors import RdptConfigError
+from pipeline.common.errors import RdptConfigError
 
 DESCRIPTION = """\
 Prepare a pretraining dataset offline: read text (files, directories, globs, JSON Lines,
@@ -191,7 +191,7 @@ def handler(args) -> int:
         return _verify_or_inspect(args)
     from data_prep.config import PrepConfig
     from data_prep.prep import prepare
-    from pipeline.config_io import load_config
+    from pipeline.common.config_io import load_config
 
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.config is None and not args.input:

@@ -1,12 +1,13 @@
 """TrainConfig: the run-level schema of `rdpt train` (one YAML file + dotted overrides).
 
     cfg = load_train_config("configs/train/tiny.yaml", ["optim.lr=3e-4", "run.name=x"])
-    check_launch(cfg, world_size=2)     # every cross-field rule that needs the world size / disk
+    cfg, dims = resolve(cfg, world_size=2)   # what the ranks will run, checked against the disk
 
 Sections: run, data, model (a ModelConfig or a path to configs/model/*.yaml), recurrence,
 train, optim, parallel, checkpoint, tracking, eval, debug. Rules that need only the config are
-pydantic validators (they fire on load); rules that need the world size or the disk live in
-`check_launch`, which the CLI calls before any process starts.
+pydantic validators (they fire on load); rules that need the world size or the dataset live in
+`resolve`, which `rdpt train` and `rdpt submit` both call before any process starts. Config
+flows one way: YAML + overrides -> load_train_config -> resolve -> resolved.yaml -> the ranks.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config_io import ConfigModel, load_config
-from pipeline.errors import RdptConfigError
+from pipeline.common.config_io import ConfigModel, load_config
+from pipeline.common.errors import RdptConfigError
 from pipeline.model.config import ModelConfig
-from pipeline.recurrence import RecurrenceConfig
+from pipeline.training.parallel import ParallelDims
+from pipeline.training.recurrence import RecurrenceConfig
 
 
 class RunSection(ConfigModel):
@@ -50,6 +52,9 @@ class TrainSection(ConfigModel):
     """Sequences per forward/backward on one rank."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on GPU, fp32 on CPU."""
+    compile: Literal["auto"] | bool = "auto"
+    """torch.compile one core iteration (the region that runs r times): true (on), false (off),
+    or auto = on where CUDA is present. YAML reads on/off as true/false too."""
     log_interval: int = Field(1, ge=1)
     """Log training metrics every N steps (rank 0 only; never blocks)."""
     max_nonfinite_steps: int = Field(5, ge=1)
@@ -80,6 +85,9 @@ class ParallelSection(ConfigModel):
     """Tensor-parallel size (megatron-core); data-parallel size = world size / tp."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +parameters."""
+    activation_checkpointing: bool = False
+    """Recompute each graded core iteration in backward instead of storing its activations
+    (exact; memory per iteration drops to its input state)."""
     nproc: int = Field(1, ge=1)
     """Processes started by `rdpt train` on this machine (--nproc overrides; ignored under
     Slurm/torchrun, where the launcher sets the world size)."""
@@ -164,29 +172,29 @@ def load_train_config(path: str | os.PathLike | None, overrides=()) -> TrainConf
     return load_config(TrainConfig, path, overrides)
 
 
-def parallel_dims(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
-    """(tp, dp, grad_accum) for `world_size` processes, or RdptConfigError naming every degree."""
-    tp = cfg.parallel.tp
-    gb, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if world_size % tp:
-        raise RdptConfigError(
-            f"parallel.tp={tp} does not divide the world size {world_size} "
-            f"(world = tp x dp; got tp={tp}, world={world_size})"
-        )
-    dp = world_size // tp
-    if gb % (mb * dp):
-        raise RdptConfigError(
-            f"train.global_batch_size={gb} is not divisible by train.micro_batch_size x "
-            f"data-parallel size = {mb} x {dp} = {mb * dp} (world {world_size} = tp {tp} x dp "
-            f"{dp}); choose a global batch that is a multiple of {mb * dp}"
-        )
-    cfg.model.check(tp=tp)
-    return tp, dp, gb // (mb * dp)
+def resolve(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, ParallelDims]:
+    """The config exactly as `world_size` ranks will run it, and its parallel layout.
+
+    Fills what the launch decides: run.dir and data.path made absolute (the job may run in
+    another directory), model.vocab_size from the dataset manifest (rounded up to a multiple of
+    parallel.tp), parallel.nproc = world size. Checks every rule that needs the world size or
+    the dataset (RdptConfigError naming the key). `cfg` itself is left unchanged.
+    """
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.dir = str(cfg.run_dir().resolve())
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    manifest = read_manifest(cfg)
+    if manifest.get("vocab_size"):
+        tp = cfg.parallel.tp
+        cfg.model.vocab_size = -(-int(manifest["vocab_size"]) // tp) * tp
+    cfg.parallel.nproc = world_size
+    dims = ParallelDims.from_config(cfg, world_size)
+    check_dataset(cfg, manifest)
+    return cfg, dims
 
 
-def check_launch(cfg: TrainConfig, world_size: int) -> None:
-    """Every rule that needs the world size or the disk; run before any process starts."""
-    parallel_dims(cfg, world_size)
+def read_manifest(cfg: TrainConfig) -> dict:
+    """The dataset's manifest.json, or RdptConfigError saying why data.path is no dataset."""
     data = Path(cfg.data.path)
     if not data.is_dir():
         raise RdptConfigError(
@@ -199,9 +207,14 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
             f"data.path: '{data}' has no manifest.json (not a dataset written by `rdpt prep`)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RdptConfigError(f"data.path: cannot read {manifest_path}: {e}") from None
+
+
+def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
+    """The dataset fits the model and the evaluation settings."""
+    manifest_path = Path(cfg.data.path) / "manifest.json"
     splits = manifest.get("splits", {})
     if not splits.get("train", {}).get("shards"):
         raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")

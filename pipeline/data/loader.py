@@ -1,6 +1,6 @@
 """Reading prepared datasets (written by `rdpt prep`) for training and evaluation.
 
-    from pipeline.data import open_dataset, ResumableLoader, iterate_sequences
+    from pipeline.data.loader import open_dataset, ResumableLoader, iterate_sequences
     info = open_dataset("data/corpus")                 # DatasetInfo (manifest, seq_len, ...)
     loader = ResumableLoader("data/corpus", split="train", micro_batch_size=4, grad_accum=2,
                              dp_rank=rank, dp_size=world, seed=1234)
@@ -38,8 +38,8 @@ import torch
 
 from data_prep.shards import ShardReader
 from data_prep.verify import read_manifest
-from pipeline.atomic import sha256_file
-from pipeline.errors import RdptDataError
+from pipeline.common.atomic import sha256_file
+from pipeline.common.errors import RdptDataError
 
 STATE_VERSION = 1
 

@@ -59,25 +59,25 @@ def register(subparsers) -> None:
 def model_info(args) -> int:
     from megatron.core import parallel_state
 
-    from pipeline.config_io import load_config
+    from pipeline.common.config_io import load_config
     from pipeline.model.config import ModelConfig
     from pipeline.model.counting import closed_form_parameters, count_parameters_meta
     from pipeline.model.flops import flops_per_token, forward_flops_per_token
-    from pipeline.parallel import destroy_parallel, initialize_parallel
+    from pipeline.model.runtime import destroy_model_parallel, init_model_parallel
 
     cfg = load_config(ModelConfig, args.config, args.overrides)
     owns_state = not parallel_state.model_parallel_is_initialized()
     if owns_state:
-        initialize_parallel(tp=1)
+        init_model_parallel(tp=1)
     elif parallel_state.get_tensor_model_parallel_world_size() != 1:
-        from pipeline.errors import RdptConfigError
+        from pipeline.common.errors import RdptConfigError
 
         raise RdptConfigError("model-info: counts need tp=1 (parallel_state has another tp)")
     try:
         counts = count_parameters_meta(cfg)
     finally:
         if owns_state:
-            destroy_parallel()
+            destroy_model_parallel()
     formula = closed_form_parameters(cfg)
     train_f = flops_per_token(cfg, args.r, args.k, args.seq_len)
     fwd_f = forward_flops_per_token(cfg, args.r, args.seq_len)

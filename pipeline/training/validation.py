@@ -1,5 +1,6 @@
 """Validation during training and small numeric helpers of the training step.
 
+    run_validation(engine, ctx, dims, tracker, step)     # logs them (rank 0)
     metrics = validate(engine, cfg, dp_rank, dp, device)
     # {"val/loss_r1": ..., "val/loss_r4": ..., "val/state_cosine": ..., "val/rel_change_last": ...}
 
@@ -11,11 +12,13 @@ state seeded per sample id (deterministic), and reports the representation-colla
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("rdpt.train")
 VAL_STATE_SEED = 20250207
 
 
@@ -26,7 +29,7 @@ def _dp_group():
 
 
 def _val_batches(cfg, dp_rank: int, dp: int) -> list:
-    from pipeline.data import iterate_sequences
+    from pipeline.data.loader import iterate_sequences
 
     per_rank = max(1, cfg.eval.max_sequences // dp)
     batches = list(
@@ -62,7 +65,7 @@ def validate(engine, cfg, dp_rank: int, dp: int, device) -> dict[str, float]:
             res = engine(
                 inputs.to(device),
                 targets.to(device),
-                num_steps=r,
+                r=r,
                 backprop_depth=None,
                 state_init="random",
                 state_seed=VAL_STATE_SEED,
@@ -89,18 +92,12 @@ def validate(engine, cfg, dp_rank: int, dp: int, device) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def grad_sq_norm_local(engine, device) -> torch.Tensor:
-    """This rank's share of the squared global gradient norm (ZeRO-0, after DP all-reduce):
-    tensor-parallel shards count on every TP rank, replicated parameters on TP rank 0 only;
-    summed over all ranks and divided by dp this gives the squared global norm (fp64, on
-    `device`, no host sync)."""
-    from megatron.core import parallel_state as ps
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for p in engine.module.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            total += p.grad.detach().double().pow(2).sum()
-    return total
+def run_validation(engine, ctx, dims, tracker, step: int) -> dict[str, float]:
+    """validate() on every rank; rank 0 logs the metrics at `step`."""
+    results = validate(engine, ctx.cfg, dims.dp_rank(), dims.dp, ctx.device)
+    if tracker is not None:
+        tracker.log_metrics(results, step)
+        log.info(
+            "validation at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in results.items())
+        )
+    return results

@@ -1,7 +1,7 @@
 """How many core iterations each training step runs: randomized (Huginn) or fixed.
 
     cfg = RecurrenceConfig(mode="random", mean=32, sigma=0.5, backprop_depth=8, seed=1234)
-    r, n_no_grad, n_grad = sample_num_steps(cfg, step)
+    r, n_no_grad, n_grad = sample_iterations(cfg, step)
 
 Randomized: tau ~ Normal(log(mean) - sigma^2/2, sigma), r = Poisson(exp(tau)) + 1 (mean about
 mean + 1, median about mean - 3 for mean 32). The draw is a pure function of (seed, step): a
@@ -16,8 +16,9 @@ from typing import Literal
 import numpy as np
 from pydantic import model_validator
 
-from pipeline.config_io import ConfigModel
-from pipeline.errors import RdptConfigError
+from pipeline.common.config_io import ConfigModel
+from pipeline.common.errors import RdptConfigError
+from pipeline.model.depth import split_steps
 
 
 class RecurrenceConfig(ConfigModel):
@@ -56,18 +57,6 @@ class RecurrenceConfig(ConfigModel):
         return self
 
 
-def split_steps(r: int, backprop_depth: int | None) -> tuple[int, int]:
-    """(n_no_grad, n_grad) for r iterations with truncated backprop depth k (None = all)."""
-    if r < 1:
-        raise RdptConfigError(f"num_steps: r must be >= 1, got {r}")
-    if backprop_depth is None:
-        return 0, r
-    if backprop_depth < 1:
-        raise RdptConfigError(f"backprop_depth: k must be >= 1, got {backprop_depth}")
-    n_grad = min(backprop_depth, r)
-    return r - n_grad, n_grad
-
-
 def sample_r(cfg: RecurrenceConfig, step: int) -> int:
     """The number of core iterations at optimizer step `step` (pure function of seed, step)."""
     if cfg.mode == "fixed":
@@ -80,8 +69,9 @@ def sample_r(cfg: RecurrenceConfig, step: int) -> int:
     return r
 
 
-def sample_num_steps(cfg: RecurrenceConfig, step: int) -> tuple[int, int, int]:
-    """(r, n_no_grad, n_grad) for optimizer step `step`."""
+def sample_iterations(cfg: RecurrenceConfig, step: int) -> tuple[int, int, int]:
+    """(r, n_no_grad, n_grad) of optimizer step `step`: the draw and its truncated-backprop
+    split."""
     r = sample_r(cfg, step)
     n_no_grad, n_grad = split_steps(r, cfg.backprop_depth)
     return r, n_no_grad, n_grad

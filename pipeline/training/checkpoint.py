@@ -16,8 +16,9 @@ A checkpoint is built under `.tmp-step-...` and renamed when complete, so a cras
 leaves the previous one untouched. On load every file's sha256 is checked (striped over ranks);
 a corrupted checkpoint is refused by name and `--resume auto` falls back to the previous one.
 
-For evaluation: `load_for_inference(run_dir_or_ckpt)` -> (model, TrainConfig, DatasetInfo or
-tokenizer path, meta). For export: `export_checkpoint(ckpt, out_dir, fmt)`.
+Reading one for use elsewhere: `resolve_checkpoint(run_dir_or_ckpt)`, `checkpoint_config(ckpt)`
+and `consolidated_state_dict(ckpt)` (full weights from DeepSpeed's files). Evaluation loads a
+model with pipeline/eval/loading.py, `rdpt export` writes model formats with export.py.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from typing import Any
 
 import torch
 
-from pipeline.atomic import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from pipeline.errors import RdptCheckpointError
+from pipeline.common.atomic import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from pipeline.common.errors import RdptCheckpointError
 
 log = logging.getLogger("rdpt.checkpoint")
 
@@ -333,42 +334,100 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} in checkpoint, {b!r} now"]
 
 
-def check_compatible(
-    state: dict[str, Any],
-    ckpt: Path,
-    *,
-    manifest_sha256: str,
-    model_config: dict,
-    tp: int,
-    dp: int,
-    zero_stage: int,
-) -> None:
-    """Refuse to resume from a checkpoint of a different dataset or model, saying what differs."""
-    if state.get("manifest_sha256") != manifest_sha256:
+def check_compatible(saved: dict[str, Any], ckpt: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint of a different dataset, model or optimizer layout
+    (`identity`: training.state.run_identity of this run), saying what differs."""
+    want = identity["manifest_sha256"]
+    if saved.get("manifest_sha256") != want:
         raise RdptCheckpointError(
             f"checkpoint {ckpt} was trained on a different dataset: manifest sha256 "
-            f"{state.get('manifest_sha256')} (dataset {state.get('data_path')}) in checkpoint, "
-            f"{manifest_sha256} now; start a new run (run.name=...) or --resume none"
+            f"{saved.get('manifest_sha256')} (dataset {saved.get('data_path')}) in checkpoint, "
+            f"{want} now; start a new run (run.name=...) or --resume none"
         )
-    diffs = _diff(state.get("model_config", {}), model_config, "model")
+    diffs = _diff(saved.get("model_config", {}), identity["model_config"], "model")
     if diffs:
         raise RdptCheckpointError(
             f"checkpoint {ckpt} has an incompatible model config: " + "; ".join(diffs)
         )
-    was = state.get("parallel", {})
-    if was.get("tp") != tp:
+    was, now = saved.get("parallel", {}), identity["parallel"]
+    if was.get("tp") != now["tp"]:
         raise RdptCheckpointError(
-            f"checkpoint {ckpt} was written with parallel.tp={was.get('tp')}, now tp={tp}"
+            f"checkpoint {ckpt} was written with parallel.tp={was.get('tp')}, now tp={now['tp']}"
         )
-    if was.get("zero_stage") != zero_stage or (zero_stage > 0 and was.get("dp") != dp):
+    stage, dp = now["zero_stage"], now["dp"]
+    if was.get("zero_stage") != stage or (stage > 0 and was.get("dp") != dp):
         raise RdptCheckpointError(
             f"checkpoint {ckpt} was written with ZeRO stage {was.get('zero_stage')} x dp "
-            f"{was.get('dp')}; now stage {zero_stage} x dp {dp}: the optimizer partitions differ "
+            f"{was.get('dp')}; now stage {stage} x dp {dp}: the optimizer partitions differ "
             f"(resume with the same layout)"
         )
 
 
-# ---------------------------------------------------------------------- inference and export
+class RunCheckpoints:
+    """The run's checkpoints as the training loop uses them (call on every rank).
+
+    ckpts = RunCheckpoints(ctx, identity, tokenizer_path, tracker, hooks)
+    state = ckpts.resume(engine, loader, "auto", tokens_per_step)   # TrainerState
+    ckpts.save(engine, state, loader)         # no-op when this step is already saved
+    """
+
+    def __init__(self, ctx, identity: dict[str, Any], tokenizer_path, tracker, hooks) -> None:
+        from pipeline.common.config_io import to_yaml
+
+        cfg = ctx.cfg
+        self.manager = CheckpointManager(ctx.run_dir, keep_last=cfg.checkpoint.keep_last)
+        self.verify = cfg.checkpoint.verify_on_load
+        self.identity = identity
+        self.config_yaml = to_yaml(cfg)
+        self.tokenizer_path = tokenizer_path
+        self.tracker = tracker
+        self.hooks = hooks
+        self.last_saved: int | None = None
+
+    def resume(self, engine, loader, resume: str, tokens_per_step: int):
+        """Restore engine, RNG and loader from the checkpoint `resume` names ('auto': the newest
+        that verifies; 'none'); returns the TrainerState to continue from."""
+        from pipeline.training.state import TrainerState
+
+        ckpt = self.manager.find_resume(resume, verify=self.verify)
+        if ckpt is None:
+            return TrainerState()
+        check_compatible(read_trainer_state(ckpt), ckpt, self.identity)
+        state = TrainerState.from_json(self.manager.load(engine, ckpt), tokens_per_step)
+        loader.load_state_dict(state.loader)
+        self.last_saved = state.step
+        log.info("resumed from %s (step %d)", ckpt, state.step)
+        return state
+
+    def save(self, engine, state, loader) -> Path | None:
+        """Checkpoint `state.step` (collective); skipped when that step is already saved."""
+        if self.last_saved == state.step:
+            return None
+        import time
+
+        from pipeline.common.atomic import sha256_file
+
+        state.loader = loader.state_dict()
+        payload = {**state.to_json(), **self.identity, "time": time.time()}
+        step = state.step
+        path = self.manager.save(
+            engine,
+            step,
+            payload,
+            config_yaml=self.config_yaml,
+            tokenizer_path=self.tokenizer_path,
+            crash_hook=lambda: self.hooks.in_checkpoint(step),
+        )
+        if self.tracker is not None:
+            # the digest of the file list, which holds every file's sha256: one value that
+            # identifies the whole checkpoint (the tracker measures its size)
+            self.tracker.log_checkpoint_reference(path, step, sha256=sha256_file(path / FILES_LIST))
+        log.info("checkpoint %s", path)
+        self.last_saved = step
+        return path
+
+
+# ---------------------------------------------------------------------- reading a checkpoint
 
 
 def resolve_checkpoint(run_dir_or_ckpt: str | os.PathLike) -> Path:
@@ -384,10 +443,22 @@ def resolve_checkpoint(run_dir_or_ckpt: str | os.PathLike) -> Path:
     raise RdptCheckpointError(f"{p}: neither a run directory nor a complete checkpoint")
 
 
-def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+def completed_step(run_dir: str | os.PathLike) -> int | None:
+    """Step of the run's latest complete checkpoint (None when there is none)."""
+    latest = CheckpointManager(run_dir).latest()
+    if latest is None:
+        return None
+    try:
+        return int(read_trainer_state(latest)["step"])
+    except (RdptCheckpointError, KeyError, ValueError):
+        return None
+
+
+def consolidated_state_dict(ckpt: str | os.PathLike, model_cfg=None) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from DeepSpeed's files (ZeRO 0-3, tensor-parallel size 1), under
-    the consolidated format's names (model/consolidated.py)."""
-    from pipeline.model.consolidated import consolidated_name
+    the consolidated format's names (model/consolidated.py). With `model_cfg`, only the model's
+    parameters are kept (DeepSpeed's files may hold buffers too)."""
+    from pipeline.model.consolidated import consolidated_name, parameter_names
 
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
@@ -407,75 +478,20 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
                 ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
             )
             sd = blob["module"]
-    return {
+    full = {
         consolidated_name(k): v.detach().float().contiguous()
         for k, v in sd.items()
         if torch.is_tensor(v)
     }
+    if model_cfg is not None:
+        keep = parameter_names(model_cfg)
+        full = {k: v for k, v in full.items() if k in keep}
+    return full
 
 
-def load_for_inference(
-    run_dir_or_ckpt: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32
-):
-    """(model, TrainConfig, DatasetInfo or tokenizer path, meta{step, tokens, ckpt, ...}).
+def checkpoint_config(ckpt: str | os.PathLike):
+    """The resolved TrainConfig a checkpoint was written with (its config.yaml)."""
+    from pipeline.common.config_io import load_config
+    from pipeline.training.config import TrainConfig
 
-    Builds the model at tensor-parallel size 1 (initialising a world-size-1 process group and
-    megatron parallel_state when none exists) and loads the consolidated weights.
-    """
-    import torch.distributed as dist
-
-    from pipeline.config import TrainConfig
-    from pipeline.config_io import load_config
-    from pipeline.distributed import init_process_group
-    from pipeline.model import build_model
-    from pipeline.model.consolidated import consolidated_name, load_full_state_dict
-    from pipeline.parallel import initialize_parallel
-
-    ckpt = resolve_checkpoint(run_dir_or_ckpt)
-    cfg = load_config(TrainConfig, ckpt / "config.yaml")
-    state = read_trainer_state(ckpt)
-    if not dist.is_initialized():
-        init_process_group()
-    initialize_parallel(tp=1)
-    model = build_model(cfg.model, params_dtype=torch.float32)
-    sd = consolidated_state_dict(ckpt)
-    names = {consolidated_name(n) for n, _ in model.named_parameters()}
-    load_full_state_dict(model, {k: v for k, v in sd.items() if k in names})
-    model = model.to(device=device, dtype=dtype).eval()
-    data: Any
-    try:
-        from pipeline.data import open_dataset
-
-        data = open_dataset(cfg.data.path)
-        if data.manifest_sha256 != state.get("manifest_sha256"):
-            raise ValueError("dataset changed")
-    except Exception:  # noqa: BLE001  dataset moved or changed: the checkpoint's own tokenizer
-        data = str(ckpt / "tokenizer.json")
-    meta = {k: state.get(k) for k in ("step", "tokens", "skipped_steps", "manifest_sha256")}
-    meta["checkpoint"] = str(ckpt)
-    return model, cfg, data, meta
-
-
-def export_checkpoint(
-    run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "safetensors"
-) -> Path:
-    """Consolidated weights (also from ZeRO-3 shards) in the model area's format
-    (`safetensors`: model.safetensors + model.yaml) or the Hugging Face Huginn layout (`hf`)."""
-    import tempfile
-
-    from pipeline.model.consolidated import save_consolidated
-    from pipeline.model.hf_convert import convert_to_hf
-
-    if fmt not in ("safetensors", "hf"):
-        raise RdptCheckpointError(f"unknown export format {fmt!r} (safetensors or hf)")
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise RdptCheckpointError(f"{out_dir}: already exists (refusing to overwrite)")
-    model, cfg, _, _ = load_for_inference(run_dir_or_ckpt)
-    if fmt == "safetensors":
-        save_consolidated(model, cfg.model, out_dir)
-        return out_dir
-    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as t:
-        save_consolidated(model, cfg.model, Path(t) / "consolidated")
-        convert_to_hf(Path(t) / "consolidated", out_dir)
-    return out_dir
+    return load_config(TrainConfig, Path(ckpt) / "config.yaml")

@@ -12,15 +12,15 @@ import importlib
 import sys
 
 from pipeline import __version__
-from pipeline.errors import RdptError
+from pipeline.common.errors import RdptError
 
 COMMAND_MODULES: list[str] = [  # in the order a user meets them
-    "data_prep.cli",  # rdpt prep, prep verify, prep inspect
-    "pipeline.model.cli",  # rdpt model-info, rdpt convert
-    "pipeline.train_cli",  # rdpt train, rdpt export
-    "pipeline.eval.cli",  # rdpt eval, rdpt generate
-    "pipeline.tracking.cli",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
-    "launch.cli",  # rdpt submit train|prep, rdpt jobs [cancel]
+    "pipeline.cli.prep",  # rdpt prep, prep verify, prep inspect
+    "pipeline.cli.model",  # rdpt model-info, rdpt convert
+    "pipeline.cli.train",  # rdpt train, rdpt export
+    "pipeline.cli.eval",  # rdpt eval, rdpt generate
+    "pipeline.cli.runs",  # rdpt mlflow-server start|stop|status, rdpt runs list|compare
+    "pipeline.cli.submit",  # rdpt submit train|prep, rdpt jobs [cancel]
 ]
 
 EPILOG = """\

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import RdptConfigError, RdptDataError
+from pipeline.common.errors import RdptConfigError, RdptDataError
 
 DEFAULT_RECURRENCES = "1,2,4,8,16,32,64"
 DEFAULT_MAX_SEQUENCES = 256
@@ -240,7 +240,7 @@ def eval_handler(args) -> int:
 
     _check_eval_args(args)
     args.target = str(resolve_target(args.target, args.tracking_uri))
-    from pipeline.distributed import env_rank
+    from pipeline.common.distributed import env_rank
 
     # NOTE: under torchrun / srun (WORLD_SIZE > 1) the ranks exist already: --nproc is ignored.
     if args.nproc > 1 and env_rank()[1] == 1:
@@ -268,8 +268,8 @@ def _spawn_worker(rank: int, args, port: int) -> None:
 def _spawn(args) -> int:
     import torch.multiprocessing as mp
 
-    from pipeline.distributed import free_port
-    from pipeline.errors import RdptError
+    from pipeline.common.distributed import free_port
+    from pipeline.common.errors import RdptError
 
     try:
         mp.start_processes(
@@ -288,7 +288,7 @@ def _spawn(args) -> int:
 def _device(name: str):
     import torch
 
-    from pipeline.distributed import env_rank
+    from pipeline.common.distributed import env_rank
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -341,7 +341,7 @@ def load_dataset_batches(
     """This rank's share of a prepared dataset's `split` as (inputs, targets, sample_ids)
     batches; sample ids are global sequence indices, so a random initial state does not depend
     on the number of processes."""
-    from pipeline.data import iterate_sequences, open_dataset
+    from pipeline.data.loader import iterate_sequences, open_dataset
 
     info = open_dataset(path)
     if split not in info.manifest.get("splits", {}):
@@ -367,7 +367,7 @@ def run_eval(args) -> dict | None:
     results dict, other ranks return None."""
     import torch
 
-    from pipeline.distributed import env_rank, init_process_group
+    from pipeline.common.distributed import env_rank, init_process_group
     from pipeline.eval.adaptive import ExitRule, evaluate_adaptive
     from pipeline.eval.depth import sweep_depths
     from pipeline.eval.loading import load_model_and_tokenizer
@@ -480,7 +480,7 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
         loaded.tokenizer,
         eot_id=loaded.eot_id,
         max_length=loaded.max_length,
-        num_steps=r,
+        r=r,
         exit_rule=rule,
         state_init=args.lm_eval_state_init,
         seed=args.seed,
@@ -528,7 +528,7 @@ def generate_handler(args) -> int:
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
     cfg = GenerationConfig(
         max_new_tokens=min(args.max_new_tokens, room),
-        num_steps=args.max_r if rule else args.recurrences,
+        r=args.max_r if rule else args.recurrences,
         exit_rule=rule,
         kv_budget=args.kv_budget,
         continuous_cot=args.continuous_cot,
@@ -547,14 +547,14 @@ def generate_handler(args) -> int:
         file=sys.stderr,
     )
     if args.json:
-        from pipeline.atomic import atomic_write_json
+        from pipeline.common.atomic import atomic_write_json
 
         out = {
             "prompt": args.prompt,
             "text": tok.decode(result.new_ids),
             **result.to_dict(),
             "config": {
-                "r": cfg.num_steps,
+                "r": cfg.r,
                 "adaptive": rule is not None,
                 "criterion": args.exit_criterion if rule else None,
                 "threshold": args.threshold if rule else None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 TRAIN_EPILOG = """\
 examples:
@@ -27,7 +26,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from launch.cli import OverridesParser
+    from pipeline.common.cli_args import OverridesParser
 
     # NOTE: overrides are accepted after options too (`CONFIG --nproc 2 optim.lr=1e-3`); the
     # dispatch table's subparsers action builds plain parsers, so swap the class for this one.
@@ -80,46 +79,10 @@ def _register_export(subparsers) -> None:
     e.set_defaults(func=export_handler)
 
 
-def launched_externally() -> bool:
-    """True under srun or torchrun: this process is one rank, started by someone else."""
-    from launch.slurm_env import in_srun_step
-
-    return in_srun_step() or "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def resolve_with_dataset(cfg, nproc: int):
-    """Fill what the dataset decides (model.vocab_size, padded to a multiple of tp)."""
-    from pipeline.config import check_launch
-
-    manifest_path = Path(cfg.data.path) / "manifest.json"
-    if manifest_path.is_file():
-        vocab = json.loads(manifest_path.read_text()).get("vocab_size")
-        if vocab:
-            tp = cfg.parallel.tp
-            cfg.model.vocab_size = -(-int(vocab) // tp) * tp
-    cfg.parallel.nproc = nproc
-    check_launch(cfg, world_size=nproc)
-    return cfg
-
-
-def completed_step(run_dir: Path) -> int | None:
-    """Step of the run's latest complete checkpoint (None when there is none)."""
-    from pipeline.checkpoint import CheckpointManager, read_trainer_state
-    from pipeline.errors import RdptCheckpointError
-
-    latest = CheckpointManager(run_dir).latest()
-    if latest is None:
-        return None
-    try:
-        return int(read_trainer_state(latest)["step"])
-    except (RdptCheckpointError, KeyError, ValueError):
-        return None
-
-
 def train_handler(args) -> int:
     import signal
 
-    from pipeline.stop_signals import record_early_signals
+    from pipeline.common.stop_signals import record_early_signals
 
     # NOTE: first thing, before the heavy imports: a SIGUSR1/SIGTERM from Slurm during start-up
     # must lead to a checkpoint and exit 85, not kill the process (see pipeline.train).
@@ -132,11 +95,15 @@ def train_handler(args) -> int:
 
 
 def _train(args, early: list[int], previous: dict) -> int:
+    """Parse and resolve the config once, then run `pipeline.train.main` on every rank: in this
+    process (under srun/torchrun, or one process) or in --nproc workers started here."""
     import signal
 
-    from pipeline.config import load_train_config
-    from pipeline.config_io import save_resolved, to_yaml
-    from pipeline.errors import RdptConfigError
+    from pipeline.common.config_io import save_resolved, to_yaml
+    from pipeline.common.distributed import launched_externally
+    from pipeline.common.errors import RdptConfigError
+    from pipeline.training.checkpoint import completed_step
+    from pipeline.training.config import load_train_config, resolve
 
     cfg = load_train_config(args.config, args.overrides)
     external = launched_externally()
@@ -146,16 +113,14 @@ def _train(args, early: list[int], previous: dict) -> int:
         world = args.nproc or cfg.parallel.nproc
         if world < 1:
             raise RdptConfigError(f"--nproc must be >= 1, got {world}")
-    cfg = resolve_with_dataset(cfg, world)
+    cfg, dims = resolve(cfg, world)
     run_dir = cfg.run_dir()
     if args.dry_run:
-        from pipeline.config import parallel_dims
-        from pipeline.engine import deepspeed_config
+        from pipeline.training.engine import deepspeed_config
 
-        _, dp, ga = parallel_dims(cfg, world)
         print(to_yaml(cfg))
         print("# DeepSpeed config")
-        print(json.dumps(deepspeed_config(cfg, dp, ga), indent=2))
+        print(json.dumps(deepspeed_config(cfg, dims), indent=2))
         return 0
     done = completed_step(run_dir) if args.resume == "auto" else None
     if done is not None and done >= cfg.train.max_steps:
@@ -165,28 +130,27 @@ def _train(args, early: list[int], previous: dict) -> int:
         )
         return 0
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    resolved = run_dir / "resolved.yaml"
     if rank == 0:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, resolved)
-    if external or world == 1:
-        from pipeline.train import main
+        save_resolved(cfg, run_dir / "resolved.yaml")
+    from pipeline.train import main
 
+    if external or world == 1:
         return main(cfg, resume=args.resume, early_signals=early)
     for sig, handler in previous.items():  # the elastic agent forwards signals to the workers
         signal.signal(sig, handler)
     if early:
         print("rdpt train: stop signal received before the workers started; not starting them")
-        from pipeline.exitcodes import REQUEUE
+        from pipeline.common.exitcodes import REQUEUE
 
         return REQUEUE
-    from pipeline.launcher import launch_local
+    from launch.local import launch_local
 
-    return launch_local(resolved, world, args.resume, run_dir)
+    return launch_local(main, (cfg, args.resume), nproc=world, run_dir=run_dir)
 
 
 def export_handler(args) -> int:
-    from pipeline.checkpoint import export_checkpoint
+    from pipeline.training.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, fmt=args.format)
     print(f"exported to {out}")

@@ -1,10 +1,12 @@
-"""Start N local training processes with torchrun semantics (torch.distributed elastic agent).
+"""Start N local ranks with torchrun semantics (torch.distributed's elastic agent).
 
-    code = launch_local(run_dir / "resolved.yaml", nproc=2, resume="auto", run_dir=run_dir)
+    code = launch_local(pipeline.train.main, (cfg, "auto"), nproc=2, run_dir=run_dir)
 
-- One worker per rank: `python -m pipeline.train RESOLVED.yaml --resume ...` with RANK,
-  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set by the agent (c10d rendezvous on
-  127.0.0.1, like `torchrun --standalone`); gloo on CPU and NCCL on GPU are chosen by the worker.
+- One spawned worker per rank calls `fn(*args)` (the same function a rank started by srun or
+  torchrun calls in its own process, with the same already-resolved config: one entry path)
+  with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set by the agent (c10d rendezvous
+  on 127.0.0.1, like `torchrun --standalone`); gloo on CPU and NCCL on GPU are chosen by `fn`.
+  A non-zero int returned by `fn` becomes the worker's exit code.
 - OMP_NUM_THREADS = cores // nproc unless the user set it (N ranks must not fight over cores).
 - SIGTERM/SIGINT/SIGUSR1 sent to the launcher are forwarded to every worker (the agent does it),
   which finish their step, checkpoint and exit 85; workers die with the launcher (kill -9).
@@ -14,17 +16,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from pipeline import exitcodes
+from pipeline.common import exitcodes
 
 MEANINGFUL = (exitcodes.USER_ERROR, exitcodes.REQUEUE, exitcodes.NONFINITE_ABORT)
-EXIT_FILE = "last_exit.json"
 
 
 def usable_cores() -> int:
@@ -38,28 +38,16 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, usable_cores() // max(1, nproc))
 
 
-def write_exit(run_dir: Path, code: int, step: int) -> None:
-    """Rank 0 records how it ended (the launcher reads it after a forwarded signal)."""
-    from pipeline.atomic import atomic_write_json
-
-    atomic_write_json(
-        run_dir / "logs" / EXIT_FILE, {"code": code, "step": step, "time": time.time()}
-    )
+def exit_with_result(fn, *args) -> None:
+    """A worker's body: the code `fn` returns is the process's exit code."""
+    code = fn(*args)
+    if code:
+        sys.exit(int(code))
 
 
-def _recorded_exit(run_dir: Path, since: float) -> int | None:
-    path = run_dir / "logs" / EXIT_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return int(data["code"]) if data.get("time", 0) >= since else None
-
-
-def launch_local(
-    resolved_yaml: str | os.PathLike, nproc: int, resume: str, run_dir: str | os.PathLike
-) -> int:
-    """Run `nproc` workers on this machine under the elastic agent; return an exit code."""
+def launch_local(fn, args: tuple, *, nproc: int, run_dir: str | os.PathLike) -> int:
+    """Run `fn(*args)` in `nproc` workers on this machine under the elastic agent; return the
+    exit code that matters (see the module docstring). `fn` and `args` must be picklable."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -81,9 +69,8 @@ def launch_local(
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
     )
     t0 = time.time()
-    args = ("-m", "pipeline.train", str(resolved_yaml), "--resume", resume)
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*args)
+        elastic_launch(config, entrypoint=exit_with_result)(fn, *args)
         return exitcodes.OK
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
@@ -96,7 +83,7 @@ def launch_local(
         )
         return 1
     except SignalException as e:
-        recorded = _recorded_exit(run_dir, t0)
+        recorded = exitcodes.recorded_exit(run_dir, t0)
         print(
             f"rdpt train: got signal {e.sigval.name}; workers stopped"
             + (f" with code {recorded}" if recorded is not None else ""),

@@ -1,0 +1,48 @@
+"""`rdpt export`: a training checkpoint (ZeRO 0-3, tp 1) -> full weights in a model format.
+
+    export_checkpoint("runs/tiny", "exports/tiny")              # consolidated safetensors
+    export_checkpoint("runs/tiny", "exports/tiny-hf", fmt="hf") # Hugging Face Huginn layout
+
+The weights are gathered from DeepSpeed's files directly (the model is only built on the meta
+device, for its parameter names); the output is written under a temporary name and renamed
+when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pipeline.common.errors import RdptCheckpointError
+
+FORMATS = ("safetensors", "hf")
+
+
+def export_checkpoint(
+    run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "safetensors"
+) -> Path:
+    """Consolidated weights in rdpt's format (`safetensors`: model.safetensors + model.yaml) or
+    the Hugging Face Huginn layout (`hf`)."""
+    from pipeline.model.consolidated import write_consolidated
+    from pipeline.model.hf_convert import convert_to_hf
+    from pipeline.training.checkpoint import (
+        checkpoint_config,
+        consolidated_state_dict,
+        resolve_checkpoint,
+    )
+
+    if fmt not in FORMATS:
+        raise RdptCheckpointError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise RdptCheckpointError(f"{out_dir}: already exists (refusing to overwrite)")
+    ckpt = resolve_checkpoint(run_dir_or_ckpt)
+    cfg = checkpoint_config(ckpt)
+    weights = consolidated_state_dict(ckpt, cfg.model)
+    if fmt == "safetensors":
+        return write_consolidated(weights, cfg.model, out_dir)
+    parent = out_dir.parent if out_dir.parent.exists() else None
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:
+        write_consolidated(weights, cfg.model, Path(tmp) / "consolidated")
+        return convert_to_hf(Path(tmp) / "consolidated", out_dir)

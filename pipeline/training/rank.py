@@ -1,0 +1,107 @@
+"""This process as one rank of a training run: process group, logging, stop signals, device.
+
+    ctx = setup_rank(cfg, early_signals)      # ctx.rank, ctx.world, ctx.device, ctx.stop, ...
+
+Ranks come from the environment: torch's elastic agent (`rdpt train --nproc N`), torchrun, or
+srun (SLURM_* translated into the torchrun variables). A worker started by `rdpt train` dies
+with its launcher, so a kill -9 of the launcher leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.common.stop_signals import STOP_SIGNALS
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop finishes its step, all ranks agree, checkpoint, exit 85."""
+
+    def __init__(self, early: list[int] | None = None) -> None:
+        self.signum: int | None = early[0] if early else None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+@dataclass
+class RankContext:
+    """Who this process is in the run, and where it computes."""
+
+    cfg: object  # TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    stop: StopFlag
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_rank(cfg, early_signals: list[int] | None = None) -> RankContext:
+    """Join the process group, set up logging, take over the stop signals."""
+    import torch.distributed as dist
+
+    from pipeline.common.distributed import init_process_group
+    from pipeline.common.slurm_env import apply_slurm_env
+
+    apply_slurm_env()
+    init_process_group(export_env=True)  # DeepSpeed reads the rank variables itself
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = cfg.run_dir()
+    setup_logging(run_dir, rank)
+    exit_with_parent()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return RankContext(cfg, rank, world, device, run_dir, StopFlag(early_signals))
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs rdpt.* at INFO to stdout and logs/train.log; everything else warnings only."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "logs" / "train.log"))
+    logging.basicConfig(
+        level=logging.WARNING,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("rdpt").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def exit_with_parent() -> None:
+    """A worker started by `rdpt train` dies with its launcher (no orphans after kill -9)."""
+    parent = int(os.environ.get("RDPT_LAUNCHER_PID", "0"))
+    if not parent:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(parent, 0)
+            except OSError:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="rdpt-parent-watch").start()
