@@ -4,7 +4,7 @@ Order of events:
   1. this process joins the run: process group, logging, stop signals, device
   2. the parallel layout, then the model built and wrapped by `parallelize` (tensor
      parallelism, ZeRO-3 construction, activation checkpointing, compile, the DeepSpeed engine)
-  3. the dataset and its resumable loader
+  3. the dataset and the stage's resumable loader (train.stage: pretraining by default)
   4. resume: the newest checkpoint that verifies restores the engine, the RNG, the loader's
      cursor and the TrainerState (a run already at train.max_steps ends here)
   5. for each optimizer step: draw r (the same on every rank), set the learning rate, run one
@@ -23,7 +23,7 @@ import time
 
 from pipeline.common import exitcodes
 from pipeline.common.atomic import atomic_write_json
-from pipeline.data.loader import ResumableLoader, open_dataset
+from pipeline.data.loader import open_dataset
 from pipeline.model import build_model
 from pipeline.model.runtime import destroy_model_parallel
 from pipeline.training.checkpoint import RunCheckpoints
@@ -34,8 +34,9 @@ from pipeline.training.parallel import ParallelDims, parallelize
 from pipeline.training.rank import setup_rank
 from pipeline.training.recurrence import sample_iterations
 from pipeline.training.schedules import lr_at
+from pipeline.training.stages import get_stage
 from pipeline.training.state import run_identity
-from pipeline.training.step import set_lr, train_step
+from pipeline.training.step import set_lr
 from pipeline.training.validation import run_validation
 
 log = logging.getLogger("rdpt.train")
@@ -54,11 +55,16 @@ def main(
     t_start = time.time()
     ctx = setup_rank(cfg, early_signals)
     hooks = hooks or hooks_from_config(cfg.debug, ctx.run_dir, ctx.rank)
+    stage = get_stage(cfg.train.stage)  # what is trained, and how one step runs
     dims = ParallelDims.from_config(cfg, ctx.world)
-    engine = parallelize(lambda dtype: build_model(cfg.model, params_dtype=dtype), dims, cfg)
+
+    def build(dtype):
+        return stage.prepare_model(build_model(cfg.model, params_dtype=dtype), cfg)
+
+    engine = parallelize(build, dims, cfg)
 
     dataset = open_dataset(cfg.data.path)
-    loader = training_loader(cfg, dims)
+    loader = stage.loader(cfg, dims)
     tokens_per_step = cfg.train.global_batch_size * dataset.seq_len
     tracker = open_tracker(ctx, dims, dataset)
     identity = run_identity(cfg, dims, dataset)
@@ -74,7 +80,7 @@ def main(
         lr = set_lr(engine, lr_at(step, cfg.optim, cfg.train.max_steps))
         step_batches = next(batches)
         hooks.on_batches(step, step_batches)
-        result = train_step(engine, step_batches, step, r=r, n_grad=n_grad, ctx=ctx, hooks=hooks)
+        result = stage.step(engine, step_batches, step, r=r, n_grad=n_grad, ctx=ctx, hooks=hooks)
         state.record(result, tokens_per_step)
         meter.record(state.step, result, r, n_no_grad, n_grad, lr, state)
 
@@ -120,20 +126,6 @@ def main(
         )
     shut_down(ctx, tracker, hooks, loader, code, state.step)
     return code
-
-
-def training_loader(cfg: TrainConfig, dims: ParallelDims) -> ResumableLoader:
-    """This rank's share of every global batch, in an order independent of the layout."""
-    return ResumableLoader(
-        cfg.data.path,
-        split="train",
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=dims.grad_accum,
-        dp_rank=dims.dp_rank(),
-        dp_size=dims.dp,
-        seed=cfg.run.seed,
-        shuffle=cfg.data.shuffle,
-    )
 
 
 def finish_run(

@@ -52,6 +52,9 @@ class TrainSection(ConfigModel):
     """Sequences per forward/backward on one rank."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on GPU, fp32 on CPU."""
+    stage: str = "pretrain"
+    """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences).
+    Fine-tuning stages are modules of pipeline/training/stages/."""
     compile: Literal["auto"] | bool = "auto"
     """torch.compile one core iteration (the region that runs r times): true (on), false (off),
     or auto = on where CUDA is present. YAML reads on/off as true/false too."""
