@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     from pipeline.training.config import load_train_config
     from pipeline.training.engine import resolve_precision
     from pipeline.training.hooks import TrainHooks
-    from pipeline.training.parallel import ParallelDims, parallelize
+    from pipeline.training.layout import ParallelDims
+    from pipeline.training.parallel import parallelize
     from pipeline.training.rank import RankContext, StopFlag
     from pipeline.training.step import train_step
 

@@ -118,7 +118,7 @@ def check_options(opts: SbatchOptions, signal_warn_s: int, chain: int) -> None:
 
 def check_layout(cfg, opts: SbatchOptions) -> None:
     """GPUs per node vs the config's TP x DP layout (tensor parallelism stays inside a node)."""
-    from pipeline.training.parallel import ParallelDims
+    from pipeline.training.layout import ParallelDims
 
     world = opts.nodes * opts.tasks_per_node
     tp = cfg.parallel.tp
@@ -237,7 +237,7 @@ def plan_train(
 
     warn = site.slurm.signal_warn_s if signal_warn_s is None else signal_warn_s
     check_options(opts, warn, chain)
-    from pipeline.training.config import resolve
+    from pipeline.training.resolve import resolve
 
     cfg = load_train_config(config_path, overrides)
     check_layout(cfg, opts)

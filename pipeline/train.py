@@ -29,8 +29,9 @@ from pipeline.model.runtime import destroy_model_parallel
 from pipeline.training.checkpoint import RunCheckpoints
 from pipeline.training.config import TrainConfig
 from pipeline.training.hooks import TrainHooks, hooks_from_config
+from pipeline.training.layout import ParallelDims
 from pipeline.training.metrics import StepMeter, open_tracker
-from pipeline.training.parallel import ParallelDims, parallelize
+from pipeline.training.parallel import parallelize
 from pipeline.training.rank import setup_rank
 from pipeline.training.recurrence import sample_iterations
 from pipeline.training.schedules import lr_at

@@ -345,7 +345,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
         small_cfg(hidden_size=66, num_heads=4)
     with pytest.raises(RdptConfigError, match="parallel.tp"):
         small_cfg().check(tp=3)
-    from pipeline.training.parallel import ParallelDims
+    from pipeline.training.layout import ParallelDims
 
     with pytest.raises(RdptConfigError, match="world_size=4, tp=3"):
         ParallelDims(world_size=4, tp=3)

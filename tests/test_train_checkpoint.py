@@ -17,7 +17,7 @@ def _engine(seed: int):
 
     from pipeline.training.config import load_train_config
     from pipeline.training.engine import build_engine
-    from pipeline.training.parallel import ParallelDims
+    from pipeline.training.layout import ParallelDims
 
     cfg = load_train_config(
         None,

@@ -10,8 +10,9 @@ import pytest
 
 from pipeline.cli import main as rdpt
 from pipeline.common.errors import RdptConfigError
-from pipeline.training.config import TrainConfig, load_train_config, resolve
-from pipeline.training.parallel import ParallelDims
+from pipeline.training.config import TrainConfig, load_train_config
+from pipeline.training.layout import ParallelDims
+from pipeline.training.resolve import resolve
 from pipeline.training.schedules import cosine_lr, lr_at, wsd_lr
 
 REPO = Path(__file__).resolve().parent.parent

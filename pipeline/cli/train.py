@@ -103,7 +103,8 @@ def _train(args, early: list[int], previous: dict) -> int:
     from pipeline.common.distributed import launched_externally
     from pipeline.common.errors import RdptConfigError
     from pipeline.training.checkpoint import completed_step
-    from pipeline.training.config import load_train_config, resolve
+    from pipeline.training.config import load_train_config
+    from pipeline.training.resolve import resolve
 
     cfg = load_train_config(args.config, args.overrides)
     external = launched_externally()

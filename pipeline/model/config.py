@@ -59,6 +59,10 @@ class ModelConfig(ConfigModel):
     """Std of s0's truncated normal (cut at +-3 std) before scaling; None = sqrt(2 / (5 h))."""
     state_init_scale: float | None = None
     """Factor applied to s0 after drawing; None = sqrt(h) (Huginn)."""
+    init_from: str | None = None
+    """Start from these weights instead of a random init: a run directory, a training
+    checkpoint, a consolidated checkpoint (`rdpt export`) or a Hugging Face Huginn directory.
+    Their shape must equal this config's; any TP size and ZeRO stage can load them."""
     attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     """Core attention: flash-attn, torch SDPA (cuDNN preferred on Hopper), plain math; auto
     picks flash > sdpa on CUDA, math on CPU."""

@@ -29,6 +29,7 @@ from pipeline.model.config import ModelConfig
 FORMAT = "rdpt-consolidated-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "model.yaml"
+RECURRENCE = "recurrence.yaml"  # {mean_recurrence, mean_backprop_depth} the model trained with
 
 
 _BLOCK_LAYER = re.compile(r"^(prelude_block|core_block|coda_block)\.layers\.(\d+)\.")
@@ -83,8 +84,13 @@ def full_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_full_state_dict(model, full_sd: dict[str, torch.Tensor]) -> None:
-    """Copy TP-unsharded tensors into `model`, taking this TP rank's shard of each."""
+def load_full_state_dict(model, full_sd: dict[str, torch.Tensor], gather=None) -> None:
+    """Copy TP-unsharded tensors into `model`, taking this TP rank's shard of each.
+
+    `gather(param)`: a context manager in which a partitioned parameter is whole (the training
+    area passes DeepSpeed's GatheredParameters under ZeRO-3); default: parameters are whole."""
+    import contextlib
+
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -98,12 +104,13 @@ def load_full_state_dict(model, full_sd: dict[str, torch.Tensor]) -> None:
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            t = full_sd[name]
-            parallel, dim, stride = _tp_info(p)
-            if parallel and tp > 1:
-                t = shard_tensor(t, dim, stride, rank, tp)
+    gather = gather or (lambda p: contextlib.nullcontext())
+    for name, p in params.items():
+        t = full_sd[name]
+        parallel, dim, stride = _tp_info(p)
+        if parallel and tp > 1:
+            t = shard_tensor(t, dim, stride, rank, tp)
+        with gather(p), torch.no_grad():
             if tuple(t.shape) != tuple(p.shape):
                 raise RdptCheckpointError(
                     f"{name}: checkpoint shape {tuple(t.shape)} != model shard {tuple(p.shape)}"
@@ -112,10 +119,16 @@ def load_full_state_dict(model, full_sd: dict[str, torch.Tensor]) -> None:
 
 
 def write_consolidated(
-    full_sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike
+    full_sd: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    recurrence: dict | None = None,
 ) -> Path:
     """Write an already gathered state dict + config as a consolidated checkpoint directory
-    (built under a temporary name, then renamed)."""
+    (built under a temporary name, then renamed). `recurrence`: the mean r and backprop depth
+    the model was trained with ({"mean_recurrence": ..., "mean_backprop_depth": ...}), written
+    as recurrence.yaml; evaluation uses the mean as its default r."""
+    import yaml
     from safetensors.torch import save_file
 
     from pipeline.common.atomic import atomic_directory
@@ -127,7 +140,10 @@ def write_consolidated(
     with atomic_directory(out_dir) as tmp:
         tensors = {k: v.contiguous() for k, v in full_sd.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / CONFIG).write_text(to_yaml(cfg), encoding="utf-8")
+        # init_from says where a training run started, not what this model is
+        (tmp / CONFIG).write_text(to_yaml(cfg.model_copy(update={"init_from": None})))
+        if recurrence is not None:
+            (tmp / RECURRENCE).write_text(yaml.safe_dump(dict(recurrence), sort_keys=False))
     return out_dir
 
 
@@ -160,6 +176,14 @@ def load_consolidated(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
     if fmt != FORMAT:
         raise RdptCheckpointError(f"{weights}: format {fmt!r}, expected {FORMAT!r}")
     return load_config(ModelConfig, config), load_file(str(weights))
+
+
+def read_recurrence(path: str | os.PathLike) -> dict | None:
+    """The training recurrence recorded in a consolidated checkpoint (None when absent)."""
+    import yaml
+
+    f = Path(path) / RECURRENCE
+    return yaml.safe_load(f.read_text()) if f.is_file() else None
 
 
 def build_from_consolidated(path: str | os.PathLike, params_dtype=None):

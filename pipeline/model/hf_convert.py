@@ -82,7 +82,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def config_to_hf(cfg: ModelConfig, mean_recurrence: int = 32, backprop_depth: int = 8) -> dict:
+def config_to_hf(cfg: ModelConfig, mean_recurrence: float = 32, backprop_depth: int = 8) -> dict:
+    """config.json of the HF Huginn layout; mean_recurrence / mean_backprop_depth are the r̄
+    and k the model was trained with (the HF code's default number of iterations)."""
     return {
         "architectures": ["RavenForCausalLM"],
         "model_type": "huginn_raven",
@@ -215,12 +217,28 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     hf_cfg, hf_sd = read_hf_dir(hf_dir)
     cfg = config_from_hf(hf_cfg)
-    return write_consolidated(hf_to_rdpt(hf_sd, cfg), cfg, out_dir)
+    return write_consolidated(hf_to_rdpt(hf_sd, cfg), cfg, out_dir, recurrence_from_hf(hf_cfg))
+
+
+def recurrence_from_hf(hf: dict) -> dict | None:
+    """{mean_recurrence, mean_backprop_depth} of a Huginn config.json (None when absent)."""
+    if "mean_recurrence" not in hf:
+        return None
+    return {
+        "mean_recurrence": hf["mean_recurrence"],
+        "mean_backprop_depth": hf.get("mean_backprop_depth", 8),
+    }
 
 
 def convert_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """rdpt consolidated checkpoint directory -> HF Huginn directory."""
-    from pipeline.model.consolidated import load_consolidated
+    from pipeline.model.consolidated import load_consolidated, read_recurrence
 
     cfg, sd = load_consolidated(ckpt)
-    return write_hf_dir(rdpt_to_hf(sd, cfg), config_to_hf(cfg), out_dir)
+    trained = read_recurrence(ckpt) or {}
+    hf_cfg = config_to_hf(
+        cfg,
+        mean_recurrence=trained.get("mean_recurrence", 32),
+        backprop_depth=trained.get("mean_backprop_depth", 8),
+    )
+    return write_hf_dir(rdpt_to_hf(sd, cfg), hf_cfg, out_dir)

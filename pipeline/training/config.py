@@ -1,18 +1,16 @@
 """TrainConfig: the run-level schema of `rdpt train` (one YAML file + dotted overrides).
 
     cfg = load_train_config("configs/train/tiny.yaml", ["optim.lr=3e-4", "run.name=x"])
-    cfg, dims = resolve(cfg, world_size=2)   # what the ranks will run, checked against the disk
 
 Sections: run, data, model (a ModelConfig or a path to configs/model/*.yaml), recurrence,
 train, optim, parallel, checkpoint, tracking, eval, debug. Rules that need only the config are
 pydantic validators (they fire on load); rules that need the world size or the dataset live in
-`resolve`, which `rdpt train` and `rdpt submit` both call before any process starts. Config
+resolve.py, which `rdpt train` and `rdpt submit` both call before any process starts. Config
 flows one way: YAML + overrides -> load_train_config -> resolve -> resolved.yaml -> the ranks.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -20,9 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.common.config_io import ConfigModel, load_config
-from pipeline.common.errors import RdptConfigError
 from pipeline.model.config import ModelConfig
-from pipeline.training.parallel import ParallelDims
 from pipeline.training.recurrence import RecurrenceConfig
 
 
@@ -173,70 +169,3 @@ class TrainConfig(ConfigModel):
 def load_train_config(path: str | os.PathLike | None, overrides=()) -> TrainConfig:
     """Read a train YAML (with model/recurrence includes) and apply dotted overrides."""
     return load_config(TrainConfig, path, overrides)
-
-
-def resolve(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, ParallelDims]:
-    """The config exactly as `world_size` ranks will run it, and its parallel layout.
-
-    Fills what the launch decides: run.dir and data.path made absolute (the job may run in
-    another directory), model.vocab_size from the dataset manifest (rounded up to a multiple of
-    parallel.tp), parallel.nproc = world size. Checks every rule that needs the world size or
-    the dataset (RdptConfigError naming the key). `cfg` itself is left unchanged.
-    """
-    cfg = cfg.model_copy(deep=True)
-    cfg.run.dir = str(cfg.run_dir().resolve())
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    manifest = read_manifest(cfg)
-    if manifest.get("vocab_size"):
-        tp = cfg.parallel.tp
-        cfg.model.vocab_size = -(-int(manifest["vocab_size"]) // tp) * tp
-    cfg.parallel.nproc = world_size
-    dims = ParallelDims.from_config(cfg, world_size)
-    check_dataset(cfg, manifest)
-    return cfg, dims
-
-
-def read_manifest(cfg: TrainConfig) -> dict:
-    """The dataset's manifest.json, or RdptConfigError saying why data.path is no dataset."""
-    data = Path(cfg.data.path)
-    if not data.is_dir():
-        raise RdptConfigError(
-            f"data.path: dataset directory '{data}' does not exist "
-            f"(prepare one with `rdpt prep`, or set data.path=...)"
-        )
-    manifest_path = data / "manifest.json"
-    if not manifest_path.is_file():
-        raise RdptConfigError(
-            f"data.path: '{data}' has no manifest.json (not a dataset written by `rdpt prep`)"
-        )
-    try:
-        return json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RdptConfigError(f"data.path: cannot read {manifest_path}: {e}") from None
-
-
-def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
-    """The dataset fits the model and the evaluation settings."""
-    manifest_path = Path(cfg.data.path) / "manifest.json"
-    splits = manifest.get("splits", {})
-    if not splits.get("train", {}).get("shards"):
-        raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")
-    vocab = manifest.get("vocab_size")
-    model_vocab = getattr(cfg.model, "vocab_size", None)
-    if vocab is not None and model_vocab is not None and vocab > model_vocab:
-        raise RdptConfigError(
-            f"model.vocab_size={model_vocab} is smaller than the dataset's vocab_size={vocab} "
-            f"({manifest_path})"
-        )
-    seq_len = manifest.get("seq_len")
-    model_len = getattr(cfg.model, "max_seq_len", None)
-    if seq_len is not None and model_len is not None and seq_len > model_len:
-        raise RdptConfigError(
-            f"model.max_seq_len={model_len} is shorter than the dataset's seq_len={seq_len} "
-            f"({manifest_path})"
-        )
-    if cfg.eval.interval > 0 and not splits.get("val", {}).get("shards"):
-        raise RdptConfigError(
-            f"eval.interval={cfg.eval.interval} but {manifest_path} lists no val shards "
-            f"(set eval.interval=0 to train without validation)"
-        )

@@ -40,9 +40,13 @@ def export_checkpoint(
     ckpt = resolve_checkpoint(run_dir_or_ckpt)
     cfg = checkpoint_config(ckpt)
     weights = consolidated_state_dict(ckpt, cfg.model)
+    trained = {
+        "mean_recurrence": cfg.recurrence.mean,
+        "mean_backprop_depth": cfg.recurrence.backprop_depth,
+    }
     if fmt == "safetensors":
-        return write_consolidated(weights, cfg.model, out_dir)
+        return write_consolidated(weights, cfg.model, out_dir, trained)
     parent = out_dir.parent if out_dir.parent.exists() else None
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
-        write_consolidated(weights, cfg.model, Path(tmp) / "consolidated")
+        write_consolidated(weights, cfg.model, Path(tmp) / "consolidated", trained)
         return convert_to_hf(Path(tmp) / "consolidated", out_dir)

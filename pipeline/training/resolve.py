@@ -1,0 +1,95 @@
+"""Where a training config meets the world size and the dataset: one function, used by
+`rdpt train` and `rdpt submit` before any process starts.
+
+    cfg = load_train_config("configs/train/tiny.yaml", overrides)
+    cfg, dims = resolve(cfg, world_size=2)   # what the ranks will run; resolved.yaml is this
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.common.errors import RdptConfigError
+from pipeline.training.config import TrainConfig
+from pipeline.training.layout import ParallelDims
+
+
+def resolve(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, ParallelDims]:
+    """The config exactly as `world_size` ranks will run it, and its parallel layout.
+
+    Fills what the launch decides: run.dir and data.path made absolute (the job may run in
+    another directory), model.vocab_size from the dataset manifest (rounded up to a multiple of
+    parallel.tp), parallel.nproc = world size. Checks every rule that needs the world size or
+    the dataset (RdptConfigError naming the key). `cfg` itself is left unchanged.
+    """
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.dir = str(cfg.run_dir().resolve())
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    manifest = read_manifest(cfg)
+    if manifest.get("vocab_size"):
+        tp = cfg.parallel.tp
+        cfg.model.vocab_size = -(-int(manifest["vocab_size"]) // tp) * tp
+    if cfg.model.init_from:
+        check_init_from(cfg)
+    cfg.parallel.nproc = world_size
+    dims = ParallelDims.from_config(cfg, world_size)
+    check_dataset(cfg, manifest)
+    return cfg, dims
+
+
+def check_init_from(cfg: TrainConfig) -> None:
+    """model.init_from names weights that exist and fit the model (made absolute)."""
+    from pipeline.training.pretrained import read_pretrained
+
+    path = Path(cfg.model.init_from).resolve()
+    if not path.exists():
+        raise RdptConfigError(f"model.init_from: {path} does not exist")
+    cfg.model.init_from = str(path)
+    read_pretrained(path).check_matches(cfg.model)
+
+
+def read_manifest(cfg: TrainConfig) -> dict:
+    """The dataset's manifest.json, or RdptConfigError saying why data.path is no dataset."""
+    data = Path(cfg.data.path)
+    if not data.is_dir():
+        raise RdptConfigError(
+            f"data.path: dataset directory '{data}' does not exist "
+            f"(prepare one with `rdpt prep`, or set data.path=...)"
+        )
+    manifest_path = data / "manifest.json"
+    if not manifest_path.is_file():
+        raise RdptConfigError(
+            f"data.path: '{data}' has no manifest.json (not a dataset written by `rdpt prep`)"
+        )
+    try:
+        return json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RdptConfigError(f"data.path: cannot read {manifest_path}: {e}") from None
+
+
+def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
+    """The dataset fits the model and the evaluation settings."""
+    manifest_path = Path(cfg.data.path) / "manifest.json"
+    splits = manifest.get("splits", {})
+    if not splits.get("train", {}).get("shards"):
+        raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")
+    vocab = manifest.get("vocab_size")
+    model_vocab = getattr(cfg.model, "vocab_size", None)
+    if vocab is not None and model_vocab is not None and vocab > model_vocab:
+        raise RdptConfigError(
+            f"model.vocab_size={model_vocab} is smaller than the dataset's vocab_size={vocab} "
+            f"({manifest_path})"
+        )
+    seq_len = manifest.get("seq_len")
+    model_len = getattr(cfg.model, "max_seq_len", None)
+    if seq_len is not None and model_len is not None and seq_len > model_len:
+        raise RdptConfigError(
+            f"model.max_seq_len={model_len} is shorter than the dataset's seq_len={seq_len} "
+            f"({manifest_path})"
+        )
+    if cfg.eval.interval > 0 and not splits.get("val", {}).get("shards"):
+        raise RdptConfigError(
+            f"eval.interval={cfg.eval.interval} but {manifest_path} lists no val shards "
+            f"(set eval.interval=0 to train without validation)"
+        )
