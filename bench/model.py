@@ -3,7 +3,7 @@
 GPU (default): the bench-0.7b shape (configs/model/bench-0.7b.yaml), sequence 4096,
 micro-batch 2, bf16 parameters, r = 16 and r = 32 with k = 8, for each attention backend,
 eager and torch.compile (regional: each decoder layer compiled once; the core layers are
-reused r times). Reports tokens/s, model TFLOP/s (performance.md accounting, no recompute
+reused r times). Reports tokens/s, model TFLOP/s (pipeline/model/flops.py accounting, no recompute
 credit), MFU against the bf16 dense peak (H100 SXM: 989 TFLOP/s) and peak memory.
 
 CPU (no CUDA) or --smoke: the tiny shape through the same code path (math + sdpa backends,

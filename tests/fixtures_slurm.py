@@ -9,7 +9,7 @@
 
     with start_cluster(nodes=1) as cluster:    # the same outside pytest
 
-Recipe: /work/shared/design/slurm.md. Everything (config, munge key and socket, state, spool,
+Everything (config, munge key and socket, state, spool,
 logs) lives in a fresh temp dir; ports are picked free at start; the daemons are Popen children
 in the foreground (-D/-F) and are stopped by PID at the end, also when a test fails. The 2-node
 cluster runs each slurmd in its own net+uts+mount namespace (hostname n1/n2, own IP on a private
@@ -21,6 +21,24 @@ Cluster facts tests may rely on: SlurmUser=root; cred_expire=5 (a requeued job r
 later); jobcomp/filetxt (`sacct -c`); kill_invalid_depend; a 30 s limit/signal tick; KillWait=5;
 partitions `debug` (default) and `restricted` (AllowAccounts=alpha,beta); job ids start at a
 random multiple of 100 below 9000 (`cluster.first_job_id`).
+
+Pitfalls this fixture works around (found when it was written, Slurm 22.05 on Debian 12, root,
+no systemd):
+- munged refuses a socket directory that is not world-executable: the temp dirs are chmod 755.
+- A requeued job waits cred_expire + 1 s before it may run again: cred_expire=5 (the minimum
+  accepted; smaller values are silently replaced by 120).
+- SLURM_RESTART_COUNT is unset on a job's first run (not 0); on requeue the -o file is
+  truncated unless --open-mode=append; -o into a missing directory fails the job.
+- `scancel --signal=USR1 J` without --batch does not reach the batch script; bash runs a trap
+  only after its foreground child exits (use `sleep N & wait $!`).
+- Without DependencyParameters=kill_invalid_depend an afterok job behind a failed one pends
+  forever; `sacct -c` lists array tasks by raw id and a requeued job twice (take the last line).
+- slurmctld checks time limits and --signal warnings on a fixed 30 s tick from its own start:
+  a real --time/--signal test costs up to ~30 s; `scancel --signal=USR1 --batch` is instant.
+- A client command sent before slurmctld listens stalls ~1 s: the fixture waits for the port.
+- Two nodes: each slurmd in `unshare --net --uts --mount` held by a `sleep infinity`, a veth
+  pair per node on a private bridge, hostnames n1/n2 via a bind-mounted /etc/hosts; nothing
+  gets a default route, so no traffic leaves the machine.
 """
 
 from __future__ import annotations

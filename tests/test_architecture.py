@@ -147,3 +147,26 @@ def test_the_checker_sees_a_violation_and_a_cycle(tmp_path):
     fy = imports_of("pipeline.training.y", mods["pipeline.training.y"], mods)
     assert fx == {"pipeline.training.y"} and fy == {"deepspeed", "pipeline.model.x"}
     assert layer_of("pipeline.training.y")[1] > layer_of("pipeline.model.x")[1]
+
+
+def test_the_repository_cites_no_file_outside_it():
+    """Docs, code, configs and tests name no path outside the repository (design notes, a
+    machine's directories): what a reader needs is in the repository itself."""
+    import re
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    outside = re.compile(r"\.\./shared|shared/design|/work/(?:main|shared)")
+    hits = []
+    for name in files:
+        path = REPO / name
+        if path.suffix not in {".py", ".md", ".yaml", ".sbatch", ".toml", ".sh", ".txt", ""}:
+            continue
+        if not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if outside.search(line) and path != Path(__file__).resolve():
+                hits.append(f"{name}:{n}: {line.strip()}")
+    assert not hits, "references to files outside the repository:\n  " + "\n  ".join(hits)

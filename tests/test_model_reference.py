@@ -1,4 +1,5 @@
-"""An independent plain-PyTorch Huginn forward pass, written from recurrent-depth.md and
+"""An independent plain-PyTorch Huginn forward pass, written from the published architecture
+(its details are listed in pipeline/model/recurrent.py's docstring) and
 working directly on Hugging Face layout tensors (`transformer.wte.weight`, ...). The rdpt model
 (megatron-core modules, its own QKV layout, megatron RoPE) is compared against it in
 test_model.py and test_convert.py. Kept small and readable on purpose: no TP, no cache."""

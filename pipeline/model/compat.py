@@ -1,7 +1,7 @@
 """The one place where megatron-core's CUDA assumptions and version differences are bridged.
 
 megatron-core 0.16.1 runs on CPU (use_cpu_initialization=True, every fusion off) except for a
-few spots that assume CUDA (stack.md). Each bridge below is a no-op when CUDA is present:
+few spots that assume CUDA. Each bridge below is a no-op when CUDA is present:
 
 1. `model_parallel_cuda_manual_seed` (RNG tracker): on CPU we register CPU generator states.
 2. `GlobalMemoryBuffer` (CUDA allocation): only used with sequence parallelism, which rdpt

@@ -1,4 +1,5 @@
-"""FLOPs per token of a recurrent-depth training step (performance.md accounting).
+"""FLOPs per token of a recurrent-depth training step: model FLOPs (what the model must
+compute, counted per matmul as 2 x multiply-adds), the basis of every MFU figure in rdpt.
 
 Per token, forward, one layer of width d, SwiGLU width f, causal attention over S:
     F_layer = 2 * (4 d^2 + 3 d f) + 2 S d

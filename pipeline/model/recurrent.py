@@ -12,6 +12,19 @@ n_core / n_coda layers, the layer of layers.py; no final norm of their own: the 
 shared, Huginn-style); their layers are `<part>_block.layers.<i>`. rdpt's KV cache reaches the
 layers through TransformerBlock's `inference_context` argument (kv_cache.CacheView).
 
+The published model (Geiping et al. 2025, huginn-0125) in detail, as rdpt computes it:
+- embedding `wte[ids] * sqrt(h)`, no positional embedding; RMSNorm `x * rsqrt(mean(x^2) +
+  1e-6) * w` in fp32, no bias and no (1 + w) offset; no bias in any linear layer;
+- attention: one fused QKV projection, a learned `qk_bias` [2, heads, head_dim] added to q and
+  k *before* RoPE; RoPE base 50000 over interleaved pairs (2i, 2i+1) in fp32; causal, scale
+  1/sqrt(head_dim), no GQA (attention.py); MLP: SwiGLU with the gate as the first half of fc;
+- s_0: truncated normal, std sqrt(2 / (5h)) cut at +-3 std, times sqrt(h), drawn per sample
+  from (state seed, global sample id); zeros when a deterministic evaluation is wanted;
+- each iteration runs the adapter on concat([s, e]) (state first) then the core layers;
+- after the last iteration: ln_f, the coda, the same ln_f again, the head tied to `wte`, no
+  logit scaling. huginn-0125: h 5280, 55 heads x 96, MLP 17920, vocab 65536, 2/4/2 layers,
+  3,564,976,800 parameters (tests/test_model.py checks the count).
+
 Nothing here imports deepspeed or touches parallel_state beyond megatron's TP layers: parameters
 are created in module constructors (ZeRO-3 zero.Init friendly).
 """
