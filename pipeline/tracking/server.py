@@ -10,7 +10,7 @@ the database migration: 4 uvicorn workers (each imports mlflow) and the job-exec
 A fresh database is migrated once (~1 s here, much more on slow disks) and kept as a template
 under the cache directory, so later servers start from a copy of an already-migrated file.
 
-`rdpt mlflow-server start|stop|status` (pipeline/tracking/cli.py) keeps a detached server per
+`rdpt mlflow-server start|stop|status` (pipeline/cli/runs.py) keeps a detached server per
 root with `server.pid` and `server.url` next to the database.
 """
 
