@@ -19,7 +19,8 @@ from pathlib import Path
 from launch.site import SiteConfig
 from pipeline.common.errors import RdptLaunchError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+# slurm/ in the source tree; launch/templates links to it, and a built wheel holds copies there
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}")
 
 
