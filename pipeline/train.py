@@ -49,11 +49,10 @@ def main(
     hooks: TrainHooks | None = None,
     early_signals: list[int] | None = None,
 ) -> int:
-    """Train `cfg` (resolved: see training.config.resolve) as one rank; return an exit code.
+    """Train `cfg` (resolved: training/resolve.py) as one rank; return an exit code.
 
     `resume`: auto | none | a checkpoint directory. `hooks`: observers / fault injection
     (default: the `debug` section). `early_signals`: stop signals received before this call."""
-    t_start = time.time()
     ctx = setup_rank(cfg, early_signals)
     hooks = hooks or hooks_from_config(cfg.debug, ctx.run_dir, ctx.rank)
     stage = get_stage(cfg.train.stage)  # what is trained, and how one step runs
@@ -86,52 +85,48 @@ def main(
         meter.record(state.step, result, r, n_no_grad, n_grad, lr, state)
 
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            log.error(
-                "stopping: %d non-finite steps in a row (train.max_nonfinite_steps=%d); the last "
-                "good state is checkpointed at step %d; lower optim.lr or inspect the data "
-                "before resuming",
-                state.nonfinite_in_a_row,
-                cfg.train.max_nonfinite_steps,
-                state.step,
-            )
-            ckpts.save(engine, state, loader)
-            code = exitcodes.NONFINITE_ABORT
+            code = stop(exitcodes.NONFINITE_ABORT, engine, ckpts, state, loader)
             break
-        if cfg.eval.interval and state.step % cfg.eval.interval == 0:
-            if state.step < cfg.train.max_steps:  # the final validation comes after the loop
-                run_validation(engine, ctx, dims, tracker, state.step)
-        if state.step % cfg.checkpoint.interval == 0:
+        if due(cfg.eval.interval, state.step) and state.step < cfg.train.max_steps:
+            run_validation(engine, ctx, dims, tracker, state.step)  # the last one: finish_run
+        if due(cfg.checkpoint.interval, state.step):
             ckpts.save(engine, state, loader)
         if result.stop_requested:
-            ckpts.save(engine, state, loader)
-            log.warning(
-                "stop signal received: checkpointed step %d, exiting %d (requeue)",
-                state.step,
-                exitcodes.REQUEUE,
-            )
-            code = exitcodes.REQUEUE
+            code = stop(exitcodes.REQUEUE, engine, ckpts, state, loader)
             break
         hooks.on_step_end(step)
 
     if code == exitcodes.OK:
-        finish_run(
-            engine,
-            ctx,
-            dims,
-            tracker,
-            ckpts,
-            state,
-            loader,
-            trained=state.step > start,
-            t_start=t_start,
-        )
+        finish_run(engine, ctx, dims, tracker, ckpts, state, loader, trained=state.step > start)
     shut_down(ctx, tracker, hooks, loader, code, state.step)
     return code
 
 
-def finish_run(
-    engine, ctx, dims, tracker, ckpts, state, loader, *, trained: bool, t_start: float
-) -> None:
+def due(interval: int, step: int) -> bool:
+    """Every `interval` optimizer steps (0: never)."""
+    return interval > 0 and step % interval == 0
+
+
+def stop(code: int, engine, ckpts, state, loader) -> int:
+    """Checkpoint the current state before leaving the loop early, and say why."""
+    ckpts.save(engine, state, loader)
+    if code == exitcodes.REQUEUE:
+        log.warning(
+            "stop signal received: checkpointed step %d, exiting %d (requeue)", state.step, code
+        )
+    else:
+        log.error(
+            "stopping: %d non-finite steps in a row (train.max_nonfinite_steps); the last good "
+            "state is checkpointed at step %d; lower optim.lr or inspect the data before "
+            "resuming (exit %d)",
+            state.nonfinite_in_a_row,
+            state.step,
+            code,
+        )
+    return code
+
+
+def finish_run(engine, ctx, dims, tracker, ckpts, state, loader, *, trained: bool) -> None:
     """Every step ran: final validation and checkpoint, then the COMPLETED marker (rank 0),
     which Slurm chains and `rdpt train --resume auto` read as "nothing left to do". A run
     resumed at train.max_steps trained nothing here and only makes sure the marker exists."""
@@ -146,7 +141,7 @@ def finish_run(
             "step": state.step,
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
-            "wall_s": round(time.time() - t_start, 1),
+            "wall_s": round(time.time() - ctx.started_at, 1),
             "finished_at": time.time(),
         }
         atomic_write_json(ctx.run_dir / "COMPLETED", marker)

@@ -49,6 +49,7 @@ class RankContext:
     device: torch.device
     run_dir: Path
     stop: StopFlag
+    started_at: float = 0.0
 
     @property
     def is_main(self) -> bool:
@@ -72,7 +73,7 @@ def setup_rank(cfg, early_signals: list[int] | None = None) -> RankContext:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    return RankContext(cfg, rank, world, device, run_dir, StopFlag(early_signals))
+    return RankContext(cfg, rank, world, device, run_dir, StopFlag(early_signals), time.time())
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
