@@ -3,7 +3,8 @@
 `rdpt submit` appends one record per Slurm job (a chain gives K records, a prep submission two);
 `rdpt jobs` reads them and asks Slurm for their state. Records are only appended (one
 `write` of one line with O_APPEND), so concurrent submits from one project do not clobber each
-other; a cancel appends a `{"job_id": ..., "cancelled_at": ...}` record.
+other; a cancel appends a `{"job_id": ..., "cancelled_at": ...}` record. The file is private
+to its user (0600; its directory 0700): it lists run directories and commands.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def registry_path() -> Path:
 def append(record: dict[str, Any], path: Path | None = None) -> None:
     """Append one record (gets `recorded_at`, UTC ISO time)."""
     path = path or registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
     record = {**record, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # also a registry created before it was made private
         os.write(fd, line)
         os.fsync(fd)
     finally:

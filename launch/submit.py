@@ -434,4 +434,9 @@ def ensure_mlflow_run(plan: TrainPlan) -> dict | None:
         plan.run_dir, uri, cfg.tracking.experiment, cfg.run.name, system_metrics_interval=0
     )
     run_id = tracker.ensure_run()  # None when the server is unreachable now (training retries)
-    return {"run_id": run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment}
+    # tracker.tracking_uri: the bare URI (credentials, if any, went to MLflow's auth variables)
+    return {
+        "run_id": run_id,
+        "tracking_uri": tracker.tracking_uri,
+        "experiment": cfg.tracking.experiment,
+    }

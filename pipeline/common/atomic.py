@@ -1,5 +1,9 @@
 """Crash-safe file output: write under a temporary name in the same directory, fsync,
-then rename into place, so a reader never sees a half-written file under its final name."""
+then rename into place, so a reader never sees a half-written file under its final name.
+
+Outputs get the mode a plain `open()` / `mkdir()` would give them (0666 / 0777 minus the
+umask), not the private 0600 / 0700 of `tempfile`: a teammate who may read a run directory
+can verify and evaluate its checkpoints."""
 
 from __future__ import annotations
 
@@ -9,11 +13,26 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it, under a lock)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """What open() (0o666) or mkdir() (0o777) would create under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -34,6 +53,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.fchmod(fd, default_mode())
     os.close(fd)
     try:
         with open(tmp, mode) as f:
@@ -76,10 +96,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
+    tmp.chmod(default_mode(directory=True))
     try:
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():
+                # NOTE: some writers create private files (safetensors writes 0600)
+                p.chmod(default_mode())
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         os.rename(tmp, path)

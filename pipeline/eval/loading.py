@@ -114,7 +114,9 @@ def resolve_target(target: str, tracking_uri: str | None = None) -> Path:
     path = Path(target)
     if path.exists():
         return path
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    from pipeline.tracking.credentials import take_credentials
+
+    uri = take_credentials(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     looks_like_id = len(target) >= 8 and all(c in "0123456789abcdef" for c in target.lower())
     if uri and looks_like_id:
         return _run_dir_from_mlflow(target, uri)

@@ -164,7 +164,11 @@ def open_tracker(run_dir: Path | None, tracking_uri, cfg, target: str):
     saved = {}
     if run_dir is not None and (run_dir / "mlflow_run.json").is_file():
         saved = json.loads((run_dir / "mlflow_run.json").read_text())
-    uri = tracking_uri or saved.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    from pipeline.tracking.credentials import take_credentials
+
+    uri = take_credentials(
+        tracking_uri or saved.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    )
     if not uri:
         log.info("no MLflow tracking URI: results are in the JSON file and PNGs only")
         return None, None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tracking.checkpoint_refs import REFS_DIR, log_checkpoint_reference
+from pipeline.tracking.credentials import take_credentials
 from pipeline.tracking.journal import DELIVERED_FILE, METRICS_FILE, RUN_FILE, MetricsJournal
 from pipeline.tracking.mlflow_sender import STATUSES, MlflowSender, valid_name
 from pipeline.tracking.system_metrics import SystemMetricsSampler
@@ -70,7 +71,9 @@ class RunTracker:
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        # user:password@ in the URI goes to MLflow's auth variables; only the bare URI is kept
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        self.tracking_uri = take_credentials(uri)
         self.experiment = experiment
         self.run_name = run_name or self.run_dir.name
         self.enabled = bool(enabled and self.tracking_uri)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking.credentials import take_credentials
 from pipeline.tracking.server import RdptTrackingError, health_ok, running_server
 
 LIST_R = (1, 8, 32)
@@ -32,7 +33,7 @@ def default_server_root() -> Path:
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the running `rdpt mlflow-server`."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = take_credentials(uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if not uri:
         running = running_server(default_server_root())
         if running:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from pipeline.common.errors import RdptConfigError
+from pipeline.tracking.credentials import take_credentials
 from pipeline.training.config import TrainConfig
 from pipeline.training.layout import ParallelDims
 
@@ -25,6 +26,8 @@ def resolve(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, ParallelDim
     """
     cfg = cfg.model_copy(deep=True)
     cfg.run.dir = str(cfg.run_dir().resolve())
+    # credentials in tracking.uri move to MLflow's auth variables: never into resolved.yaml
+    cfg.tracking.uri = take_credentials(cfg.tracking.uri)
     cfg.data.path = str(Path(cfg.data.path).resolve())
     manifest = read_manifest(cfg)
     if manifest.get("vocab_size"):
