@@ -1,4 +1,4 @@
-"""`rdpt mlflow-server start|stop|status` and `rdpt runs list|compare`."""
+"""`rdpt mlflow-server start|stop|status` and `rdpt runs list|compare|sync`."""
 
 from __future__ import annotations
 
@@ -91,6 +91,18 @@ def register(subparsers) -> None:
     )
     q.add_argument("--no-log", action="store_true", help="do not log the plots to the runs")
     q.set_defaults(func=runs_compare_handler)
+    q = sub.add_parser(
+        "sync",
+        help="deliver what a run's tracker could not send to MLflow (exactly once)",
+        epilog="example:\n  rdpt runs sync runs/tiny           # after the server was down",
+        formatter_class=fmt,
+        description="Replay the metric lines of RUN_DIR/metrics.jsonl that never reached MLflow "
+        "and the params, tags, artifacts and final status kept in mlflow_pending.json; a line "
+        "already delivered is never sent twice.",
+    )
+    q.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
+    q.add_argument("--tracking-uri", default=None, help="default: the run's own URI")
+    q.set_defaults(func=runs_sync_handler)
 
 
 def server_handler(args) -> int:
@@ -137,3 +149,14 @@ def runs_compare_handler(args) -> int:
     )
     print(format_comparison(result, args.format), end="")
     return 0
+
+
+def runs_sync_handler(args) -> int:
+    from pipeline.tracking.sync import sync_run
+
+    r = sync_run(args.run_dir, args.tracking_uri)
+    print(
+        f"run {r['run_id']} at {r['tracking_uri']}: replayed {r['metric_lines']} metric "
+        f"line(s), status {r['status']}" + ("" if r["delivered"] else "; NOT everything arrived")
+    )
+    return 0 if r["delivered"] else 1

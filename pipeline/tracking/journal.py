@@ -27,6 +27,8 @@ log = logging.getLogger("pipeline.tracking")
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "mlflow_run.json"
 DELIVERED_FILE = "mlflow_delivered.json"
+PENDING_FILE = "mlflow_pending.json"  # params, tags, artifacts, status MLflow never received
+METRIC_KINDS = ("metrics", "system")  # metrics are replayed from the journal, system dropped
 
 
 class MetricsJournal:
@@ -101,6 +103,27 @@ class DeliveryRecord:
 
     def save_offset(self, run_id: str, offset: int) -> None:
         atomic_write_json(self.run_dir / DELIVERED_FILE, {"run_id": run_id, "offset": offset})
+
+    def pending_ops(self) -> list[Op]:
+        """The non-metric records a closed tracker could not deliver (metrics are in the
+        journal); the next tracker on this run directory sends them first."""
+        saved = read_json(self.run_dir / PENDING_FILE)
+        ops = []
+        for rec in saved.get("ops", []):
+            payload = rec["payload"]
+            ops.append(Op(rec["kind"], tuple(payload) if rec["kind"] == "artifact" else payload))
+        return ops
+
+    def save_pending(self, ops: list[Op]) -> None:
+        """Record undelivered params/tags/artifacts/status ([] removes the record)."""
+        path = self.run_dir / PENDING_FILE
+        keep = [
+            {"kind": op.kind, "payload": op.payload} for op in ops if op.kind not in METRIC_KINDS
+        ]
+        if keep:
+            atomic_write_json(path, {"ops": keep})
+        elif path.exists():
+            path.unlink()
 
 
 def read_json(path: Path) -> dict:

@@ -31,7 +31,13 @@ from typing import Any
 
 from pipeline.tracking.checkpoint_refs import REFS_DIR, log_checkpoint_reference
 from pipeline.tracking.credentials import take_credentials
-from pipeline.tracking.journal import DELIVERED_FILE, METRICS_FILE, RUN_FILE, MetricsJournal
+from pipeline.tracking.journal import (
+    DELIVERED_FILE,
+    METRICS_FILE,
+    PENDING_FILE,
+    RUN_FILE,
+    MetricsJournal,
+)
 from pipeline.tracking.mlflow_sender import STATUSES, MlflowSender, valid_name
 from pipeline.tracking.system_metrics import SystemMetricsSampler
 
@@ -39,6 +45,20 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DELIVERED_FILE", "METRICS_FILE", "REFS_DIR", "RUN_FILE", "RunTracker", "valid_name"]
 _RESERVED = ("step", "timestamp")
+
+
+def undelivered_message(run_dir: Path, uri: str | None, pending: dict) -> str:
+    """What a closing tracker could not deliver, where it is kept and how to deliver it."""
+    steps = pending.get("steps") or []
+    span = f" (steps {steps[0]}-{steps[-1]})" if steps else ""
+    other = pending.get("other") or []
+    return (
+        f"MLflow at {uri} did not receive {pending.get('metric_lines', 0)} metric lines{span}"
+        f" and {len(other)} other records ({', '.join(sorted(set(other))) or 'none'}); they are "
+        f"kept in {run_dir} ({METRICS_FILE}, {PENDING_FILE}). Deliver them with "
+        f"`rdpt runs sync {run_dir}` once the server answers (a resumed run or `rdpt eval` of "
+        f"this run does it too)."
+    )
 
 
 class RunTracker:
@@ -208,7 +228,7 @@ class RunTracker:
             return True
         if status not in STATUSES:
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
-        ok, pending = True, 0
+        ok, pending = True, {}
         if self.sampler:
             self.sampler.stop()
         if self.mlflow:
@@ -217,13 +237,7 @@ class RunTracker:
             self._closed = True
             self.journal.close()
         if not ok:
-            log.warning(
-                "MLflow: %d operations not delivered to %s (metrics are in %s; a resumed run "
-                "replays them)",
-                pending,
-                self.tracking_uri,
-                self.journal.path,
-            )
+            log.warning("%s", undelivered_message(self.run_dir, self.tracking_uri, pending))
         return ok
 
     def __enter__(self) -> RunTracker:

@@ -105,6 +105,8 @@ class MlflowSender:
         self._delivered_written = 0
         self._delivered_t = 0.0
         self._last_step = 0
+        self.earlier_status: str | None = None  # final status a closed tracker did not deliver
+        self.replayed_lines = 0
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -181,7 +183,11 @@ class MlflowSender:
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0, down_grace: float = 5.0):
         """Queue the run's final status, flush (see RunTracker.close), stop the thread.
-        Returns (everything delivered, operations still pending)."""
+
+        What was not delivered is kept for the next tracker on this run directory (`rdpt runs
+        sync`, a resumed run): metric lines in the journal (with the delivered offset), every
+        other record in mlflow_pending.json. Returns (everything delivered, what is pending:
+        {"metric_lines", "steps", "other"})."""
         if status not in STATUSES:
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
         self._enqueue(Op("status", status))
@@ -189,11 +195,26 @@ class MlflowSender:
         with self._lock:
             self._stop = True
             self._closed = True
-            pending = len(self._queue) + self._sending
         self._wake.set()
         self._worker.join(timeout=min(5.0, max(timeout, 0.5)))
         self._write_delivered(force=True)
-        return ok, pending
+        with self._lock:
+            left = list(self._queue)
+        self.record.save_pending(left)
+        return ok, self._describe_pending(left)
+
+    def _describe_pending(self, left: list[Op]) -> dict:
+        lines = list(self.journal.read_ops(self._undelivered_from(), self.journal.size))
+        steps = sorted({step for op in lines for (*_, step) in op.payload})
+        other = [op.kind for op in left if op.kind not in ("metrics", "system")]
+        return {"metric_lines": len(lines), "steps": steps, "other": other}
+
+    def _undelivered_from(self) -> int:
+        """Journal offset from which nothing is known to have reached the current run."""
+        with self._lock:
+            if self.run_id is None:
+                return self.record.offset_for(self.record.run().get("run_id", ""))
+            return self._delivered_offset
 
     @property
     def pending(self) -> int:
@@ -273,8 +294,14 @@ class MlflowSender:
             )
             start = self.record.offset_for(run.info.run_id)
             replay = list(self.journal.read_ops(start, self.journal.replay_end))
+            # what an earlier tracker could not deliver: params, tags, artifacts first, then
+            # the metric lines; an earlier final status only if this tracker sets none
+            earlier = self.record.pending_ops()
+            self.earlier_status = next((o.payload for o in earlier if o.kind == "status"), None)
+            first = [o for o in earlier if o.kind != "status"] + replay
+            self.replayed_lines = len(replay)
             with self._lock:
-                self._queue.extendleft(reversed(replay))
+                self._queue.extendleft(reversed(first))
                 self._delivered_offset = start
                 self.run_id = run.info.run_id
             if replay:
