@@ -60,6 +60,7 @@ class TrainPlan:
     signal_warn_s: int
     resolved_yaml: str
     jobs: list[JobPlan] = field(default_factory=list)
+    allow_change: list[str] = field(default_factory=list)  # --allow-change KEY
 
     @property
     def world_size(self) -> int:
@@ -345,21 +346,19 @@ def check_cluster_or_warn(opts: SbatchOptions, *, dry_run: bool) -> None:
 
 
 def _check_same_config(existing: Path, plan: TrainPlan) -> None:
-    """Resubmitting a run continues it; with a different config it would silently diverge."""
+    """Resubmitting a run continues it: only with a config it can continue exactly (the same
+    comparison `rdpt train` makes, training/config_change.py), refused before anything queues."""
     import yaml
 
-    from pipeline.common.config_io import flatten
+    from pipeline.training.config_change import check_continuation
 
-    old = flatten(yaml.safe_load(existing.read_text()) or {})
-    new = flatten(yaml.safe_load(plan.resolved_yaml))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    # extending a run, or continuing it on another number of processes, is fine
-    changed = [k for k in changed if k not in ("train.max_steps", "parallel.nproc")]
-    if changed:
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+    old = yaml.safe_load(existing.read_text()) or {}
+    problems = check_continuation(old, yaml.safe_load(plan.resolved_yaml), plan.allow_change)
+    if problems:
         raise RdptLaunchError(
-            f"{existing} already holds a different config ({diff}); continue it with the same "
-            f"config, or start a new run (run.name=...)"
+            f"{existing} already holds a different config; continuing that run would change:\n  "
+            + "\n  ".join(problems)
+            + "\nor start a new run (run.name=...)"
         )
 
 

@@ -156,4 +156,5 @@ def shut_down(ctx, tracker, hooks, loader, code: int, step: int) -> None:
         tracker.close(status=status)
     if ctx.is_main:
         exitcodes.write_exit(ctx.run_dir, code, step)
+        ctx.lock.release()
     destroy_model_parallel()

@@ -90,9 +90,15 @@ def test_unwritable_run_dir_and_changed_config(project, capsys, slurm_cluster, t
     resolved = out.split("# ---- resolved config")[1].split("\n", 1)[1].split("\n# ----")[0]
     (run_dir / "resolved.yaml").write_text(resolved)
     rc, out, err = submit(capsys, *args, "optim.lr=1e-3")
-    assert rc == 2 and "already holds a different config (optim.lr: 0.003 -> 0.001)" in err, err
+    assert rc == 2 and "already holds a different config" in err, err
+    assert "optim.lr: 0.003 -> 0.001: " in err and "--allow-change optim.lr" in err, err
+    rc, out, err = submit(capsys, *args, "optim.lr=1e-3", "--allow-change", "optim.lr")
+    assert rc == 0, err
     rc, out, err = submit(capsys, *args, "train.max_steps=600")  # extending a run is fine
     assert rc == 0, err
+    # another number of processes under ZeRO-2: refused here, not after waiting in the queue
+    rc, out, err = submit(capsys, *args, "--ntasks-per-node", "4", "train.global_batch_size=16")
+    assert rc == 2 and "parallel.nproc: 1 -> 4: refused" in err, err
     assert queue(slurm_cluster) == before and not (project / ".rdpt").exists()
 
 

@@ -106,6 +106,13 @@ def register(subparsers) -> None:
         metavar="K",
         help="submit K jobs linked by afterany, each continuing the run",
     )
+    train.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="continue an existing run whose config differs in KEY (see rdpt train --help)",
+    )
     train.set_defaults(func=handle_submit_train)
     prep = kinds.add_parser(
         "prep",
@@ -190,6 +197,7 @@ def handle_submit_train(args) -> int:
         signal_warn_s=args.signal_warn,
         job_name=args.job_name,
     )
+    plan.allow_change = list(args.allow_change)
     check_train(plan, dry_run=args.dry_run)
     if args.dry_run:
         _print_dry_run(plan.resolved_yaml, plan.run_dir / "resolved.yaml", plan.jobs)

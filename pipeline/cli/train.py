@@ -58,6 +58,14 @@ def _register_train(subparsers) -> None:
     )
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default auto)")
     p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="continue a run whose config differs in KEY (or a section, e.g. optim.); "
+        "repeatable; without it such a continuation is refused, saying what would change",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate, print the resolved config and the DeepSpeed config, exit",
@@ -97,11 +105,11 @@ def train_handler(args) -> int:
 def _train(args, early: list[int], previous: dict) -> int:
     """Parse and resolve the config once, then run `pipeline.train.main` on every rank: in this
     process (under srun/torchrun, or one process) or in --nproc workers started here."""
-    import signal
 
-    from pipeline.common.config_io import save_resolved, to_yaml
+    from pipeline.common.config_io import to_yaml
     from pipeline.common.distributed import launched_externally
     from pipeline.common.errors import RdptConfigError
+    from pipeline.common.run_lock import RunLock
     from pipeline.training.checkpoint import completed_step
     from pipeline.training.config import load_train_config
     from pipeline.training.resolve import resolve
@@ -131,7 +139,23 @@ def _train(args, early: list[int], previous: dict) -> int:
         )
         return 0
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    lock = RunLock(run_dir)
+    if rank == 0 and not external:  # this process (launcher or only rank) holds the run
+        lock.acquire()
+    try:
+        return _run(args, cfg, run_dir, rank, external, world, early, previous)
+    finally:
+        lock.release()
+
+
+def _run(args, cfg, run_dir, rank: int, external: bool, world: int, early, previous) -> int:
+    import signal
+
+    from pipeline.common.config_io import save_resolved
+
     if rank == 0:
+        if args.resume != "none":
+            check_run_continuation(run_dir, cfg, args.allow_change)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir / "resolved.yaml")
     from pipeline.train import main
@@ -148,6 +172,29 @@ def _train(args, early: list[int], previous: dict) -> int:
     from launch.local import launch_local
 
     return launch_local(main, (cfg, args.resume), nproc=world, run_dir=run_dir)
+
+
+def check_run_continuation(run_dir, cfg, allow) -> None:
+    """A run with a checkpoint continues only with a config it can continue exactly (see
+    training/config_change.py); RdptConfigError listing each difference otherwise."""
+    import yaml
+
+    from pipeline.common.errors import RdptConfigError
+    from pipeline.training.checkpoint import completed_step
+    from pipeline.training.config_change import check_continuation
+
+    saved = run_dir / "resolved.yaml"
+    if completed_step(run_dir) is None or not saved.is_file():
+        return
+    problems = check_continuation(
+        yaml.safe_load(saved.read_text()), cfg.model_dump(mode="json"), allow
+    )
+    if problems:
+        raise RdptConfigError(
+            f"{run_dir} holds a run with a different config ({saved}); continuing it would "
+            "change:\n  " + "\n  ".join(problems) + "\nor start a new run (run.name=...) or "
+            "start over in this directory with --resume none"
+        )
 
 
 def export_handler(args) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.common.run_lock import RunLock
 from pipeline.tracking.journal import RUN_FILE, DeliveryRecord
 from pipeline.tracking.server import RdptTrackingError, health_ok
 
@@ -31,6 +32,13 @@ def sync_run(run_dir: str | os.PathLike, tracking_uri: str | None = None, timeou
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RdptTrackingError(f"{run_dir}: no such run directory")
+    lock = RunLock(run_dir)
+    holder = lock.holder()
+    if holder is not None and lock.stale_reason(holder) is None:
+        raise RdptTrackingError(
+            f"{run_dir} is in use by a live run (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}): its own tracker delivers its metrics; sync after it ended"
+        )
     saved = DeliveryRecord(run_dir).run()
     resolved = _resolved(run_dir)
     tracking = resolved.get("tracking") or {}

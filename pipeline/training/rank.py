@@ -50,6 +50,7 @@ class RankContext:
     run_dir: Path
     stop: StopFlag
     started_at: float = 0.0
+    lock: object = None  # the run directory's RunLock (rank 0)
 
     @property
     def is_main(self) -> bool:
@@ -67,13 +68,38 @@ def setup_rank(cfg, early_signals: list[int] | None = None) -> RankContext:
     init_process_group(export_env=True)  # DeepSpeed reads the rank variables itself
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = cfg.run_dir()
+    lock = hold_run_dir(run_dir, rank)
     setup_logging(run_dir, rank)
     exit_with_parent()
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    return RankContext(cfg, rank, world, device, run_dir, StopFlag(early_signals), time.time())
+    stop = StopFlag(early_signals)
+    return RankContext(cfg, rank, world, device, run_dir, stop, time.time(), lock)
+
+
+def hold_run_dir(run_dir: Path, rank: int):
+    """Rank 0 takes the run directory's lock (already ours when `rdpt train` started us); every
+    rank learns the outcome, so a second run on the same directory stops on all its ranks
+    before writing anything, with the holder named."""
+    import torch.distributed as dist
+
+    from pipeline.common.run_lock import RdptRunLockError, RunLock
+
+    lock, error = None, None
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RdptRunLockError as e:
+            error = str(e)
+    outcome = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RdptRunLockError(outcome[0])
+    return lock
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
