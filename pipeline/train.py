@@ -54,7 +54,18 @@ def main(
     `resume`: auto | none | a checkpoint directory. `hooks`: observers / fault injection
     (default: the `debug` section). `early_signals`: stop signals received before this call."""
     ctx = setup_rank(cfg, early_signals)
-    hooks = hooks or hooks_from_config(cfg.debug, ctx.run_dir, ctx.rank)
+    try:
+        return train(ctx, resume, hooks or hooks_from_config(cfg.debug, ctx.run_dir, ctx.rank))
+    except Exception as e:
+        ctx.peers.post(f"{type(e).__name__}: {e}")  # every other rank stops within a second
+        raise
+    finally:
+        ctx.peers.stop()
+
+
+def train(ctx, resume: str, hooks: TrainHooks) -> int:
+    """Steps 2-6 of the module docstring, on this rank."""
+    cfg = ctx.cfg
     stage = get_stage(cfg.train.stage)  # what is trained, and how one step runs
     dims = ParallelDims.from_config(cfg, ctx.world)
 

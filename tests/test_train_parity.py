@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed import run_distributed
 
@@ -66,6 +67,35 @@ def train_runs(rank, world, data: str, tmp: str, runs: dict[str, list[str]]):
     return codes
 
 
+SKIP_CASES = [  # name, what is made non-finite, layout
+    ("inf_loss_zero1", "inf_loss", ["parallel.zero_stage=1"]),
+    ("inf_grad_zero0", "inf_grad", ["parallel.zero_stage=0"]),
+    ("inf_grad_zero3", "inf_grad", ["parallel.zero_stage=3"]),
+    ("inf_loss_tp2", "inf_loss", ["parallel.zero_stage=1", "parallel.tp=2"]),
+]
+
+
+def _ds_weights(ckpt: Path) -> dict:
+    """The fp32 master weights a checkpoint restores (any ZeRO stage, any TP size): the
+    optimizer's flat fp32 partitions (ZeRO >= 1) or the module (ZeRO-0), per file."""
+    from pipeline.training.checkpoint import weights_only_loads
+
+    out = {}
+    for f in sorted((ckpt / "ds").glob("*.pt")):
+        with weights_only_loads():
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+        if "optim_states" in f.name:
+            osd = blob["optimizer_state_dict"]
+            groups = osd.get("single_partition_of_fp32_groups") or osd.get("fp32_flat_groups")
+            for i, t in enumerate(groups):
+                out[f"{f.name}/{i}"] = t
+        elif "model_states" in f.name and blob.get("module"):
+            for k, t in blob["module"].items():
+                if torch.is_tensor(t):
+                    out[f"{f.name}/{k}"] = t
+    return out
+
+
 def _weights(ckpt: Path):
     from pipeline.training.checkpoint import consolidated_state_dict
 
@@ -92,6 +122,11 @@ def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
             "debug.nan_at_steps=[1,2]",
             "train.max_nonfinite_steps=2",
         ],
+        # +Inf loss, Inf gradients of a finite loss, NaN: under every stage and with TP
+        **{
+            name: [*layout, f"debug.{kind}_at_steps=[{STEPS - 1}]", "checkpoint.interval=3"]
+            for name, kind, layout in SKIP_CASES
+        },
     }
     codes = run_distributed(train_runs, 2, args=(str(tiny_dataset), str(tmp_path), two), env=env)
     assert codes[0] == {**{k: 0 for k in two}, "nan_abort": 86}
@@ -143,3 +178,14 @@ def test_two_processes_reproduce_one_under_zero_and_tp(tiny_dataset, tmp_path):
     assert abort[1]["train/loss"] == pytest.approx(reference[1]["train/loss"], abs=1e-5)
     log = (abort_dir / "logs/train.log").read_text()
     assert "2 non-finite steps in a row" in log
+
+    # every skip case: counted, and the weights after the skipped step are those before it
+    for name, kind, _ in SKIP_CASES:
+        curve = _curve(tmp_path / name)
+        assert curve[STEPS]["train/skipped_steps"] == 1, name
+        assert ("train/loss" in curve[STEPS]) == (kind == "inf_grad"), name  # finite loss kept
+        before = _ds_weights(tmp_path / name / "checkpoints/step-00000003")
+        after = _ds_weights(tmp_path / name / "checkpoints/step-00000004")
+        assert before.keys() == after.keys() and before, name
+        for k in before:
+            assert torch.equal(before[k], after[k]), (name, k)

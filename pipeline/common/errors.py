@@ -20,3 +20,10 @@ class RdptCheckpointError(RdptError):
 
 class RdptLaunchError(RdptError):
     """A job cannot be submitted as requested (Slurm, resources, layout)."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError saying the file system (or the user's quota) is full."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -15,6 +15,7 @@ OK = 0
 USER_ERROR = 2  # bad config / input: do not retry
 REQUEUE = 85  # stopped on a preemption/time-limit signal after writing a checkpoint: requeue
 NONFINITE_ABORT = 86  # too many non-finite steps in a row; last good state checkpointed
+PEER_FAILED = 3  # this rank stopped because another rank of the run failed (see its error)
 
 EXIT_FILE = "last_exit.json"  # under <run_dir>/logs/
 

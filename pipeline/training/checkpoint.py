@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from pipeline.common.atomic import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from pipeline.common.errors import RdptCheckpointError
+from pipeline.common.errors import RdptCheckpointError, is_disk_full
 
 log = logging.getLogger("rdpt.checkpoint")
 
@@ -205,10 +205,38 @@ class CheckpointManager:
         *,
         config_yaml: str,
         tokenizer_path: str | os.PathLike | None = None,
-        crash_hook: Callable[[], None] | None = None,
+        phase_hook: Callable[[str, Any], None] | None = None,
     ) -> Path:
         """Write checkpoint `step` (collective): temp dir -> files -> sha256 list -> rename ->
-        `latest` -> prune. Returns the final directory."""
+        `latest` -> prune. Returns the final directory.
+
+        A full disk (or quota) on any rank raises RdptCheckpointError naming the file and the
+        checkpoint that stays in use; the temporary directory is removed. `phase_hook(phase,
+        engine)` is called at "engine" (before DeepSpeed writes), "files" (everything written,
+        nothing hashed) and "renamed" (the directory has its final name, `latest` not yet
+        moved): where the tests kill a rank."""
+        name = checkpoint_name(step)
+        tmp = self.root / f".tmp-{name}"
+        try:
+            return self._save(engine, step, trainer_state, config_yaml, tokenizer_path,
+                              phase_hook or (lambda phase, engine: None))  # fmt: skip
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            previous = self.latest()
+            raise RdptCheckpointError(
+                f"checkpoint step {step} could not be written: {e.strerror} ({e.filename}); "
+                f"free space under {self.root}. "
+                + (
+                    f"The previous checkpoint {previous.name} is intact and --resume auto "
+                    f"continues from it."
+                    if previous is not None
+                    else "There is no earlier checkpoint."
+                )
+            ) from e
+
+    def _save(self, engine, step, trainer_state, config_yaml, tokenizer_path, phase) -> Path:
         rank, _ = _rank_world()
         name = checkpoint_name(step)
         final = self.root / name
@@ -218,6 +246,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
+        phase("engine", engine)
         engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
@@ -228,8 +257,7 @@ class CheckpointManager:
             if tokenizer_path is not None and Path(tokenizer_path).is_file():
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         _barrier()
-        if crash_hook is not None:
-            crash_hook()  # testing: die with a half-written checkpoint
+        phase("files", engine)
         files = _checkpoint_files(tmp)
         hashes = _hash_striped(tmp, files)
         if rank == 0:
@@ -242,6 +270,7 @@ class CheckpointManager:
             # NOTE: order matters: rename the complete dir, then the pointer, then prune.
             os.rename(tmp, final)
             fsync_dir(self.root)
+            phase("renamed", engine)
             atomic_write_text(self.root / "latest", name + "\n")
             self._prune(keep=final)
         _barrier()
@@ -416,7 +445,7 @@ class RunCheckpoints:
             payload,
             config_yaml=self.config_yaml,
             tokenizer_path=self.tokenizer_path,
-            crash_hook=lambda: self.hooks.in_checkpoint(step),
+            phase_hook=lambda phase, engine: self.hooks.in_checkpoint(step, phase, engine),
         )
         if self.tracker is not None:
             # the digest of the file list, which holds every file's sha256: one value that

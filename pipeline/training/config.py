@@ -127,9 +127,15 @@ class DebugSection(ConfigModel):
     record_sample_ids: bool = False
     """Write logs/samples-rank{R}.jsonl: the sample ids each rank trained on, per step."""
     nan_at_steps: list[int] = []
-    """Make the loss non-finite at these steps (tests the skip-and-count guard)."""
-    crash_in_checkpoint_at_step: int | None = None
-    """Kill the process (os._exit) half-way through writing this step's checkpoint."""
+    """Make the loss (and so the gradients) NaN at these steps (0-based optimizer steps)."""
+    inf_loss_at_steps: list[int] = []
+    """Make the loss +Inf at these steps."""
+    inf_grad_at_steps: list[int] = []
+    """Keep the loss finite but make its gradients +Inf at these steps."""
+    kill_in_checkpoint: list[str] = []
+    """"STEP:PHASE:RANK": SIGKILL rank RANK while writing checkpoint STEP, at PHASE = engine
+    (inside DeepSpeed's save, after its first file), files (all written, none hashed) or
+    renamed (final name, `latest` not yet moved; rank 0)."""
     sleep_per_step_s: float = Field(0.0, ge=0)
     """Sleep after each step (lets tests signal or kill a run mid-way)."""
 

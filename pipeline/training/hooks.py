@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ class TrainHooks:
         """The micro-batch loss of step `step` before backward; returns the loss to use."""
         return loss
 
-    def in_checkpoint(self, step: int) -> None:
-        """While checkpoint `step` is half-written (every file saved, none listed)."""
+    def in_checkpoint(self, step: int, phase: str, engine) -> None:
+        """While checkpoint `step` is being written, at `phase`: "engine" (before DeepSpeed
+        writes its files), "files" (every file written, none hashed), "renamed" (final name,
+        `latest` not yet moved; rank 0 only)."""
 
     def on_step_end(self, step: int) -> None:
         """After optimizer step `step` (0-based) and its logging, validation, checkpoint."""
@@ -41,6 +44,7 @@ class FaultInjection(TrainHooks):
 
     def __init__(self, debug, run_dir: Path, rank: int) -> None:
         self.debug = debug
+        self.rank = rank
         self.samples = None
         if debug.record_sample_ids:
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -55,11 +59,27 @@ class FaultInjection(TrainHooks):
     def loss(self, step: int, loss):
         if step in self.debug.nan_at_steps:
             return loss * float("nan")  # poisons the loss and the gradients
+        if step in self.debug.inf_loss_at_steps:
+            return loss * float("inf")
+        if step in self.debug.inf_grad_at_steps:
+            return _InfGradient.apply(loss)
         return loss
 
-    def in_checkpoint(self, step: int) -> None:
-        if self.debug.crash_in_checkpoint_at_step == step:
-            os._exit(1)
+    def in_checkpoint(self, step: int, phase: str, engine) -> None:
+        for spec in self.debug.kill_in_checkpoint:
+            at_step, at_phase, at_rank = spec.split(":")
+            if (int(at_step), at_phase, int(at_rank)) != (step, phase, self.rank):
+                continue
+            if phase == "engine":  # die inside DeepSpeed's save, after its first file
+                save = engine.checkpoint_engine.save
+
+                def save_then_die(*args, **kwargs):
+                    save(*args, **kwargs)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                engine.checkpoint_engine.save = save_then_die
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def on_step_end(self, step: int) -> None:
         if self.debug.sleep_per_step_s:
@@ -75,3 +95,23 @@ def hooks_from_config(debug, run_dir: Path, rank: int) -> TrainHooks:
     if debug.model_dump() == type(debug)().model_dump():
         return TrainHooks()
     return FaultInjection(debug, run_dir, rank)
+
+
+class _InfGradient:
+    """Identity in the forward; +Inf gradients in the backward (a finite loss whose gradients
+    overflow)."""
+
+    @staticmethod
+    def apply(x):
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                return t.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad * float("inf")
+
+        return Fn.apply(x)

@@ -9,6 +9,7 @@ with its launcher, so a kill -9 of the launcher leaves no orphans.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ class RankContext:
     stop: StopFlag
     started_at: float = 0.0
     lock: object = None  # the run directory's RunLock (rank 0)
+    peers: PeerFailureWatch | None = None
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +78,65 @@ def setup_rank(cfg, early_signals: list[int] | None = None) -> RankContext:
     else:
         device = torch.device("cpu")
     stop = StopFlag(early_signals)
-    return RankContext(cfg, rank, world, device, run_dir, stop, time.time(), lock)
+    peers = PeerFailureWatch(rank, world)
+    return RankContext(cfg, rank, world, device, run_dir, stop, time.time(), lock, peers)
+
+
+class PeerFailureWatch:
+    """Every rank stops within a second when another rank of the run fails.
+
+    A rank that fails posts its error to the process group's key-value store (`post`); a daemon
+    thread of every rank polls for it and, finding another rank's error, prints it and ends
+    this process with exit code 3 (PEER_FAILED). Without it the other ranks would wait in their
+    next collective until the group's timeout (10 minutes), saying nothing."""
+
+    KEY = "rdpt/failed"
+
+    def __init__(self, rank: int, world: int, interval_s: float = 0.5):
+        self.rank = rank
+        self._stop = threading.Event()
+        self.store = None
+        if world > 1:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self.store = _get_default_store()
+            threading.Thread(
+                target=self._watch, args=(interval_s,), name="rdpt-peer-watch", daemon=True
+            ).start()
+
+    def post(self, error: str) -> None:
+        """Tell every other rank that this one failed, and why."""
+        if self.store is not None:
+            import json
+
+            with contextlib.suppress(Exception):  # the store may be gone with rank 0
+                self.store.set(self.KEY, json.dumps({"rank": self.rank, "error": error}))
+
+    def _watch(self, interval_s: float) -> None:
+        import json
+
+        from pipeline.common.exitcodes import PEER_FAILED
+
+        while not self._stop.wait(interval_s):
+            try:
+                if not self.store.check([self.KEY]):
+                    continue
+                failed = json.loads(self.store.get(self.KEY))
+            except Exception:  # noqa: BLE001 - the store's host (rank 0) ended: stop watching;
+                return  # if it crashed, this rank's next collective fails on its own
+            if failed.get("rank") == self.rank or self._stop.is_set():
+                return
+            print(
+                f"rdpt train (rank {self.rank}): stopping, rank {failed['rank']} failed: "
+                f"{failed['error']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            logging.shutdown()
+            os._exit(PEER_FAILED)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def hold_run_dir(run_dir: Path, rank: int):
