@@ -39,8 +39,17 @@ def threads_per_rank(nproc: int) -> int:
 
 
 def exit_with_result(fn, *args) -> None:
-    """A worker's body: the code `fn` returns is the process's exit code."""
-    code = fn(*args)
+    """A worker's body: the code `fn` returns is the process's exit code; an RdptError (bad
+    input, a full disk, a refused checkpoint) is printed without a traceback and exits 2,
+    as the same error does in a rank started by srun."""
+    from pipeline.common.errors import RdptError
+
+    try:
+        code = fn(*args)
+    except RdptError as e:
+        rank = os.environ.get("RANK", "?")
+        print(f"rdpt train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
+        sys.exit(exitcodes.USER_ERROR)
     if code:
         sys.exit(int(code))
 

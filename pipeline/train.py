@@ -56,8 +56,8 @@ def main(
     ctx = setup_rank(cfg, early_signals)
     try:
         return train(ctx, resume, hooks or hooks_from_config(cfg.debug, ctx.run_dir, ctx.rank))
-    except Exception as e:
-        ctx.peers.post(f"{type(e).__name__}: {e}")  # every other rank stops within a second
+    except Exception as e:  # every other rank stops within a second, with this exit code
+        ctx.peers.post(f"{type(e).__name__}: {e}", exitcodes.exit_code_for(e))
         raise
     finally:
         ctx.peers.stop()

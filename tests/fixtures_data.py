@@ -8,7 +8,9 @@ test session in a temporary directory in about 2 s. Treat it as read-only.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """Path of a small prepared dataset (see the module docstring)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return build_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of `size` (e.g. "300k") mounted at `path` for the block (needs root, as the
+    Slurm fixture does): a real full disk for ENOSPC tests. Unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

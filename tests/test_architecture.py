@@ -170,3 +170,18 @@ def test_the_repository_cites_no_file_outside_it():
             if outside.search(line) and path != Path(__file__).resolve():
                 hits.append(f"{name}:{n}: {line.strip()}")
     assert not hits, "references to files outside the repository:\n  " + "\n  ".join(hits)
+
+
+def test_tests_the_readme_names_exist():
+    """Every `test_file.py::test_name` (and `test_file.py`) the README cites exists."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    missing = []
+    for file, name in re.findall(r"`?(test_\w+\.py)(?:::(test_\w+))?", text):
+        path = REPO / "tests" / file
+        if not path.is_file():
+            missing.append(file)
+        elif name and f"def {name}(" not in path.read_text():
+            missing.append(f"{file}::{name}")
+    assert not missing, f"the README cites tests that do not exist: {sorted(set(missing))}"

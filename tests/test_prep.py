@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -431,3 +432,34 @@ def test_big_json_lines_file_is_cut_into_line_aligned_chunks(tmp_path):
     )
     assert path.stat().st_size > 20 * 0.004 * 2**20  # cut into > 20 ranges
     assert decode_split(out, "train") == docs
+
+
+def test_disk_full_while_preparing_is_a_clear_error_with_no_partial_file(tmp_path, capsys):
+    from fixtures_data import small_filesystem, stdlib_subset
+
+    out = tmp_path / "fs" / "data"
+    with small_filesystem(tmp_path / "fs", "300k"):
+        rc = rdpt(
+            [
+                "prep",
+                "--input",
+                *stdlib_subset(),
+                "--output",
+                str(out),
+                "--vocab-size",
+                "512",
+                "--seq-len",
+                "64",
+                "--workers",
+                "1",
+                "limit_bytes=400000",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert "no space left on device writing" in err and str(out) in err, err
+        assert not (out / "manifest.json").exists()
+        assert not list(out.rglob(".tmp-*"))  # the half-written file was removed
+        for shard in out.rglob("shard-*.tar"):  # whatever has a final name is whole
+            with tarfile.open(shard) as tar:
+                assert all(m.size > 0 for m in tar.getmembers())

@@ -51,7 +51,8 @@ ALL_REDUCE = textwrap.dedent(
     dist.all_reduce(t)
     print(json.dumps({"host": socket.gethostname(), "rank": r, "world": dist.get_world_size(),
                       "sum": t.item(), "master": os.environ["MASTER_ADDR"],
-                      "port": os.environ["MASTER_PORT"]}), flush=True)
+                      "port": os.environ["MASTER_PORT"],
+                      "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}), flush=True)
     # NOTE: barrier before destroy: without it gloo sometimes aborts rank 0 at exit.
     dist.barrier()
     dist.destroy_process_group()
@@ -104,6 +105,16 @@ def test_stale_rank_variables_from_the_submitting_shell_lose():
     env = {**STEP, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     apply_slurm_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
+
+
+def test_gloo_listens_on_the_interface_towards_the_master_unless_told_otherwise():
+    env = {**STEP, "MASTER_ADDR": "127.0.0.1"}
+    apply_slurm_env(env)
+    assert env["GLOO_SOCKET_IFNAME"] == "lo"
+    env = {**STEP, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "ib0"}
+    apply_slurm_env(env)
+    assert env["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert "GLOO_SOCKET_IFNAME" not in apply_slurm_env(dict(STEP))  # gpu07 does not resolve
 
 
 def test_port_is_per_job_and_in_range():
@@ -187,3 +198,5 @@ def test_gloo_all_reduce_across_two_node_namespaces(slurm_cluster_2nodes, tmp_pa
     assert [r["sum"] for r in rows] == [3.0, 3.0] and {r["world"] for r in rows} == {2}
     assert {r["master"] for r in rows} == {"n1"}
     assert {r["port"] for r in rows} == {str(master_port_for_job(job))}
+    # gloo listens on each node's interface of the job network (the namespace's eth0), not on *
+    assert {r["ifname"] for r in rows} == {"eth0"}

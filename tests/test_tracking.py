@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.logger import DELIVERED_FILE, METRICS_FILE, RUN_FILE, RunTracker
@@ -100,35 +100,32 @@ def test_params_metrics_artifacts_read_back(mlflow_server, tmp_path, experiment_
     assert [r["train/loss"] for r in lines] == pytest.approx(losses)
 
 
-def test_log_metrics_does_not_block(mlflow_server, tmp_path, experiment_name):
+def test_log_metrics_does_not_block(mlflow_server_factory, tmp_path, experiment_name):
+    """With the server hung (SIGSTOP: connections accepted by the kernel, never answered) a
+    thread logs 1000 steps: were log_metrics waiting for the network it would never finish.
+    The outcome depends on that event, not on how fast this machine is."""
+    server = mlflow_server_factory()
     tracker = RunTracker(
-        tmp_path / "run",
-        mlflow_server.url,
-        experiment_name,
-        "nonblocking",
-        system_metrics_interval=0,
+        tmp_path / "run", server.url, experiment_name, "nonblocking", system_metrics_interval=0
     )
     run_id = tracker.ensure_run()
-    client = MlflowClient(mlflow_server.url)
-    # One synchronous request, the cost a blocking log_metrics would pay at every call.
-    t0 = time.perf_counter()
-    for i in range(5):
-        client.log_batch(run_id, metrics=[Metric("probe", 0.0, int(time.time() * 1000), i)])
-    round_trip = (time.perf_counter() - t0) / 5
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
 
-    t0 = time.perf_counter()
-    for step in range(1000):
-        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 1e-3}, step=step)
-    elapsed = time.perf_counter() - t0
-    print(
-        f"1000 log_metrics: {elapsed * 1e3:.1f} ms; one synchronous request: "
-        f"{round_trip * 1e3:.1f} ms"
-    )
-    assert elapsed < 5.0
-    assert elapsed < 100 * round_trip, "log_metrics costs like a synchronous request"
-    assert tracker.close(timeout=60)
+        def log_all():
+            for step in range(1000):
+                tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 1e-3}, step)
+
+        logger = threading.Thread(target=log_all, daemon=True)
+        logger.start()
+        logger.join(timeout=300)  # a hang guard only: it takes milliseconds
+        assert not logger.is_alive(), "log_metrics waits for a hung server"
+        assert len(_jsonl(tmp_path / "run")) == 1000  # every line journaled meanwhile
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    assert tracker.close(timeout=120)
+    client = MlflowClient(server.url)
     assert len(client.get_metric_history(run_id, "train/loss")) == 1000
-    assert len(_jsonl(tmp_path / "run")) == 1000
 
 
 def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
@@ -151,12 +148,13 @@ def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
     assert tracker.flush(30)
 
     server.stop()
-    t0 = time.perf_counter()
     for s in range(50, 150):  # while the server is down
         tracker.log_metrics({"train/loss": value(s)}, step=s)
-    assert time.perf_counter() - t0 < 1.0
-    time.sleep(1.0)  # the background thread tries and fails
-    assert tracker.pending > 0 and tracker.stats["send_failures"] > 0
+    deadline = time.monotonic() + 300  # a hang guard: the thread tries within a second
+    while not tracker.stats["send_failures"]:
+        assert time.monotonic() < deadline, "the sender never tried the dead server"
+        time.sleep(0.05)
+    assert tracker.pending > 0
     assert not tracker.flush(timeout=0.5)
     assert len(_jsonl(run_dir)) == 150
 
@@ -175,8 +173,9 @@ def test_server_down_then_back_loses_nothing_and_duplicates_nothing(
         for s in range(150, 200):
             tracker.log_metrics({"train/loss": value(s)}, step=s)
         t0 = time.perf_counter()
-        assert tracker.close("KILLED", timeout=120, down_grace=2.0) is False
-        assert time.perf_counter() - t0 < 30  # gave up on the hung server, not after 120 s
+        assert tracker.close("KILLED", timeout=3600, down_grace=2.0) is False
+        # gave up on the hung server after its grace, not after the hour (a 100x margin)
+        assert time.perf_counter() - t0 < 600
     finally:
         os.killpg(server.pid, signal.SIGCONT)
     resumed = RunTracker(run_dir, server.url, experiment_name, "outage", system_metrics_interval=0)

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.errors import RdptDiskFullError, is_disk_full
+
 TMP_PREFIX = ".tmp-"
 _umask_lock = threading.Lock()
 
@@ -48,7 +50,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary sibling of `path` for writing; rename it to `path` on success.
 
-    On an exception the temporary file is removed and `path` is left untouched.
+    On an exception the temporary file is removed and `path` is left untouched; a full file
+    system raises RdptDiskFullError naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +65,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_disk_full(e):
+            raise disk_full_error(path, e) from e
         raise
 
 
@@ -107,9 +112,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(f.fileno())
         os.rename(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e, where=path.parent):
+            raise disk_full_error(path, e) from e
         raise
+
+
+def disk_full_error(path: Path, cause: BaseException) -> RdptDiskFullError:
+    return RdptDiskFullError(
+        f"no space left on device writing {path} ({cause}); nothing was written under that "
+        f"name and earlier outputs are intact: free space (or raise the quota) and run the "
+        f"command again"
+    )
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -22,8 +22,26 @@ class RdptLaunchError(RdptError):
     """A job cannot be submitted as requested (Slurm, resources, layout)."""
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """An OSError saying the file system (or the user's quota) is full."""
-    import errno
+class RdptDiskFullError(RdptError):
+    """An output could not be written: its file system (or the user's quota) is full."""
 
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+def is_disk_full(e: BaseException, where=None) -> bool:
+    """`e` (or an exception it was raised from) says the file system or the user's quota is
+    full. torch.save to a path reports a failed write as a RuntimeError without the OSError:
+    then, when `where` is given, a file system with (almost) no space left there decides."""
+    import errno
+    import shutil
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if where is not None and isinstance(e, RuntimeError) and "unexpected pos" in str(e):
+            try:
+                return shutil.disk_usage(where).free < (1 << 20)
+            except OSError:
+                return False
+        e = e.__cause__ or e.__context__
+    return False

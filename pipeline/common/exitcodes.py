@@ -36,3 +36,10 @@ def recorded_exit(run_dir: Path, since: float) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None
     return int(data["code"]) if data.get("time", 0) >= since else None
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a process ends with for `error`: 2 for user-facing errors, 1 for bugs."""
+    from pipeline.common.errors import RdptError
+
+    return USER_ERROR if isinstance(error, RdptError) else 1

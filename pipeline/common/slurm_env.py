@@ -17,6 +17,9 @@ no pdsh and no hostfile:
 - MASTER_PORT = a port in [20000, 30000) derived from SLURM_JOB_ID: identical in every task of
   the job without any communication, below the Linux ephemeral range, and different for jobs
   that share a node (unless their ids are 10000 apart). A requeued job keeps its id and port.
+- GLOO_SOCKET_IFNAME = the interface that routes to MASTER_ADDR, so gloo's sockets listen on the
+  job's network only (torch's rendezvous store itself listens on every interface of the first
+  node: see the trust model in the README).
 
 It is a no-op outside an srun step (a login shell, the batch script itself, a laptop), and it
 never overrides what a torchrun-style launcher set: when torch's elastic agent started this
@@ -183,5 +186,28 @@ def apply_slurm_env(environ: MutableMapping[str, str] | None = None) -> dict[str
         new["MASTER_ADDR"] = master_address(hosts[0]) if hosts else "127.0.0.1"
     if "MASTER_PORT" not in env:
         new["MASTER_PORT"] = str(master_port_for_job(env["SLURM_JOB_ID"]))
+    if "GLOO_SOCKET_IFNAME" not in env:
+        # gloo's data sockets listen on the interface that reaches the master, not on all
+        iface = interface_towards(new.get("MASTER_ADDR") or env["MASTER_ADDR"])
+        if iface:
+            new["GLOO_SOCKET_IFNAME"] = iface
     env.update(new)
     return new
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of the local network interface the kernel uses to reach `address` (None when
+    it cannot tell): the job's own network, where the ranks talk to each other."""
+    import psutil
+
+    try:
+        host = socket.gethostbyname(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # no packet is sent: this only picks the route
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    return None

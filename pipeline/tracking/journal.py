@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pipeline.common.atomic import atomic_write_json
+from pipeline.common.errors import RdptDiskFullError, is_disk_full
 from pipeline.tracking.sink import Op
 
 log = logging.getLogger("pipeline.tracking")
@@ -48,8 +49,16 @@ class MetricsJournal:
     def append(self, step: int, timestamp_ms: int, values: Mapping[str, float]) -> int:
         """Write one line (flushed); returns the byte offset just after it."""
         line = json.dumps({"step": step, "timestamp": timestamp_ms, **values}) + "\n"
-        self._file.write(line.encode())
-        self._file.flush()
+        try:
+            self._file.write(line.encode())
+            self._file.flush()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise RdptDiskFullError(
+                f"metrics journal {self.path}: no space left on device at step {step}; the "
+                f"lines before it are intact (free space, then resume the run)"
+            ) from e
         return self._file.tell()
 
     @property

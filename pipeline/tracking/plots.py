@@ -1,5 +1,10 @@
 """Small matplotlib (Agg) plots shared by evaluation and run comparison; each writes one PNG
-(written under a temporary name and renamed) and returns its path."""
+(written under a temporary name and renamed) and returns its path.
+
+Every PNG carries what it draws as a text chunk `rdpt:drawn` (JSON, read back from the
+figure's artists when it is saved: per panel its title, its lines' labels and points, its bars'
+heights), so a reader or a test can check a plot's content without looking at pixels:
+`drawn(path)`."""
 
 from __future__ import annotations
 
@@ -22,14 +27,43 @@ def _figure(ncols: int = 1, nrows: int = 1, size=(6.4, 4.2)):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
+    import json
+
     import matplotlib.pyplot as plt
 
     path = Path(path)
     fig.tight_layout()
+    content = json.dumps([_drawn_in(ax) for ax in fig.axes])
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+        fig.savefig(f, format="png", dpi=110, metadata={DRAWN_KEY: content})
     plt.close(fig)
     return path
+
+
+DRAWN_KEY = "rdpt:drawn"
+
+
+def _drawn_in(ax) -> dict:
+    lines = [
+        {
+            "label": ln.get_label(),
+            "x": [float(v) for v in ln.get_xdata()],
+            "y": [float(v) for v in ln.get_ydata()],
+        }
+        for ln in ax.get_lines()
+    ]
+    bars = [float(p.get_height()) for p in ax.patches]
+    return {"title": ax.get_title(), "lines": lines, "bars": bars}
+
+
+def drawn(path: str | os.PathLike) -> list[dict]:
+    """What the PNG at `path` (written by this module) draws, panel by panel."""
+    import json
+
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return json.loads(img.text[DRAWN_KEY])
 
 
 def _as_points(series) -> tuple[list[float], list[float]]:

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -220,14 +221,14 @@ class CheckpointManager:
         try:
             return self._save(engine, step, trainer_state, config_yaml, tokenizer_path,
                               phase_hook or (lambda phase, engine: None))  # fmt: skip
-        except OSError as e:
-            if not is_disk_full(e):
+        except Exception as e:
+            if not is_disk_full(e, where=self.root):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back
             previous = self.latest()
             raise RdptCheckpointError(
-                f"checkpoint step {step} could not be written: {e.strerror} ({e.filename}); "
-                f"free space under {self.root}. "
+                f"checkpoint step {step} could not be written: No space left on device "
+                f"({getattr(e, 'filename', None) or tmp}); free space under {self.root}. "
                 + (
                     f"The previous checkpoint {previous.name} is intact and --resume auto "
                     f"continues from it."
@@ -319,6 +320,12 @@ def weights_only_loads():
     try:
         with torch.serialization.safe_globals(allowed):
             yield
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RdptCheckpointError(
+            f"refusing to load a checkpoint file that holds more than tensors and the few "
+            f"DeepSpeed records rdpt allows (it could run code when unpickled): {first}"
+        ) from e
     finally:
         if previous is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
@@ -473,8 +480,9 @@ def resolve_checkpoint(run_dir_or_ckpt: str | os.PathLike) -> Path:
 
 
 def completed_step(run_dir: str | os.PathLike) -> int | None:
-    """Step of the run's latest complete checkpoint (None when there is none)."""
-    latest = CheckpointManager(run_dir).latest()
+    """Step of the run's newest checkpoint that verifies (None when there is none): what
+    `--resume auto` would continue from."""
+    latest = CheckpointManager(run_dir).find_resume("auto", verify=True)
     if latest is None:
         return None
     try:

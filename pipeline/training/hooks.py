@@ -73,7 +73,7 @@ class FaultInjection(TrainHooks):
             if phase == "engine":  # die inside DeepSpeed's save, after its first file
                 save = engine.checkpoint_engine.save
 
-                def save_then_die(*args, **kwargs):
+                def save_then_die(*args, save=save, **kwargs):
                     save(*args, **kwargs)
                     os.kill(os.getpid(), signal.SIGKILL)
 

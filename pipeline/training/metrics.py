@@ -84,6 +84,7 @@ class StepMeter:
     def __init__(self, cfg, seq_len: int, world: int, tracker) -> None:
         self.cfg, self.seq_len, self.world, self.tracker = cfg, seq_len, world, tracker
         self.tokens_per_step = cfg.train.global_batch_size * seq_len
+        self._started, self._steps = time.perf_counter(), 0
         self._t0 = time.perf_counter()
         self._tokens = 0
         self._flops = 0.0
@@ -93,6 +94,7 @@ class StepMeter:
         from pipeline.model.flops import flops_per_token
 
         self._tokens += self.tokens_per_step
+        self._steps += 1
         fpt = flops_per_token(self.cfg.model, r, n_grad, self.seq_len)
         self._flops += fpt * self.tokens_per_step
         if result.nonfinite:
@@ -125,8 +127,10 @@ class StepMeter:
         if torch.cuda.is_available():
             metrics["train/mfu"] = self._flops / elapsed / (H100_BF16_PEAK * self.world)
         self.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, done)
+        per_step = (time.perf_counter() - self._started) / self._steps
+        eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.cfg.train.max_steps - done)))
         log.info(
-            "step %d/%d loss %.4f lr %.3g gnorm %.3f r %d (%d+%d) tok/s %.0f",
+            "step %d/%d loss %.4f lr %.3g gnorm %.3f r %d (%d+%d) tok/s %.0f eta %s",
             done,
             self.cfg.train.max_steps,
             result.loss,
@@ -136,5 +140,6 @@ class StepMeter:
             n_no_grad,
             n_grad,
             tok_s,
+            eta,
         )
         self._t0, self._tokens, self._flops = time.perf_counter(), 0, 0.0

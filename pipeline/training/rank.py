@@ -85,10 +85,12 @@ def setup_rank(cfg, early_signals: list[int] | None = None) -> RankContext:
 class PeerFailureWatch:
     """Every rank stops within a second when another rank of the run fails.
 
-    A rank that fails posts its error to the process group's key-value store (`post`); a daemon
-    thread of every rank polls for it and, finding another rank's error, prints it and ends
-    this process with exit code 3 (PEER_FAILED). Without it the other ranks would wait in their
-    next collective until the group's timeout (10 minutes), saying nothing."""
+    A rank that fails posts its error and exit code to the process group's key-value store
+    (`post`); a daemon thread of every rank polls for it and, finding another rank's error,
+    prints it and ends this process with that same exit code (so whichever rank a launcher
+    hears from first, the code says why: 2 for a user-facing error such as a full disk).
+    Without it the other ranks would wait in their next collective until the group's timeout
+    (10 minutes), saying nothing."""
 
     KEY = "rdpt/failed"
 
@@ -104,13 +106,14 @@ class PeerFailureWatch:
                 target=self._watch, args=(interval_s,), name="rdpt-peer-watch", daemon=True
             ).start()
 
-    def post(self, error: str) -> None:
-        """Tell every other rank that this one failed, and why."""
+    def post(self, error: str, code: int) -> None:
+        """Tell every other rank that this one failed, why, and with which exit code."""
         if self.store is not None:
             import json
 
+            record = {"rank": self.rank, "error": error, "code": code}
             with contextlib.suppress(Exception):  # the store may be gone with rank 0
-                self.store.set(self.KEY, json.dumps({"rank": self.rank, "error": error}))
+                self.store.set(self.KEY, json.dumps(record))
 
     def _watch(self, interval_s: float) -> None:
         import json
@@ -133,7 +136,7 @@ class PeerFailureWatch:
                 flush=True,
             )
             logging.shutdown()
-            os._exit(PEER_FAILED)
+            os._exit(int(failed.get("code", PEER_FAILED)))
 
     def stop(self) -> None:
         self._stop.set()
