@@ -5,6 +5,9 @@ per split (train, val) the token stream of its documents, each followed by the e
 the token count of each document and a small JSON record of bytes read and skips. A chunk file
 that exists is complete, so a restarted or parallel (Slurm array) run only encodes what is
 missing. The content of a chunk depends only on the plan, never on which process encoded it.
+
+Fault injection for tests: with RDPT_PREP_KILL_AFTER_CHUNKS=N in the environment the process
+group is SIGKILLed once N chunks of this run are written (a crash at a known point).
 """
 
 from __future__ import annotations
@@ -99,10 +102,22 @@ def encode_chunks(plan: dict, work_dir: Path, todo: list[int], workers: int, pro
     if not todo:
         return
     workers = max(1, min(workers, len(todo)))
+    kill_after = int(os.environ.get("RDPT_PREP_KILL_AFTER_CHUNKS", "0"))
+    done = 0
+
+    def finished(summary) -> None:
+        nonlocal done
+        progress.update(summary)
+        done += 1
+        if kill_after and done >= kill_after:
+            import signal
+
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
     if workers == 1:
         enc = ChunkEncoder(plan, str(work_dir))
         for i in todo:
-            progress.update(enc.encode(i))
+            finished(enc.encode(i))
         return
     # NOTE: spawn, not fork: the parent may hold threads (tokenizers' rayon pool after BPE
     # training, torch under pytest) that a forked child would inherit in a broken state.
@@ -112,7 +127,7 @@ def encode_chunks(plan: dict, work_dir: Path, todo: list[int], workers: int, pro
     ordered: Iterable[int] = sorted(todo, key=lambda i: (-sizes[i], i))
     with ctx.Pool(workers, initializer=_init_worker, initargs=(plan, str(work_dir))) as pool:
         for summary in pool.imap_unordered(_encode_in_worker, ordered):
-            progress.update(summary)
+            finished(summary)
 
 
 def load_chunk(work_dir: Path, index: int) -> dict:

@@ -61,6 +61,8 @@ STANDIN = textwrap.dedent(
             sys.exit(85)
         time.sleep(step_s)
         step += 1
+        if step == 2:
+            event("progress")  # tests signal a run that has made progress on this event
     state.write_text(json.dumps({"step": step}))
     event("done")
     if rank == 0:
@@ -79,17 +81,19 @@ eval: {{interval: 0}}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def events(run_dir: Path, rank: int = 0) -> list[dict]:
+def events(run_dir: Path, rank: int = 0, progress: bool = False) -> list[dict]:
     path = run_dir / f"events-{rank}.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    evs = [json.loads(line) for line in path.read_text().splitlines()]
+    return [e for e in evs if progress or e["event"] != "progress"]
 
 
-def wait_for_event(run_dir: Path, kind: str, timeout: float = 60, count: int = 1) -> None:
+def wait_for_event(run_dir: Path, kind: str, timeout: float = 300, count: int = 1) -> None:
+    """Until the stand-in wrote `count` events of `kind` (a hang guard, not a measurement)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sum(e["event"] == kind for e in events(run_dir)) >= count:
+        if sum(e["event"] == kind for e in events(run_dir, progress=True)) >= count:
             return
         time.sleep(0.1)
     raise TimeoutError(f"no {kind!r} event in {run_dir} after {timeout} s: {events(run_dir)}")
@@ -144,19 +148,20 @@ def job_log(run_dir: Path, job_id: int) -> str:
 
 def test_usr1_checkpoint_requeue_resume(slurm_cluster, tmp_path, monkeypatch, tiny_dataset):
     slurm_cluster.activate(monkeypatch)
+    # NOTE: 400 steps of 0.1 s: the signal always lands mid-run, however loaded the machine
+    # (the requeued run finishes the rest at once)
     run_dir, (job,) = submit_standin(
-        tmp_path, monkeypatch, tiny_dataset, "usr1", steps=40, step_s=0.1
+        tmp_path, monkeypatch, tiny_dataset, "usr1", steps=400, step_s=0.1, fast_after_restart=0.0
     )
-    wait_for_event(run_dir, "start")
-    time.sleep(0.3)  # a few steps in
+    wait_for_event(run_dir, "progress")  # a few steps in
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
-    info = slurm_cluster.wait_finished(job, timeout=90)
+    info = slurm_cluster.wait_finished(job, timeout=300)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     for rank in (0, 1):
         ev = events(run_dir, rank)
         assert [e["event"] for e in ev] == ["start", "checkpoint", "start", "done"], ev
-        assert ev[1]["signal"] == "USR1" and 0 < ev[1]["step"] < 40
+        assert ev[1]["signal"] == "USR1" and 0 < ev[1]["step"] < 400
         assert ev[2]["step"] == ev[1]["step"]  # resumed from the checkpoint, not from 0
         assert [e["restart"] for e in ev] == [0, 0, 1, 1] and ev[3]["step"] == 40
         assert {e["job"] for e in ev} == {str(job)} and {e["world"] for e in ev} == {"2"}
@@ -168,7 +173,14 @@ def test_usr1_checkpoint_requeue_resume(slurm_cluster, tmp_path, monkeypatch, ti
 def test_chain_hands_over_then_stops(slurm_cluster, tmp_path, monkeypatch, tiny_dataset):
     slurm_cluster.activate(monkeypatch)
     run_dir, jobs = submit_standin(
-        tmp_path, monkeypatch, tiny_dataset, "chain", steps=30, step_s=0.1, chain=3
+        tmp_path,
+        monkeypatch,
+        tiny_dataset,
+        "chain",
+        steps=600,
+        step_s=0.1,
+        fast_after_restart=0.0,
+        chain=3,
     )
     assert len(jobs) == 3
     second = slurm_cluster.job(jobs[1])
@@ -196,16 +208,16 @@ def test_chain_hands_over_then_stops(slurm_cluster, tmp_path, monkeypatch, tiny_
     ).stdout
     assert "PENDING (Dependency)" in table and "runs/chain" in table
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(jobs[0]))
-    first = slurm_cluster.wait_finished(jobs[0], timeout=60)
+    first = slurm_cluster.wait_finished(jobs[0], timeout=300)
     # not the last job of the chain: it hands over instead of requeueing itself
     assert first["Restarts"] == "0" and first["ExitCode"] == f"{REQUEUE}:0"
     assert "next job of the chain" in job_log(run_dir, jobs[0])
-    done = [slurm_cluster.wait_finished(j, timeout=60) for j in jobs[1:]]
+    done = [slurm_cluster.wait_finished(j, timeout=300) for j in jobs[1:]]
     assert [d["JobState"] for d in done] == ["COMPLETED", "COMPLETED"]
     ev = events(run_dir)
     assert [e["event"] for e in ev] == ["start", "checkpoint", "start", "done"], ev
     assert [e["job"] for e in ev] == [str(jobs[0])] * 2 + [str(jobs[1])] * 2
-    assert ev[2]["step"] == ev[1]["step"] > 0 and ev[3]["step"] == 30
+    assert ev[2]["step"] == ev[1]["step"] > 0 and ev[3]["step"] == 600
     # the third job finds the run complete and stops without starting a step
     assert "already complete" in job_log(run_dir, jobs[2])
 
