@@ -62,6 +62,10 @@ class TrainSection(ConfigModel):
 
 
 class OptimSection(ConfigModel):
+    name: Literal["adamw", "ellis_adam"] = "adamw"
+    """`adamw` (torch/DeepSpeed AdamW) or `ellis_adam`, the published Huginn run's Adam variant:
+    atan2 update without epsilon, per-tensor update clipping, moments initialised from the
+    first gradient, weight decay relative to the peak lr (training/ellis_adam.py)."""
     lr: float = Field(4e-5, gt=0)
     """Peak learning rate."""
     min_lr: float = Field(0.0, ge=0)
@@ -72,9 +76,18 @@ class OptimSection(ConfigModel):
     decay_fraction: float = Field(0.2, gt=0, le=1)
     """wsd only: fraction of max_steps spent in the final linear decay."""
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
+    """adamw: added to the denominator. ellis_adam: has none; v is floored at eps^2 for the
+    update-clipping ratio (the published run used 1e-6)."""
     weight_decay: float = Field(0.1, ge=0)
-    """Decoupled (AdamW) weight decay; norms, biases and qk_bias are not decayed."""
+    """Decoupled weight decay; norms, biases and qk_bias are not decayed. adamw removes
+    lr * weight_decay of each weight per step (0.1 at lr 4e-5: 4e-6 per step). ellis_adam
+    removes weight_decay * lr / peak lr per step (the published 4e-5: 4e-5 per step at the
+    peak, which is adamw's weight_decay = 1.0)."""
+    update_clipping: bool = True
+    """ellis_adam only: divide a tensor's step by max(1, rms(g / sqrt(v)))."""
+    running_init: bool = True
+    """ellis_adam only: the moments start at the first gradient (g, g^2) instead of zeros."""
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
 
