@@ -75,6 +75,9 @@ class OptimSection(ConfigModel):
     warmup_steps: int = Field(4096, ge=0)
     decay_fraction: float = Field(0.2, gt=0, le=1)
     """wsd only: fraction of max_steps spent in the final linear decay."""
+    cooldown_steps: int | None = Field(None, ge=1)
+    """wsd only: length of the final linear decay in steps (wins over decay_fraction; the
+    published run: 4096)."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     """adamw: added to the denominator. ellis_adam: has none; v is floored at eps^2 for the
@@ -134,6 +137,15 @@ class EvalSection(ConfigModel):
     batch_size: int = Field(4, ge=1)
 
 
+class TelemetrySection(ConfigModel):
+    """Model and optimizer telemetry (the published run's): latent-state norm and token
+    correlation, per-iteration state change, per-block gradient norms, update RMS, effective
+    lr. Computed only on due steps, from what the step already holds."""
+
+    interval: int = Field(50, ge=0)
+    """Every N optimizer steps (0 = off); into metrics.jsonl and MLflow as telemetry/*."""
+
+
 class DebugSection(ConfigModel):
     """Testing knobs: never needed for real runs."""
 
@@ -166,6 +178,7 @@ class TrainConfig(ConfigModel):
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
+    telemetry: TelemetrySection = TelemetrySection()
     debug: DebugSection = DebugSection()
 
     @model_validator(mode="after")
@@ -178,6 +191,8 @@ class TrainConfig(ConfigModel):
             )
         if any(r < 1 for r in self.eval.recurrences):
             raise ValueError(f"eval.recurrences: every r must be >= 1, got {self.eval.recurrences}")
+        if self.model.init.mean_recurrence is None:  # the init's unrolled depth uses rbar
+            self.model.init.mean_recurrence = self.recurrence.mean
         return self
 
     def run_dir(self) -> Path:
