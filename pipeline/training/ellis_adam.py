@@ -40,20 +40,11 @@ mean is unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Segment:
-    """Elements [start, start + length) of a (flat) optimizer tensor belong to model parameter
-    `key` (its index in the model's named_parameters order, the same on every rank)."""
-
-    start: int
-    length: int
-    key: int
+from pipeline.training.zero_layout import Segment, tensor_layout
 
 
 class EllisAdamCore(torch.optim.Optimizer):
@@ -199,52 +190,9 @@ class EllisAdamCore(torch.optim.Optimizer):
         return out
 
 
-# ---------------------------------------------------------------------- ZeRO layouts
 def bind_zero_layout(optimizer: EllisAdamCore, engine) -> dict[int, list[Segment]]:
     """Tell `optimizer` (inside DeepSpeed `engine`) which slice of each tensor it steps belongs to
-    which model parameter, for ZeRO 0 (the parameters themselves), 1/2 (flat partitions of each
-    param group) and 3 (flat partitions of each sub-group), and bf16's flat fp32 copies."""
-    module = engine.module
-    keys = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
-    n_keys = len(keys)
-    ds_opt = engine.optimizer
-    layout: dict[int, list[Segment]] = {}
-    if hasattr(ds_opt, "round_robin_bit16_groups"):  # ZeRO 1/2
-        for i, params in enumerate(ds_opt.round_robin_bit16_groups):
-            rank = dist.get_rank(group=ds_opt.real_dp_process_group[i])
-            size = int(ds_opt.partition_size[i])
-            lo, hi = rank * size, (rank + 1) * size
-            segs = []
-            for p, off in zip(params, ds_opt.round_robin_bit16_offsets[i], strict=True):
-                a, b = max(lo, off), min(hi, off + p.numel())
-                if a < b:
-                    segs.append(Segment(a - lo, b - a, keys[id(p)]))
-            layout[id(ds_opt.single_partition_of_fp32_groups[i])] = segs
-    elif hasattr(ds_opt, "fp32_partitioned_groups_flat"):  # ZeRO 3
-        for sub, params in enumerate(ds_opt.fp16_groups):
-            rank = dist.get_rank(group=ds_opt.dp_process_group)
-            segs, off = [], 0
-            for p in params:
-                part = p.partition_numel()
-                valid = max(0, min(part, p.ds_numel - rank * part))
-                if valid:
-                    segs.append(Segment(off, valid, keys[id(p)]))
-                off += part
-            layout[id(ds_opt.fp32_partitioned_groups_flat[sub])] = segs
-    elif hasattr(ds_opt, "fp32_groups_flat_partition"):  # bf16 optimizer at ZeRO 0
-        for i, params in enumerate(ds_opt.bf16_groups):
-            rank = dist.get_rank(group=ds_opt.real_dp_process_group[i])
-            size = int(ds_opt.fp32_groups_flat_partition[i].numel())
-            lo, hi = rank * size, (rank + 1) * size
-            segs, off = [], 0
-            for p in params:
-                a, b = max(lo, off), min(hi, off + p.numel())
-                if a < b:
-                    segs.append(Segment(a - lo, b - a, keys[id(p)]))
-                off += p.numel()
-            layout[id(ds_opt.fp32_groups_flat_partition[i])] = segs
-    else:  # ZeRO 0 in fp32: the optimizer steps the parameters themselves
-        for _, p in module.named_parameters():
-            layout[id(p)] = [Segment(0, p.numel(), keys[id(p)])]
+    which model parameter (zero_layout.tensor_layout)."""
+    layout, n_keys = tensor_layout(engine)
     optimizer.bind_layout(layout, n_keys)
     return layout
