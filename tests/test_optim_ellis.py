@@ -91,8 +91,9 @@ def _zero_worker(rank, world_size, stages, steps):
     from pipeline.model import build_model
     from pipeline.model.runtime import destroy_model_parallel
     from pipeline.training.config import TrainConfig
+    from pipeline.training.layout import ParallelDims
     from pipeline.training.optim import NO_DECAY_MARKERS
-    from pipeline.training.parallel import ParallelDims, parallelize
+    from pipeline.training.parallel import parallelize
 
     out = {}
     for stage in stages:

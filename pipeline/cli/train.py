@@ -210,10 +210,10 @@ def _dry_run(cfg, args) -> int:
     the model config."""
     from pipeline.common.config_io import to_yaml
     from pipeline.common.errors import RdptConfigError
-    from pipeline.training.config import resolve
     from pipeline.training.engine import deepspeed_config
+    from pipeline.training.layout import ParallelDims
     from pipeline.training.memory import check_fits, estimate_memory, format_estimate
-    from pipeline.training.parallel import ParallelDims
+    from pipeline.training.resolve import resolve
 
     nodes = args.nodes
     if nodes is not None or args.gpus_per_node is not None:
@@ -244,7 +244,7 @@ def _dry_run(cfg, args) -> int:
 
 
 def read_seq_len(cfg) -> int | None:
-    from pipeline.training.config import read_manifest
+    from pipeline.training.resolve import read_manifest
 
     return read_manifest(cfg).get("seq_len")
 
