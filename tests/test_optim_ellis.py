@@ -81,6 +81,41 @@ def test_ellis_adam_matches_plain_loop_on_tensors():
     assert all(torch.equal(p, q) for p, q in zip(a, before))
 
 
+def tiny_train_config(stage: int, tp: int, micro_batch: int):
+    from pipeline.training.config import TrainConfig
+
+    return TrainConfig(
+        model=dict(
+            vocab_size=64,
+            hidden_size=32,
+            num_heads=2,
+            ffn_hidden_size=64,
+            n_prelude=1,
+            n_core=1,
+            n_coda=1,
+            max_seq_len=16,
+            attention_backend="math",
+        ),
+        train=dict(
+            global_batch_size=4, micro_batch_size=micro_batch, precision="fp32", compile=False
+        ),
+        optim=dict(
+            name="ellis_adam", lr=PEAK, eps=EPS, betas=BETAS, weight_decay=0.3, grad_clip=1.0
+        ),
+        parallel=dict(zero_stage=stage, tp=tp),
+    )
+
+
+def step_batch(step: int):
+    """The global batch of step `step`: 4 sequences of 16 tokens (+1 for the targets)."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, 64, (4, 17), generator=g)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    if step in (9, 14):  # a burst of larger gradients: update clipping must act
+        labels = torch.zeros_like(labels)
+    return inputs, labels
+
+
 def builder(model_cfg):
     from pipeline.model import build_model
 
@@ -90,30 +125,13 @@ def builder(model_cfg):
 def _zero_worker(rank, world_size, stages, steps):
     from pipeline.model import build_model
     from pipeline.model.runtime import destroy_model_parallel
-    from pipeline.training.config import TrainConfig
     from pipeline.training.layout import ParallelDims
     from pipeline.training.optim import NO_DECAY_MARKERS
     from pipeline.training.parallel import parallelize
 
     out = {}
     for stage in stages:
-        cfg = TrainConfig(
-            model=dict(
-                vocab_size=64,
-                hidden_size=32,
-                num_heads=2,
-                ffn_hidden_size=64,
-                n_prelude=1,
-                n_core=1,
-                n_coda=1,
-                max_seq_len=16,
-                attention_backend="math",
-            ),
-            train=dict(global_batch_size=4, micro_batch_size=2, precision="fp32", compile=False),
-            optim=dict(name="ellis_adam", lr=PEAK, eps=EPS, betas=BETAS, weight_decay=0.3),
-            parallel=dict(zero_stage=stage, tp=1),
-        )
-        cfg.optim.grad_clip = 1.0
+        cfg = tiny_train_config(stage=stage, tp=1, micro_batch=2)
         dims = ParallelDims.from_config(cfg, world_size)
         engine = parallelize(builder(cfg.model), dims, cfg)
         ref = build_model(cfg.model)
@@ -125,11 +143,7 @@ def _zero_worker(rank, world_size, stages, steps):
         ]
         loop = PlainLoop(list(ref.parameters()), decay, peak_lr=PEAK, weight_decay=0.3)
         for step in range(steps):
-            g = torch.Generator().manual_seed(100 + step)
-            ids = torch.randint(0, 64, (4, 17), generator=g)
-            inputs, labels = ids[:, :-1], ids[:, 1:]
-            if step in (9, 14):  # a burst of larger gradients: update clipping must act
-                labels = torch.zeros_like(labels)
+            inputs, labels = step_batch(step)
             mine = slice(2 * rank, 2 * rank + 2)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr_of(step)
@@ -166,3 +180,55 @@ def test_ellis_adam_matches_plain_loop_under_zero_0_and_2():
     k0, k1 = set(res[0][2]["keys"]), set(res[1][2]["keys"])
     assert k0 & k1, "no parameter straddles the partition boundary"
     assert k0 | k1 == set(range(res[0][2]["n"]))
+
+
+def _tp2_worker(rank, world_size, steps):
+    from pipeline.model.consolidated import full_state_dict
+    from pipeline.model.runtime import destroy_model_parallel
+    from pipeline.training.layout import ParallelDims
+    from pipeline.training.parallel import parallelize
+
+    cfg = tiny_train_config(stage=1, tp=2, micro_batch=4)
+    engine = parallelize(builder(cfg.model), ParallelDims.from_config(cfg, world_size), cfg)
+    start = full_state_dict(engine.module)  # gathered over TP
+    for step in range(steps):
+        inputs, labels = step_batch(step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr_of(step)
+        out = engine(inputs, labels, r=2, backprop_depth=2, state_init="zero")
+        engine.backward(out.loss_BS.float().mean())
+        engine.step()
+    end = full_state_dict(engine.module)
+    destroy_model_parallel()
+    return (start, end) if rank == 0 else None
+
+
+def test_ellis_adam_under_tp2_matches_plain_loop_on_the_whole_tensors():
+    """TP shards every matrix: the update clipping must use the whole tensor's rms. A per-shard
+    rms would move some shards by a different step (differences of order lr)."""
+    from test_model_reference import single_process_parallel
+
+    from pipeline.model import build_model
+    from pipeline.model.consolidated import full_state_dict, load_full_state_dict
+    from pipeline.training.optim import NO_DECAY_MARKERS
+
+    steps = 12
+    start, end = run_distributed(_tp2_worker, world_size=2, args=(steps,))[0]
+    cfg = tiny_train_config(stage=0, tp=1, micro_batch=4)
+    with single_process_parallel():
+        ref = build_model(cfg.model)
+        load_full_state_dict(ref, start)
+        named = list(ref.named_parameters())
+        decay = [p.ndim >= 2 and not any(m in n for m in NO_DECAY_MARKERS) for n, p in named]
+        loop = PlainLoop([p for _, p in named], decay, peak_lr=PEAK, weight_decay=0.3)
+        for step in range(steps):
+            inputs, labels = step_batch(step)
+            ref(inputs, labels, r=2, backprop_depth=2, state_init="zero").loss_BS.mean().backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optim.grad_clip)
+            loop.step(lr_of(step))
+            ref.zero_grad(set_to_none=True)
+        want = full_state_dict(ref)
+    assert loop.clipped > 0, "update clipping never acted: the test lost its point"
+    # TP changes the forward's reduction order, so gradients differ in their last bits
+    diff = max(float((end[k] - want[k]).abs().max()) for k in want)
+    assert diff <= 1e-5, f"TP2 vs plain loop: max |param diff| {diff}"
