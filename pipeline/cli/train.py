@@ -234,11 +234,12 @@ def _dry_run(cfg, args) -> int:
         cfg = cfg.model_copy(deep=True)
         cfg.parallel.nproc = world
         dims = ParallelDims.from_config(cfg, world)
+    est = estimate_memory(cfg, dims, seq_len)
     print(to_yaml(cfg))
+    # NOTE: YAML comments, so the part before "# DeepSpeed config" still parses as the config
+    print(format_estimate(est, cfg, dims, args.gpu_mem, nodes=nodes))
     print("# DeepSpeed config")
     print(json.dumps(deepspeed_config(cfg, dims), indent=2))
-    est = estimate_memory(cfg, dims, seq_len)
-    print(format_estimate(est, cfg, dims, args.gpu_mem, nodes=nodes))
     check_fits(est, cfg, dims, args.gpu_mem)
     return 0
 
