@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -169,6 +170,7 @@ def _zero_worker(rank, world_size, stages, steps):
     return out
 
 
+@pytest.mark.slow
 def test_ellis_adam_matches_plain_loop_under_zero_0_and_2():
     res = run_distributed(_zero_worker, world_size=2, args=((0, 2), 20))
     for stage in (0, 2):
@@ -203,6 +205,7 @@ def _tp2_worker(rank, world_size, steps):
     return (start, end) if rank == 0 else None
 
 
+@pytest.mark.slow
 def test_ellis_adam_under_tp2_matches_plain_loop_on_the_whole_tensors():
     """TP shards every matrix: the update clipping must use the whole tensor's rms. A per-shard
     rms would move some shards by a different step (differences of order lr)."""
