@@ -167,3 +167,16 @@ def test_dry_run_refuses_a_layout_that_cannot_fit_and_says_what_to_change(capsys
         "141",
     )
     assert code == 0, out.err
+
+
+def test_a_run_continues_with_another_rbar_without_its_init_blocking_it():
+    from pipeline.training.config_change import check_continuation
+
+    old = load_train_config(HUGINN).model_dump(mode="json")
+    new = load_train_config(HUGINN, ["recurrence.mean=16", "telemetry.interval=8"])
+    problems = check_continuation(old, new.model_dump(mode="json"))
+    # r-bar also moved model.init.mean_recurrence: only the recurrence change needs consent
+    assert len(problems) == 1 and problems[0].startswith("recurrence.mean: 32.0 -> 16.0")
+    older = {k: v for k, v in old.items() if k != "telemetry"}  # a run from before telemetry
+    older["model"] = {k: v for k, v in old["model"].items() if k != "init"}
+    assert check_continuation(older, load_train_config(HUGINN).model_dump(mode="json")) == []
