@@ -42,6 +42,8 @@ DEFAULT_EXTENSIONS = [
     ".jsonl",
     ".jsonl.gz",
     ".jsonl.zst",
+    ".parquet",
+    ".npy",
 ]
 
 
@@ -54,6 +56,11 @@ class TokenizerConfig(ConfigModel):
     special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
     train_max_bytes: int = Field(64 * 2**20, ge=1)  # BPE trained on the first N bytes of text
     encoder: Literal["auto", "tiktoken", "tokenizers"] = "auto"
+    begin_token: str | None = None
+    """Special token put before every document (Huginn's `<|begin_text|>`); None = nothing."""
+    end_token: str = EOT
+    """Special token put after every document (Huginn's `<|end_text|>`); also the padding of
+    a split's last row. Both must be special tokens of the tokenizer."""
 
     @field_validator("special_tokens")
     @classmethod
@@ -77,6 +84,20 @@ class PrepConfig(ConfigModel):
     limit_bytes: int | None = Field(None, ge=1)  # take files in order until this many bytes
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     seq_len: int = Field(2048, ge=1)
+    packing: Literal["stream", "document"] = "stream"
+    """`stream`: all documents concatenated and cut anywhere (no token lost; for small data).
+    `document` (the published Huginn data): every row starts at a document start; documents
+    fill a row until it holds seq_len+1 tokens, and what overhangs the row is handled by
+    `tails`."""
+    tails: Literal["drop", "carry"] = "drop"
+    """document packing: `drop` the overhang of the row's last document (counted in the
+    manifest as dropped_tokens), or `carry` it into the next row(s), which then start with
+    that continuation (nothing lost; the published run did this for sources marked so)."""
+    token_column: str = "input_ids"
+    """Parquet input: the list-of-integers column holding a document's token ids."""
+    wrap_pretokenized: bool = False
+    """Pre-tokenized input (Parquet, .npy): add begin/end tokens around each row like text
+    documents get them. Off: the rows already hold them (the published data does)."""
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     split_seed: int = 0  # mixed into each document's content hash
     seqs_per_member: int = Field(16, ge=1)

@@ -1,8 +1,10 @@
 """Phase 1 of `rdpt prep`: encode chunks of documents into token files, in parallel.
 
 Each chunk i of the plan becomes `<output>/.work/chunk-{i:06d}.npz` (written atomically), with
-per split (train, val) the token stream of its documents, each followed by the end-of-text id,
-the token count of each document and a small JSON record of bytes read and skips. A chunk file
+per split (train, val) the token stream of its documents, each preceded by the begin token (if
+configured) and followed by the end token, the token count of each document and a small JSON
+record of bytes read and skips. Pre-tokenized files (Parquet, .npy) pass their ids through
+(wrapped in begin/end tokens only with `wrap_pretokenized`). A chunk file
 that exists is complete, so a restarted or parallel (Slurm array) run only encodes what is
 missing. The content of a chunk depends only on the plan, never on which process encoded it.
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources import Skipped, SourceFile, is_val, iter_documents
+from data_prep.sources import Skipped, SourceFile, is_val, iter_documents, iter_token_documents
 from data_prep.tokenizer import make_encoder
 from pipeline.common.atomic import atomic_open
 
@@ -41,6 +43,26 @@ class ChunkEncoder:
         self.encoder = make_encoder(self.work_dir / "tokenizer.json", kind=plan["encoder"])
         self.dtype = np.dtype(plan["dtype"])
         self.eot = np.array([plan["eot_id"]], dtype=self.dtype)
+        bos = plan.get("bos_id")
+        self.bos = np.array([bos], dtype=self.dtype) if bos is not None else None
+
+    def _documents(self, pieces, skipped):
+        """(file index, text or None, content bytes) in plan order; for a pre-tokenized file
+        text is None and the ids are left in self._ids."""
+        plan = self.plan
+        for i, a, b in pieces:
+            src = self.sources[i]
+            if src.pretokenized:
+                for ids in iter_token_documents(src, plan["token_column"], plan["vocab_size"]):
+                    if not ids.size:
+                        skipped.add(src.path, "empty")
+                        continue
+                    self._ids = ids
+                    yield i, None, ids.astype("<u4").tobytes()
+                continue
+            yield from iter_documents(
+                self.sources, [(i, a, b)], plan["text_field"], skipped, plan["strict"]
+            )
 
     def encode(self, index: int) -> dict:
         """Encode chunk `index` and write its file; returns its summary."""
@@ -51,15 +73,25 @@ class ChunkEncoder:
         nbytes = {s: 0 for s in SPLITS}
         docs_per_file: dict[int, int] = {}
         pieces = [tuple(p) for p in plan["chunks"][index]]
-        for file_index, text, data in iter_documents(
-            self.sources, pieces, plan["text_field"], skipped, plan["strict"]
-        ):
-            split = "val" if is_val(data, plan["val_fraction"], plan["split_seed"]) else "train"
-            ids = self.encoder.encode_array(text)
+
+        def add(split: str, ids: np.ndarray, wrap: bool) -> None:
+            n = len(ids)
+            if wrap and self.bos is not None:
+                parts[split].append(self.bos)
+                n += 1
             parts[split].append(ids.astype(self.dtype, copy=False))
-            parts[split].append(self.eot)
-            doc_tokens[split].append(len(ids) + 1)
-            nbytes[split] += len(data)
+            if wrap:
+                parts[split].append(self.eot)
+                n += 1
+            doc_tokens[split].append(n)
+
+        for file_index, text, data in self._documents(pieces, skipped):
+            split = "val" if is_val(data, plan["val_fraction"], plan["split_seed"]) else "train"
+            if text is None:  # pre-tokenized: the ids are the document
+                add(split, self._ids, plan.get("wrap_pretokenized", False))
+            else:
+                add(split, self.encoder.encode_array(text), True)
+                nbytes[split] += len(data)
             docs_per_file[file_index] = docs_per_file.get(file_index, 0) + 1
         meta = {
             "bytes": nbytes,

@@ -9,6 +9,12 @@ row, if partial, is filled up with end-of-text ids and their number recorded as 
 of seqs_per_member, from shard_size_mb), each member holding seqs_per_member rows (the last
 member of the split may hold fewer).
 
+With `packing: document` (DocumentPacker) every row starts at a document start instead:
+documents (each already wrapped in its begin/end tokens) are appended to the row being built
+until it holds at least seq_len+1 tokens; the row is then the first seq_len+1 of them, and the
+rest (the tail of its last document) is dropped and counted as `dropped_tokens` (tails: drop)
+or starts the next row (tails: carry). The split's last row is padded with end tokens.
+
 A shard that already exists under its final name is complete (atomic rename), so a restarted
 pack only writes the missing shards; their bytes are identical because the stream is.
 """
@@ -93,6 +99,7 @@ class SplitPacker:
         }
 
     def _emit(self, rows: np.ndarray) -> None:
+        """Write (or, when it exists, re-hash) the next shard of `rows`."""
         index = len(self.shards)
         path = self.dir / shard_name(index)
         first_member = index * (self.rows_per_shard // self.spm)
@@ -109,3 +116,65 @@ class SplitPacker:
                 "bytes": path.stat().st_size,
             }
         )
+
+
+class DocumentPacker(SplitPacker):
+    """Rows that start at document starts (module docstring); `carry` keeps the tails."""
+
+    def __init__(self, *args, carry: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.carry = carry
+        self.current: list[np.ndarray] = []
+        self.current_tokens = 0
+        self.rows: list[np.ndarray] = []
+        self.dropped = 0
+
+    def add_documents(self, tokens: np.ndarray, doc_tokens: np.ndarray) -> None:
+        """Append the documents of one chunk (`doc_tokens`: each one's length in `tokens`)."""
+        self.documents += len(doc_tokens)
+        self.tokens += tokens.size
+        ends = np.cumsum(doc_tokens, dtype=np.int64)
+        if ends.size and ends[-1] != tokens.size:
+            raise ValueError("document lengths do not add up to the chunk's tokens")
+        start = 0
+        for end in ends.tolist():
+            self.current.append(tokens[start:end])
+            self.current_tokens += end - start
+            start = end
+            if self.current_tokens >= self.row:
+                self._cut()
+        while len(self.rows) >= self.rows_per_shard:
+            self._emit(np.stack(self.rows[: self.rows_per_shard]))
+            del self.rows[: self.rows_per_shard]
+
+    def _cut(self) -> None:
+        buf = np.concatenate(self.current)
+        if self.carry:
+            n = buf.size // self.row
+            self.rows.extend(buf[: n * self.row].reshape(n, self.row))
+            rest = buf[n * self.row :]
+            self.current = [rest] if rest.size else []
+            self.current_tokens = rest.size
+        else:
+            self.rows.append(buf[: self.row])
+            self.dropped += buf.size - self.row
+            self.current, self.current_tokens = [], 0
+
+    def finish(self) -> dict:
+        if self.current_tokens:
+            buf = np.concatenate(self.current)
+            self.padding = self.row - buf.size
+            fill = np.full(self.padding, self.eot_id, dtype=self.dtype)
+            self.rows.append(np.concatenate([buf, fill]))
+            self.current, self.current_tokens = [], 0
+        if self.rows:
+            self._emit(np.stack(self.rows))
+            self.rows = []
+        return {
+            "tokens": self.tokens,
+            "dropped_tokens": self.dropped,
+            "padding_tokens": self.padding,
+            "sequences": sum(s["sequences"] for s in self.shards),
+            "documents": self.documents,
+            "shards": self.shards,
+        }

@@ -27,7 +27,7 @@ import numpy as np
 from data_prep import tokenizer as tk
 from data_prep.config import PrepConfig
 from data_prep.encode import SPLITS, chunk_path, encode_chunks, load_chunk
-from data_prep.pack import SplitPacker, rows_per_shard
+from data_prep.pack import DocumentPacker, SplitPacker, rows_per_shard
 from data_prep.progress import EncodeProgress, say
 from data_prep.sources import (
     Skipped,
@@ -42,6 +42,15 @@ from pipeline.common.config_io import save_resolved
 from pipeline.common.errors import RdptDataError
 
 FORMAT_VERSION = 1
+LAYOUTS = {
+    "stream": "per split: documents in input order, each between bos_id (if any) and eot_id, "
+    "concatenated and cut into consecutive rows of seq_len+1 tokens (inputs row[:-1], targets "
+    "row[1:]); the last row is filled with padding_tokens eot_id",
+    "document": "per split: documents in input order, each between bos_id (if any) and eot_id; "
+    "every row of seq_len+1 tokens starts at a document start and holds whole documents until "
+    "the last one overhangs: its tail is dropped (tails=drop, counted as dropped_tokens) or "
+    "starts the next row (tails=carry); the last row is filled with padding_tokens eot_id",
+}
 MANIFEST = "manifest.json"
 WORK = ".work"
 OWNED = (MANIFEST, "config.yaml", "tokenizer.json", "train", "val", WORK)
@@ -155,7 +164,15 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
         return json.loads(plan_path.read_text())
     tok_path = work / "tokenizer.json"
     t0 = time.monotonic()
+    pretokenized = [src.path for src in sources if src.pretokenized]
+    if pretokenized and not cfg.tokenizer.path:
+        raise RdptDataError(
+            f"pre-tokenized input {pretokenized[0]} needs tokenizer.path: the tokenizer.json "
+            "its ids come from (recorded with the dataset for decoding and evaluation)"
+        )
     if cfg.tokenizer.path:
+        if not Path(cfg.tokenizer.path).is_file():
+            raise RdptDataError(f"tokenizer.path: {cfg.tokenizer.path} does not exist")
         atomic_copy(cfg.tokenizer.path, tok_path)
         say(f"tokenizer: {cfg.tokenizer.path}")
     else:
@@ -175,8 +192,15 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
         say(f"  trained in {time.monotonic() - t0:.1f} s")
     hf = tk.load_hf(tok_path)
     specials = tk.special_ids(hf)
-    if tk.EOT not in specials:
-        raise RdptDataError(f"tokenizer {cfg.tokenizer.path} has no {tk.EOT} special token")
+    where = cfg.tokenizer.path or "the trained tokenizer"
+    for key in ("end_token", "begin_token"):
+        token = getattr(cfg.tokenizer, key)
+        if token is not None and token not in specials:
+            raise RdptDataError(
+                f"tokenizer.{key}: {token!r} is not a special token of {where} (its special "
+                f"tokens: {', '.join(list(specials)[:12]) or 'none'}); set tokenizer.{key} to "
+                "one of them"
+            )
     vocab_size = hf.get_vocab_size(with_added_tokens=True)
     probe = "".join(_training_text(cfg, sources, PROBE_BYTES))
     encoder = tk.make_encoder(tok_path, cfg.tokenizer.encoder, probe_text=probe, hf=hf)
@@ -190,8 +214,11 @@ def setup(cfg: PrepConfig, out: Path, sources: list[SourceFile], fp: str) -> dic
         "encoder": encoder.name,
         "dtype": "uint16" if vocab_size <= 2**16 else "uint32",
         "vocab_size": vocab_size,
-        "eot_id": specials[tk.EOT],
+        "eot_id": specials[cfg.tokenizer.end_token],
+        "bos_id": specials.get(cfg.tokenizer.begin_token) if cfg.tokenizer.begin_token else None,
         "pad_id": specials.get(tk.PAD),
+        "token_column": cfg.token_column,
+        "wrap_pretokenized": cfg.wrap_pretokenized,
         "special_tokens": specials,
         "text_field": cfg.text_field,
         "val_fraction": cfg.val_fraction,
@@ -245,10 +272,12 @@ def pack_phase(cfg: PrepConfig, plan: dict, out: Path) -> dict:
     work = out / WORK
     dtype = np.dtype(plan["dtype"])
     rps = rows_per_shard(cfg.seq_len, dtype.itemsize, cfg.shard_size_mb, cfg.seqs_per_member)
-    packers = {
-        s: SplitPacker(out, s, cfg.seq_len, dtype, plan["eot_id"], cfg.seqs_per_member, rps)
-        for s in SPLITS
-    }
+    args = (cfg.seq_len, dtype, plan["eot_id"], cfg.seqs_per_member, rps)
+    if cfg.packing == "document":
+        carry = cfg.tails == "carry"
+        packers = {s: DocumentPacker(out, s, *args, carry=carry) for s in SPLITS}
+    else:
+        packers = {s: SplitPacker(out, s, *args) for s in SPLITS}
     skipped = Skipped()
     doc_tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     nbytes = {s: 0 for s in SPLITS}
@@ -258,7 +287,10 @@ def pack_phase(cfg: PrepConfig, plan: dict, out: Path) -> dict:
         chunk = load_chunk(work, i)
         meta = chunk["meta"]
         for s in SPLITS:
-            packers[s].add(chunk[s], len(chunk[f"{s}_doc_tokens"]))
+            if cfg.packing == "document":
+                packers[s].add_documents(chunk[s], chunk[f"{s}_doc_tokens"])
+            else:
+                packers[s].add(chunk[s], len(chunk[f"{s}_doc_tokens"]))
             doc_tokens[s].append(chunk[f"{s}_doc_tokens"])
             nbytes[s] += meta["bytes"][s]
         for reason, count in meta["skipped"].items():
@@ -310,13 +342,20 @@ def finish(cfg: PrepConfig, plan: dict, out: Path, body: dict) -> dict:
         "dtype": plan["dtype"],
         "vocab_size": plan["vocab_size"],
         "eot_id": plan["eot_id"],
+        "bos_id": plan.get("bos_id"),
         "pad_id": plan["pad_id"],
+        "document_tokens": {
+            "begin": cfg.tokenizer.begin_token,
+            "end": cfg.tokenizer.end_token,
+            "pretokenized_wrapped": cfg.wrap_pretokenized,
+        },
+        "packing": cfg.packing,
+        "tails": cfg.tails if cfg.packing == "document" else None,
         "seqs_per_member": cfg.seqs_per_member,
         "rows_per_shard": body.pop("rows_per_shard"),
-        "layout": "per split: documents in input order, each followed by eot_id, concatenated "
-        "and cut into consecutive rows of seq_len+1 tokens (inputs row[:-1], targets row[1:]); "
-        "the last row is filled with padding_tokens eot_id; member {m:010d}.npy holds rows "
-        "[m*seqs_per_member, (m+1)*seqs_per_member) of the split",
+        "layout": LAYOUTS[cfg.packing]
+        + "; member {m:010d}.npy holds rows [m*seqs_per_member, (m+1)*seqs_per_member) of the "
+        "split",
         "tokenizer": {
             "path": "tokenizer.json",
             "sha256": plan["tokenizer_sha256"],

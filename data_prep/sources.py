@@ -24,10 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.common.errors import RdptDataError
 
 STDLIB = "@stdlib"  # input placeholder: the running interpreter's standard-library sources
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+TOKEN_SUFFIXES = (".parquet", ".npy")  # pre-tokenized: token ids, no text
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,14 @@ class SourceFile:
     @property
     def kind(self) -> str:
         name = self.path.lower()
-        for suffix in JSONL_SUFFIXES:
+        for suffix in JSONL_SUFFIXES + TOKEN_SUFFIXES:
             if name.endswith(suffix):
                 return suffix[1:]
         return "text"
+
+    @property
+    def pretokenized(self) -> bool:
+        return self.kind in ("parquet", "npy")
 
 
 @dataclass
@@ -235,6 +242,8 @@ def iter_documents(
     with `strict`)."""
     for i, a, b in pieces:
         src = sources[i]
+        if src.pretokenized:  # token ids: read by iter_token_documents
+            continue
         if src.kind == "text":
             try:
                 data = Path(src.path).read_bytes()
@@ -286,3 +295,70 @@ def is_val(text: str | bytes, val_fraction: float, split_seed: int) -> bool:
     key = (split_seed % 2**64).to_bytes(8, "little")
     h = hashlib.blake2b(data, digest_size=8, key=key)
     return int.from_bytes(h.digest(), "little") < val_fraction * 2.0**64
+
+
+# ---------------------------------------------------------------------------- token documents
+
+
+def iter_token_documents(src: SourceFile, column: str, vocab_size: int) -> Iterator[np.ndarray]:
+    """The documents of a pre-tokenized file as int64 id arrays, in row order: a Parquet
+    file's `column` (a list of integers per row) or a `.npy` array (1-D: one document; 2-D: one
+    per row). Wrong types and ids outside [0, vocab_size) raise RdptDataError naming the file
+    and the row."""
+    if src.kind == "npy":
+        try:
+            arr = np.load(src.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RdptDataError(f"{src.path}: not a readable .npy token file ({e})") from None
+        if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
+            raise RdptDataError(
+                f"{src.path}: a .npy token file must be a 1-D or 2-D integer array, got "
+                f"{arr.ndim}-D {arr.dtype}"
+            )
+        rows = [arr] if arr.ndim == 1 else arr
+        for r, row in enumerate(rows):
+            ids = np.asarray(row, dtype=np.int64)
+            _check_ids(ids, vocab_size, src.path, f"row {r}" if arr.ndim == 2 else "array")
+            yield ids
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(src.path)
+    except (OSError, pa.ArrowException) as e:
+        raise RdptDataError(f"{src.path}: not a readable Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise RdptDataError(
+            f"{src.path}: no column {column!r} (columns: {', '.join(names)}); set token_column"
+        )
+    typ = pf.schema_arrow.field(column).type
+    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_integer(
+        typ.value_type
+    ):
+        raise RdptDataError(
+            f"{src.path}: column {column!r} is {typ}, not a list of integers (token ids)"
+        )
+    row = 0
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        col = batch.column(0)
+        offsets = np.asarray(col.offsets)
+        values = np.asarray(col.values.fill_null(-1), dtype=np.int64)
+        valid = np.asarray(col.is_valid())
+        for j in range(len(col)):
+            if not valid[j]:
+                raise RdptDataError(f"{src.path} row {row}: {column!r} is null")
+            ids = values[offsets[j] : offsets[j + 1]]
+            _check_ids(ids, vocab_size, src.path, f"row {row}")
+            yield ids
+            row += 1
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, path: str, where: str) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise RdptDataError(
+            f"{path} {where}: token id {bad} is outside the tokenizer's vocabulary "
+            f"[0, {vocab_size}) (is tokenizer.path the tokenizer these ids come from?)"
+        )

@@ -104,7 +104,8 @@ def verify_dataset(path: str | Path, decode: int = 0, quiet: bool = False) -> di
                 errors.append(str(e))
                 continue
             sequences += shard["sequences"]
-        want_rows = -(-(info["tokens"] + info["padding_tokens"]) // (manifest["seq_len"] + 1))
+        kept = info["tokens"] - info.get("dropped_tokens", 0) + info["padding_tokens"]
+        want_rows = -(-kept // (manifest["seq_len"] + 1))
         if not errors and (sequences != info["sequences"] or sequences != want_rows):
             errors.append(
                 f"split {split}: {sequences} sequences in shards, manifest says "

@@ -8,8 +8,9 @@ Order of events:
   4. resume: the newest checkpoint that verifies restores the engine, the RNG, the loader's
      cursor and the TrainerState (a run already at train.max_steps ends here)
   5. for each optimizer step: draw r (the same on every rank), set the learning rate, run one
-     step over all micro-batches, log; then stop after too many non-finite steps in a row,
-     validate and checkpoint when due, and stop after a checkpoint on SIGUSR1/SIGTERM
+     step over all micro-batches, log (telemetry every telemetry.interval steps); then stop
+     after too many non-finite steps in a row, validate and checkpoint when due, and stop
+     after a checkpoint on SIGUSR1/SIGTERM
   6. when every step ran: a final validation and checkpoint, and the COMPLETED marker
 
 The return value is the process exit code: 0 done, 85 stopped on a signal after a checkpoint
@@ -38,6 +39,7 @@ from pipeline.training.schedules import lr_at
 from pipeline.training.stages import get_stage
 from pipeline.training.state import run_identity
 from pipeline.training.step import set_lr
+from pipeline.training.telemetry import Telemetry
 from pipeline.training.validation import run_validation
 
 log = logging.getLogger("rdpt.train")
@@ -73,6 +75,7 @@ def train(ctx, resume: str, hooks: TrainHooks) -> int:
         return stage.prepare_model(build_model(cfg.model, params_dtype=dtype), cfg)
 
     engine = parallelize(build, dims, cfg)
+    telemetry = Telemetry(engine, cfg)  # state / gradient / update statistics when due
 
     dataset = open_dataset(cfg.data.path)
     loader = stage.loader(cfg, dims)
@@ -91,9 +94,11 @@ def train(ctx, resume: str, hooks: TrainHooks) -> int:
         lr = set_lr(engine, lr_at(step, cfg.optim, cfg.train.max_steps))
         step_batches = next(batches)
         hooks.on_batches(step, step_batches)
+        telemetry.begin(step)
         result = stage.step(engine, step_batches, step, r=r, n_grad=n_grad, ctx=ctx, hooks=hooks)
         state.record(result, tokens_per_step)
         meter.record(state.step, result, r, n_no_grad, n_grad, lr, state)
+        telemetry.end(state.step, tracker)
 
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             code = stop(exitcodes.NONFINITE_ABORT, engine, ckpts, state, loader)

@@ -118,8 +118,9 @@ def register(subparsers) -> None:
     p.add_argument("target", metavar="CKPT_OR_RUN")
     p.add_argument(
         "--recurrences",
-        default=DEFAULT_RECURRENCES,
-        help=f"comma-separated r values (default {DEFAULT_RECURRENCES})",
+        default=None,
+        help=f"comma-separated r values (default {DEFAULT_RECURRENCES} and the r-bar the model "
+        "was trained with)",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
@@ -165,7 +166,8 @@ def register(subparsers) -> None:
         "--lm-eval-r",
         type=_positive_int,
         default=None,
-        help="r for lm-eval tasks (default: the largest --recurrences, or --max-r with --adaptive)",
+        help="r for lm-eval tasks (default: the largest --recurrences when given, else the "
+        "training r-bar; --max-r with --adaptive)",
     )
     p.add_argument(
         "--nproc",
@@ -193,8 +195,8 @@ def register(subparsers) -> None:
         "--recurrences",
         "-r",
         type=_positive_int,
-        default=32,
-        help="iterations per token (default 32)",
+        default=None,
+        help="iterations per token (default: the r-bar the model was trained with, 32 if unknown)",
     )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -217,7 +219,7 @@ def register(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------- eval
 def _check_eval_args(args) -> list[int]:
-    rs = parse_recurrences(args.recurrences)
+    rs = parse_recurrences(args.recurrences or DEFAULT_RECURRENCES)
     if args.threshold < 0 or not math.isfinite(args.threshold):
         raise RdptConfigError(f"--threshold: must be a finite number >= 0, got {args.threshold}")
     if args.tokens and not Path(args.tokens).is_file():
@@ -370,15 +372,17 @@ def run_eval(args) -> dict | None:
     from pipeline.common.distributed import env_rank, init_process_group
     from pipeline.eval.adaptive import ExitRule, evaluate_adaptive
     from pipeline.eval.depth import sweep_depths
-    from pipeline.eval.loading import load_model_and_tokenizer
+    from pipeline.eval.loading import default_r, load_model_and_tokenizer
 
     rank, world, _ = env_rank()
     if world > 1:
         init_process_group()
     t0 = time.monotonic()
-    rs = parse_recurrences(args.recurrences)
     device = _device(args.device)
     loaded = load_model_and_tokenizer(args.target, args.tracking_uri, device=str(device))
+    rs = parse_recurrences(args.recurrences or DEFAULT_RECURRENCES)
+    if args.recurrences is None:  # the training r-bar belongs to the default sweep
+        rs = sorted(set(rs) | {default_r(loaded)})
     model = loaded.model
     vocab = int(loaded.cfg.model.vocab_size)
     if args.tokens:
@@ -471,10 +475,13 @@ def run_eval(args) -> dict | None:
 
 def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
     from pipeline.eval.lm_eval_adapter import RdptLM, run_lm_eval
+    from pipeline.eval.loading import default_r
 
     if loaded.tokenizer is None:
         raise RdptDataError(f"lm-eval needs the tokenizer; {loaded.tokenizer_path} is missing")
-    r = args.lm_eval_r or (args.max_r if rule else rs[-1])
+    r = args.lm_eval_r or (
+        args.max_r if rule else rs[-1] if args.recurrences else default_r(loaded)
+    )
     lm = RdptLM(
         loaded.model,
         loaded.tokenizer,
@@ -504,7 +511,7 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
 def generate_handler(args) -> int:
     from pipeline.eval.adaptive import ExitRule
     from pipeline.eval.generate import GenerationConfig, generate
-    from pipeline.eval.loading import load_model_and_tokenizer
+    from pipeline.eval.loading import default_r, load_model_and_tokenizer
 
     if args.threshold < 0:
         raise RdptConfigError(f"--threshold: must be >= 0, got {args.threshold}")
@@ -528,7 +535,7 @@ def generate_handler(args) -> int:
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
     cfg = GenerationConfig(
         max_new_tokens=min(args.max_new_tokens, room),
-        r=args.max_r if rule else args.recurrences,
+        r=args.max_r if rule else (args.recurrences or default_r(loaded)),
         exit_rule=rule,
         kv_budget=args.kv_budget,
         continuous_cot=args.continuous_cot,

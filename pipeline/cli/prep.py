@@ -11,9 +11,11 @@ from pipeline.common.errors import RdptConfigError
 
 DESCRIPTION = """\
 Prepare a pretraining dataset offline: read text (files, directories, globs, JSON Lines,
-or the embedded corpus @stdlib), train a byte-level BPE (or load a tokenizer.json), encode in
-parallel, pack documents separated by <|endoftext|> into rows of seq_len+1 tokens and write
-WebDataset tar shards + manifest.json. Output is byte-identical for any --workers; a killed run
+or the embedded corpus @stdlib) or token ids (Parquet, .npy), train a byte-level BPE (or load a
+tokenizer.json), encode in parallel, pack documents (each between tokenizer.begin_token and
+tokenizer.end_token, default <|endoftext|> after each) into rows of seq_len+1 tokens (one
+stream, or packing=document: every row starts at a document) and write WebDataset tar shards
++ manifest.json. Output is byte-identical for any --workers; a killed run
 resumes where it stopped; a finished dataset is not rebuilt.
 
 forms:
@@ -33,6 +35,8 @@ examples:
   rdpt prep configs/data/demo.yaml output=data/stdlib tokenizer.vocab_size=32768 seq_len=1024
   rdpt prep --input corpus/ books.jsonl.zst --output data/corpus --vocab-size 32768 --workers 8
   rdpt prep --input '~/text/**/*.md' --output data/md --tokenizer data/corpus/tokenizer.json
+  rdpt prep --input released/*.parquet --output data/huginn --tokenizer huginn/tokenizer.json \
+      --seq-len 4096 tokenizer.begin_token='<|begin_text|>' tokenizer.end_token='<|end_text|>'
   rdpt prep verify data/corpus --decode 2
   rdpt prep inspect data/corpus"""
 

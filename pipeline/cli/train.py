@@ -12,6 +12,7 @@ examples:
   rdpt train configs/train/tiny.yaml optim.lr=3e-4 train.max_steps=200 run.name=lr3e-4
   rdpt train runs/first/resolved.yaml --resume auto        # continue an interrupted run
   rdpt train configs/train/huginn.yaml parallel.zero_stage=3 --dry-run
+  rdpt train configs/train/huginn-0125.yaml --dry-run --nodes 512 --gpus-per-node 8 --gpu-mem 80
 
 --resume: auto = newest complete checkpoint of the run dir that verifies (falls back past
 corrupted ones), none = start from scratch, or a checkpoint directory.
@@ -68,7 +69,18 @@ def _register_train(subparsers) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate, print the resolved config and the DeepSpeed config, exit",
+        help="validate, print the resolved config, the DeepSpeed config and the per-GPU "
+        "memory estimate, exit (2 when the layout cannot fit --gpu-mem)",
+    )
+    p.add_argument("--nodes", type=int, default=None, help="--dry-run: nodes of the layout")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=None, help="--dry-run: GPUs per node (default 8)"
+    )
+    p.add_argument(
+        "--gpu-mem",
+        type=float,
+        default=80,
+        help="--dry-run: memory of one GPU in GB (80 = H100/A100, 141 = H200; default 80)",
     )
     p.set_defaults(func=train_handler)
 
@@ -106,7 +118,6 @@ def _train(args, early: list[int], previous: dict) -> int:
     """Parse and resolve the config once, then run `pipeline.train.main` on every rank: in this
     process (under srun/torchrun, or one process) or in --nproc workers started here."""
 
-    from pipeline.common.config_io import to_yaml
     from pipeline.common.distributed import launched_externally
     from pipeline.common.errors import RdptConfigError
     from pipeline.common.run_lock import RunLock
@@ -115,6 +126,8 @@ def _train(args, early: list[int], previous: dict) -> int:
     from pipeline.training.resolve import resolve
 
     cfg = load_train_config(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(cfg, args)
     external = launched_externally()
     if external:
         world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS", "1"))
@@ -124,13 +137,6 @@ def _train(args, early: list[int], previous: dict) -> int:
             raise RdptConfigError(f"--nproc must be >= 1, got {world}")
     cfg, dims = resolve(cfg, world)
     run_dir = cfg.run_dir()
-    if args.dry_run:
-        from pipeline.training.engine import deepspeed_config
-
-        print(to_yaml(cfg))
-        print("# DeepSpeed config")
-        print(json.dumps(deepspeed_config(cfg, dims), indent=2))
-        return 0
     done = completed_step(run_dir) if args.resume == "auto" else None
     if done is not None and done >= cfg.train.max_steps:
         print(
@@ -195,6 +201,53 @@ def check_run_continuation(run_dir, cfg, allow) -> None:
             "change:\n  " + "\n  ".join(problems) + "\nor start a new run (run.name=...) or "
             "start over in this directory with --resume none"
         )
+
+
+def _dry_run(cfg, args) -> int:
+    """Resolve for the asked layout (--nodes x --gpus-per-node, else --nproc / parallel.nproc),
+    print the config, the DeepSpeed config and the memory estimate; refuse what cannot fit.
+    Without the dataset on this machine (planning a run), vocab and sequence length come from
+    the model config."""
+    from pipeline.common.config_io import to_yaml
+    from pipeline.common.errors import RdptConfigError
+    from pipeline.training.engine import deepspeed_config
+    from pipeline.training.layout import ParallelDims
+    from pipeline.training.memory import check_fits, estimate_memory, format_estimate
+    from pipeline.training.resolve import resolve
+
+    nodes = args.nodes
+    if nodes is not None or args.gpus_per_node is not None:
+        nodes = nodes or 1
+        world = nodes * (args.gpus_per_node or 8)
+    else:
+        world = args.nproc or cfg.parallel.nproc
+    if world < 1:
+        raise RdptConfigError(f"the layout needs >= 1 GPU, got {world}")
+    seq_len = cfg.model.max_seq_len
+    try:
+        cfg, dims = resolve(cfg, world)
+        seq_len = int(read_seq_len(cfg) or seq_len)
+    except RdptConfigError as e:
+        if not str(e).startswith("data.path"):
+            raise
+        print(f"# {e}\n# (planning without the dataset: vocab and seq_len from model config)")
+        cfg = cfg.model_copy(deep=True)
+        cfg.parallel.nproc = world
+        dims = ParallelDims.from_config(cfg, world)
+    est = estimate_memory(cfg, dims, seq_len)
+    print(to_yaml(cfg))
+    # NOTE: YAML comments, so the part before "# DeepSpeed config" still parses as the config
+    print(format_estimate(est, cfg, dims, args.gpu_mem, nodes=nodes))
+    print("# DeepSpeed config")
+    print(json.dumps(deepspeed_config(cfg, dims), indent=2))
+    check_fits(est, cfg, dims, args.gpu_mem)
+    return 0
+
+
+def read_seq_len(cfg) -> int | None:
+    from pipeline.training.resolve import read_manifest
+
+    return read_manifest(cfg).get("seq_len")
 
 
 def export_handler(args) -> int:

@@ -2,7 +2,8 @@
 adaptive exit.
 
     from pipeline.eval.lm_eval_adapter import RdptLM, run_lm_eval
-    lm = RdptLM.from_checkpoint("runs/tiny", r=32)
+    lm = RdptLM.from_checkpoint("runs/tiny", r=32)   # a run, a checkpoint, an export, an HF dir
+    lm = RdptLM.from_checkpoint("exports/huginn-hf")  # r = the training r-bar
     results = run_lm_eval(lm, ["my_task"], include_path="tasks/")   # {"my_task": {"acc,none": ...}}
 
 Offline, lm-eval's built-in tasks cannot download their data; write a task YAML whose
@@ -71,9 +72,10 @@ class RdptLM(LM):
     @classmethod
     def from_checkpoint(cls, ckpt_or_run: str, **kwargs) -> RdptLM:
         """Load with pipeline.eval.loading.load_for_inference and wrap it."""
-        from pipeline.eval.loading import load_model_and_tokenizer
+        from pipeline.eval.loading import default_r, load_model_and_tokenizer
 
         loaded = load_model_and_tokenizer(ckpt_or_run)
+        kwargs.setdefault("r", default_r(loaded))  # the r-bar the model was trained with
         return cls(
             loaded.model,
             loaded.tokenizer,

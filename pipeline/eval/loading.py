@@ -1,5 +1,6 @@
-"""Resolve what the user names on the command line (a run directory, a checkpoint directory or
-an MLflow run id) and load the model, its tokenizer and its dataset for evaluation.
+"""Resolve what the user names on the command line (a run directory, a checkpoint directory, a
+consolidated export, a Hugging Face Huginn directory or an MLflow run id) and load the model,
+its tokenizer and its dataset for evaluation.
 
     model, cfg, data, meta = load_for_inference("runs/tiny")        # model in eval mode
     loaded = load_model_and_tokenizer("runs/tiny")                  # + tokenizer, eot id, ...
@@ -37,7 +38,14 @@ def load_for_inference(
         read_trainer_state,
         resolve_checkpoint,
     )
+    from pipeline.training.pretrained import source_kind
 
+    try:
+        kind = source_kind(run_dir_or_ckpt)
+    except RdptCheckpointError:
+        kind = "checkpoint"  # resolve_checkpoint says what is wrong with it
+    if kind != "checkpoint":
+        return _load_exported(Path(run_dir_or_ckpt), device=device, dtype=dtype)
     ckpt = resolve_checkpoint(run_dir_or_ckpt)
     cfg = checkpoint_config(ckpt)
     state = read_trainer_state(ckpt)
@@ -57,6 +65,42 @@ def load_for_inference(
     meta = {k: state.get(k) for k in ("step", "tokens", "skipped_steps", "manifest_sha256")}
     meta["checkpoint"] = str(ckpt)
     return model, cfg, data, meta
+
+
+def _load_exported(path: Path, *, device: str, dtype) -> tuple[Any, Any, Any, dict]:
+    """load_for_inference of a consolidated export or an HF Huginn directory: the weights, a
+    TrainConfig holding the model and the recurrence it was trained with (r-bar, k: the default
+    r of evaluation and generation), and the directory's tokenizer.json when it has one."""
+    import torch
+
+    from pipeline.model import build_model
+    from pipeline.model.consolidated import load_full_state_dict
+    from pipeline.model.runtime import init_model_parallel
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.pretrained import read_pretrained
+
+    weights = read_pretrained(path)
+    model_cfg = weights.model_cfg.model_copy(update={"init_from": None})
+    trained = weights.recurrence or {}
+    recurrence = {}
+    if "mean_recurrence" in trained:
+        recurrence["mean"] = float(trained["mean_recurrence"])
+    if "mean_backprop_depth" in trained:
+        recurrence["backprop_depth"] = int(trained["mean_backprop_depth"])
+    cfg = TrainConfig(model=model_cfg, recurrence=recurrence, data={"path": str(path)})
+    init_model_parallel(tp=1)
+    model = build_model(cfg.model, params_dtype=torch.float32)
+    load_full_state_dict(model, weights.state_dict)
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    meta = {"step": None, "tokens": None, "checkpoint": str(path), "source": weights.kind}
+    meta["mean_recurrence"] = trained.get("mean_recurrence")
+    return model, cfg, str(path / "tokenizer.json"), meta
+
+
+def default_r(loaded: Loaded) -> int:
+    """The r evaluation and generation use when none is given: the r-bar the model was trained
+    with (recorded in checkpoints and exports), rounded; 32 when unknown."""
+    return max(1, round(float(loaded.cfg.recurrence.mean)))
 
 
 @dataclass
@@ -154,8 +198,10 @@ def load_model_and_tokenizer(
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tok_path))
+        for name in ("<|endoftext|>", "<|end_text|>"):  # rdpt's default, Huginn's
+            if eot_id is None:
+                eot_id = tokenizer.token_to_id(name)
         if eot_id is None:
-            eot_id = tokenizer.token_to_id("<|endoftext|>")
             if eot_id is None:
                 specials = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
                 eot_id = min(specials) if specials else None

@@ -15,6 +15,27 @@ from pipeline.common.config_io import ConfigModel
 from pipeline.common.errors import RdptConfigError
 
 STATE_INITS = ("random", "zero")  # initial latent state: truncated normal per sample id, or zeros
+DEFAULT_MEAN_RECURRENCE = 32.0  # rbar when nothing says otherwise (recurrence.mean's default)
+
+
+class InitConfig(ConfigModel):
+    """How the output projections' init scale counts depth."""
+
+    depth: Literal["unrolled", "physical"] = "unrolled"
+    """`unrolled` (Huginn): the attention/MLP output projections get std / sqrt(2 L_eff) with
+    L_eff = n_prelude + n_coda + n_core * rbar, the depth the residual stream sees at the mean
+    recurrence; `physical`: L = n_prelude + n_core + n_coda, the layers that exist."""
+    mean_recurrence: float | None = None
+    """rbar for `unrolled`. None: `rdpt train` fills it from recurrence.mean; a model built
+    without a training config uses 32."""
+
+    @model_validator(mode="after")
+    def _validate(self) -> InitConfig:
+        if self.mean_recurrence is not None and self.mean_recurrence <= 0:
+            raise RdptConfigError(
+                f"model.init.mean_recurrence: must be > 0, got {self.mean_recurrence}"
+            )
+        return self
 
 
 class ModelConfig(ConfigModel):
@@ -51,7 +72,9 @@ class ModelConfig(ConfigModel):
     """LM head shares the token-embedding matrix."""
     init_std: float | None = None
     """Std of the normal weight init; None = sqrt(2 / (5 h)). Output projections are
-    further scaled by 1/sqrt(2 * (n_prelude + n_core + n_coda))."""
+    further scaled by 1/sqrt(2 * L) with L from `init.depth`."""
+    init: InitConfig = InitConfig()
+    """Depth used by the output-projection scale (`init.depth`: unrolled | physical)."""
     state_init: Literal["random", "zero"] = "random"
     """Default initial latent state s0: `random` (truncated normal, per sample) or `zero`; the
     forward's `state_init` argument wins."""
@@ -80,6 +103,19 @@ class ModelConfig(ConfigModel):
     @property
     def n_layers_total(self) -> int:
         return self.n_prelude + self.n_core + self.n_coda
+
+    @property
+    def init_depth(self) -> float:
+        """L of the output-projection scale std / sqrt(2 L) (see `init.depth`)."""
+        if self.init.depth == "physical":
+            return float(max(self.n_layers_total, 1))
+        rbar = self.init.mean_recurrence or DEFAULT_MEAN_RECURRENCE
+        return float(self.n_prelude + self.n_coda + self.n_core * rbar)
+
+    @property
+    def output_init_std(self) -> float:
+        """Std of the attention and MLP output projections: init std / sqrt(2 L)."""
+        return self.resolved_init_std / math.sqrt(2 * self.init_depth)
 
     @property
     def resolved_init_std(self) -> float:

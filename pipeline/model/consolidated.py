@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -123,11 +124,13 @@ def write_consolidated(
     cfg: ModelConfig,
     out_dir: str | os.PathLike,
     recurrence: dict | None = None,
+    extra_files: dict | None = None,
 ) -> Path:
     """Write an already gathered state dict + config as a consolidated checkpoint directory
     (built under a temporary name, then renamed). `recurrence`: the mean r and backprop depth
     the model was trained with ({"mean_recurrence": ..., "mean_backprop_depth": ...}), written
-    as recurrence.yaml; evaluation uses the mean as its default r."""
+    as recurrence.yaml; evaluation uses the mean as its default r. `extra_files`: {name: path}
+    copied in as well (the tokenizer.json)."""
     import yaml
     from safetensors.torch import save_file
 
@@ -144,6 +147,8 @@ def write_consolidated(
         (tmp / CONFIG).write_text(to_yaml(cfg.model_copy(update={"init_from": None})))
         if recurrence is not None:
             (tmp / RECURRENCE).write_text(yaml.safe_dump(dict(recurrence), sort_keys=False))
+        for name, src in (extra_files or {}).items():  # e.g. the tokenizer.json
+            shutil.copyfile(src, tmp / name)
     return out_dir
 
 

@@ -84,7 +84,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, mean_recurrence: float = 32, backprop_depth: int = 8) -> dict:
     """config.json of the HF Huginn layout; mean_recurrence / mean_backprop_depth are the r̄
-    and k the model was trained with (the HF code's default number of iterations)."""
+    and k the model was trained with (the HF code's default number of iterations). No
+    `tie_word_embeddings`: the published config class derives it from tie_embeddings and
+    fails on a second value."""
     return {
         "architectures": ["RavenForCausalLM"],
         "model_type": "huginn_raven",
@@ -106,20 +108,22 @@ def config_to_hf(cfg: ModelConfig, mean_recurrence: float = 32, backprop_depth: 
         "qk_bias": cfg.qk_bias,
         "bias": False,
         "tie_embeddings": cfg.tie_embeddings,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "mean_recurrence": mean_recurrence,
+        "mean_recurrence": int(mean_recurrence)
+        if float(mean_recurrence).is_integer()
+        else mean_recurrence,
         "mean_backprop_depth": backprop_depth,
         "torch_dtype": "float32",
     }
 
 
 def freqs_cis_table(cfg: ModelConfig) -> torch.Tensor:
-    """The RoPE table HF checkpoints carry as `freqs_cis`: [block_size, head_dim/2, 2] (cos,
-    sin) in fp32 (safetensors has no complex dtype)."""
+    """The RoPE table HF checkpoints carry as `freqs_cis`: [1, block_size, 1, head_dim/2, 2]
+    (cos, sin) in fp32 (safetensors has no complex dtype), the shape of the published checkpoint
+    and of the buffer its modeling code registers."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     ang = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv)
-    return torch.stack([torch.cos(ang), torch.sin(ang)], dim=-1)
+    return torch.stack([torch.cos(ang), torch.sin(ang)], dim=-1)[None, :, None]
 
 
 # ------------------------------------------------------------------ state dicts
@@ -197,7 +201,16 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     return json.loads(cfg_file.read_text(encoding="utf-8")), sd
 
 
-def write_hf_dir(sd: dict[str, torch.Tensor], hf_config: dict, out: str | os.PathLike) -> Path:
+def write_hf_dir(
+    sd: dict[str, torch.Tensor],
+    hf_config: dict,
+    out: str | os.PathLike,
+    extra_files: dict | None = None,
+) -> Path:
+    """An HF Huginn directory: model.safetensors, config.json and `extra_files` ({name: path},
+    e.g. tokenizer.json), built under a temporary name."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from pipeline.common.atomic import atomic_directory
@@ -208,6 +221,8 @@ def write_hf_dir(sd: dict[str, torch.Tensor], hf_config: dict, out: str | os.Pat
     with atomic_directory(out) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
     return out
 
 
@@ -217,7 +232,19 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     hf_cfg, hf_sd = read_hf_dir(hf_dir)
     cfg = config_from_hf(hf_cfg)
-    return write_consolidated(hf_to_rdpt(hf_sd, cfg), cfg, out_dir, recurrence_from_hf(hf_cfg))
+    return write_consolidated(
+        hf_to_rdpt(hf_sd, cfg),
+        cfg,
+        out_dir,
+        recurrence_from_hf(hf_cfg),
+        extra_files=tokenizer_files(hf_dir),
+    )
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict:
+    """{"tokenizer.json": path} when the directory has one (it travels with the weights)."""
+    tok = Path(path) / "tokenizer.json"
+    return {"tokenizer.json": tok} if tok.is_file() else {}
 
 
 def recurrence_from_hf(hf: dict) -> dict | None:
@@ -241,4 +268,4 @@ def convert_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         mean_recurrence=trained.get("mean_recurrence", 32),
         backprop_depth=trained.get("mean_backprop_depth", 8),
     )
-    return write_hf_dir(rdpt_to_hf(sd, cfg), hf_cfg, out_dir)
+    return write_hf_dir(rdpt_to_hf(sd, cfg), hf_cfg, out_dir, extra_files=tokenizer_files(ckpt))

@@ -93,10 +93,9 @@ class RecurrentDepthLM(MegatronModule):
         super().__init__(config=config)
         self.cfg = cfg
         h = cfg.hidden_size
-        out_std = cfg.resolved_init_std / math.sqrt(2 * max(cfg.n_layers_total, 1))
         from pipeline.model.init import normal_init
 
-        output_init = normal_init(out_std)
+        output_init = normal_init(cfg.output_init_std)  # std / sqrt(2 L), L per model.init
 
         def make_block(n):
             # A block's config says how many layers it has (megatron numbers layers, sizes

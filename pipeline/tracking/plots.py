@@ -161,5 +161,30 @@ def plot_loss_vs_tokens(series_by_run: Mapping[str, object], path: str | os.Path
     return _save(fig, path)
 
 
+TELEMETRY_PANELS = (
+    ("telemetry/state_norm", "latent state norm"),
+    ("telemetry/token_corr", "token correlation of the state"),
+    ("telemetry/rel_change", "||s_r - s_r-1|| / ||s_r||"),
+    ("telemetry/update_rms", "update RMS"),
+)
+
+
+def plot_telemetry(series_by_run: Mapping[str, Mapping[str, object]], path) -> Path:
+    """Training telemetry against steps: one panel per metric of TELEMETRY_PANELS, one line per
+    run. `series_by_run[label][metric]` is a list of (step, value) pairs."""
+    fig, axes = _figure(ncols=2, nrows=2, size=(5.5, 3.8))
+    for ax, (key, title) in zip([a for row in axes for a in row], TELEMETRY_PANELS):
+        for label, by_key in series_by_run.items():
+            pts = by_key.get(key) or []
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    return _save(fig, path)
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float))

@@ -174,12 +174,18 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Params that differ, metrics side by side and comparison plots for two or more runs.
 
-    Plots (`loss_vs_tokens.png`, `loss_vs_r.png` when any run has depth metrics) and
+    Plots (`loss_vs_tokens.png`, `loss_vs_r.png` when any run has depth metrics,
+    `telemetry.png` when any run has training telemetry) and
     `comparison.json` are written to `out_dir` (default `comparisons/<id>`), and, with
     `log_to_runs`, logged as artifacts `comparisons/<id>/...` to EACH compared run, where
     `<id>` is `vs-` + the first 8 characters of every run id.
     """
-    from pipeline.tracking.plots import plot_loss_vs_r, plot_loss_vs_tokens
+    from pipeline.tracking.plots import (
+        TELEMETRY_PANELS,
+        plot_loss_vs_r,
+        plot_loss_vs_tokens,
+        plot_telemetry,
+    )
 
     if len(refs) < 2:
         raise RdptTrackingError("compare needs at least two runs")
@@ -223,6 +229,15 @@ def compare_runs(
         plots.append(
             str(plot_loss_vs_r({lb: d for lb, d in zip(labels, by_r) if d}, out / "loss_vs_r.png"))
         )
+    telemetry = {
+        label: {
+            key: [(m.step, m.value) for m in _history(client, run, key)]
+            for key, _ in TELEMETRY_PANELS
+        }
+        for label, run in zip(labels, runs)
+    }
+    if any(pts for by_key in telemetry.values() for pts in by_key.values()):
+        plots.append(str(plot_telemetry(telemetry, out / "telemetry.png")))
     result = {
         "id": comp_id,
         "runs": [

@@ -380,7 +380,10 @@ def check_compatible(saved: dict[str, Any], ckpt: Path, identity: dict[str, Any]
             f"{saved.get('manifest_sha256')} (dataset {saved.get('data_path')}) in checkpoint, "
             f"{want} now; start a new run (run.name=...) or --resume none"
         )
-    diffs = _diff(saved.get("model_config", {}), identity["model_config"], "model")
+    # model.init (how weights were initialised, e.g. with rbar) does not bind a resumed run
+    saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "init"}
+    now_model = {k: v for k, v in identity["model_config"].items() if k != "init"}
+    diffs = _diff(saved_model, now_model, "model")
     if diffs:
         raise RdptCheckpointError(
             f"checkpoint {ckpt} has an incompatible model config: " + "; ".join(diffs)
@@ -476,7 +479,10 @@ def resolve_checkpoint(run_dir_or_ckpt: str | os.PathLike) -> Path:
         if ckpt is not None:
             return ckpt
         raise RdptCheckpointError(f"{p}: no complete, uncorrupted checkpoint under checkpoints/")
-    raise RdptCheckpointError(f"{p}: neither a run directory nor a complete checkpoint")
+    raise RdptCheckpointError(
+        f"{p}: neither a run directory nor a complete checkpoint (evaluation also reads a "
+        "consolidated export: model.safetensors + model.yaml, or a Hugging Face Huginn directory)"
+    )
 
 
 def completed_step(run_dir: str | os.PathLike) -> int | None:

@@ -62,6 +62,10 @@ class TrainSection(ConfigModel):
 
 
 class OptimSection(ConfigModel):
+    name: Literal["adamw", "ellis_adam"] = "adamw"
+    """`adamw` (torch/DeepSpeed AdamW) or `ellis_adam`, the published Huginn run's Adam variant:
+    atan2 update without epsilon, per-tensor update clipping, moments initialised from the
+    first gradient, weight decay relative to the peak lr (training/ellis_adam.py)."""
     lr: float = Field(4e-5, gt=0)
     """Peak learning rate."""
     min_lr: float = Field(0.0, ge=0)
@@ -71,10 +75,22 @@ class OptimSection(ConfigModel):
     warmup_steps: int = Field(4096, ge=0)
     decay_fraction: float = Field(0.2, gt=0, le=1)
     """wsd only: fraction of max_steps spent in the final linear decay."""
+    cooldown_steps: int | None = Field(None, ge=1)
+    """wsd only: length of the final linear decay in steps (wins over decay_fraction; the
+    published run: 4096)."""
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
+    """adamw: added to the denominator. ellis_adam: has none; v is floored at eps^2 for the
+    update-clipping ratio (the published run used 1e-6)."""
     weight_decay: float = Field(0.1, ge=0)
-    """Decoupled (AdamW) weight decay; norms, biases and qk_bias are not decayed."""
+    """Decoupled weight decay; norms, biases and qk_bias are not decayed. adamw removes
+    lr * weight_decay of each weight per step (0.1 at lr 4e-5: 4e-6 per step). ellis_adam
+    removes weight_decay * lr / peak lr per step (the published 4e-5: 4e-5 per step at the
+    peak, which is adamw's weight_decay = 1.0)."""
+    update_clipping: bool = True
+    """ellis_adam only: divide a tensor's step by max(1, rms(g / sqrt(v)))."""
+    running_init: bool = True
+    """ellis_adam only: the moments start at the first gradient (g, g^2) instead of zeros."""
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
 
@@ -121,6 +137,15 @@ class EvalSection(ConfigModel):
     batch_size: int = Field(4, ge=1)
 
 
+class TelemetrySection(ConfigModel):
+    """Model and optimizer telemetry (the published run's): latent-state norm and token
+    correlation, per-iteration state change, per-block gradient norms, update RMS, effective
+    lr. Computed only on due steps, from what the step already holds."""
+
+    interval: int = Field(50, ge=0)
+    """Every N optimizer steps (0 = off); into metrics.jsonl and MLflow as telemetry/*."""
+
+
 class DebugSection(ConfigModel):
     """Testing knobs: never needed for real runs."""
 
@@ -153,6 +178,7 @@ class TrainConfig(ConfigModel):
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
+    telemetry: TelemetrySection = TelemetrySection()
     debug: DebugSection = DebugSection()
 
     @model_validator(mode="after")
@@ -165,6 +191,8 @@ class TrainConfig(ConfigModel):
             )
         if any(r < 1 for r in self.eval.recurrences):
             raise ValueError(f"eval.recurrences: every r must be >= 1, got {self.eval.recurrences}")
+        if self.model.init.mean_recurrence is None:  # the init's unrolled depth uses rbar
+            self.model.init.mean_recurrence = self.recurrence.mean
         return self
 
     def run_dir(self) -> Path:

@@ -35,6 +35,8 @@ FREE = (
     "debug.",
     "run.name",
     "run.dir",  # a run directory that was moved or copied continues as it was
+    "telemetry.",
+    "model.init.",  # how a new model is initialised (r-bar): a continued run loads its weights
 )
 REFUSED = {
     "model.": "the checkpoint holds another model",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.training.ellis_adam import EllisAdamCore, bind_zero_layout
 from pipeline.training.optim import build_optimizer, param_groups
 
 if TYPE_CHECKING:  # a type only: config.py imports the layout, which imports this module
@@ -32,8 +33,11 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return cfg.train.precision
 
 
-def use_deepspeed_adam() -> bool:
-    """DeepSpeed's fused Adam on GPU; torch AdamW on CPU (avoids a ~2 min JIT build)."""
+def use_deepspeed_adam(cfg: TrainConfig | None = None) -> bool:
+    """DeepSpeed's fused Adam on GPU; torch AdamW on CPU (avoids a ~2 min JIT build). Any other
+    optim.name is rdpt's own optimizer object, everywhere."""
+    if cfg is not None and cfg.optim.name != "adamw":
+        return False
     return torch.cuda.is_available()
 
 
@@ -66,7 +70,7 @@ def deepspeed_config(cfg: TrainConfig, dims) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if use_deepspeed_adam():
+    if use_deepspeed_adam(cfg):
         ds["optimizer"] = {
             "type": "AdamW",
             "params": {
@@ -136,7 +140,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dims, mpu=None):
     skip_shm_comm_build()
     ds_config = deepspeed_config(cfg, dims)
     groups = param_groups(model, cfg.optim.weight_decay)
-    optimizer = None if use_deepspeed_adam() else build_optimizer(groups, cfg.optim)
+    optimizer = None if use_deepspeed_adam(cfg) else build_optimizer(groups, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -145,6 +149,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dims, mpu=None):
         mpu=mpu,
         dist_init_required=False,
     )
+    if isinstance(optimizer, EllisAdamCore):  # per-tensor statistics over ZeRO partitions
+        bind_zero_layout(optimizer, engine)
     return engine
 
 

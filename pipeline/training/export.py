@@ -4,13 +4,15 @@
     export_checkpoint("runs/tiny", "exports/tiny-hf", fmt="hf") # Hugging Face Huginn layout
 
 The weights are gathered from DeepSpeed's files directly (the model is only built on the meta
-device, for its parameter names); the output is written under a temporary name and renamed
-when complete.
+device, for its parameter names); the output, with the checkpoint's tokenizer.json and the
+training recurrence (r-bar, k), is written under a temporary name and renamed when complete.
+`rdpt eval` / `rdpt generate` / the lm-eval adapter read both formats directly.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,9 +46,16 @@ def export_checkpoint(
         "mean_recurrence": cfg.recurrence.mean,
         "mean_backprop_depth": cfg.recurrence.backprop_depth,
     }
-    if fmt == "safetensors":
-        return write_consolidated(weights, cfg.model, out_dir, trained)
-    parent = out_dir.parent if out_dir.parent.exists() else None
-    with tempfile.TemporaryDirectory(dir=parent) as tmp:
-        write_consolidated(weights, cfg.model, Path(tmp) / "consolidated", trained)
-        return convert_to_hf(Path(tmp) / "consolidated", out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        staged = Path(tmp) / "export"
+        if fmt == "safetensors":
+            write_consolidated(weights, cfg.model, staged, trained)
+        else:
+            write_consolidated(weights, cfg.model, Path(tmp) / "consolidated", trained)
+            convert_to_hf(Path(tmp) / "consolidated", staged)
+        # the tokenizer travels with the weights: evaluation and generation read it there
+        if (ckpt / "tokenizer.json").is_file():
+            shutil.copyfile(ckpt / "tokenizer.json", staged / "tokenizer.json")
+        os.replace(staged, out_dir)  # complete, then in place
+    return out_dir

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from pipeline.training.ellis_adam import EllisAdamCore
+
 NO_DECAY_MARKERS = ("norm", "bias", "ln_f")
 
 
@@ -38,8 +40,24 @@ class AdamW(SkipNextStep, torch.optim.AdamW):
     """torch's AdamW (decoupled weight decay) that can skip a step."""
 
 
+class EllisAdam(SkipNextStep, EllisAdamCore):
+    """The published Huginn run's Adam-atan2 variant (training/ellis_adam.py) that can skip a
+    step."""
+
+
 def build_optimizer(groups: list[dict[str, Any]], optim) -> torch.optim.Optimizer:
     """The optimizer named by `optim` (an OptimSection) over `groups`."""
+    if getattr(optim, "name", "adamw") == "ellis_adam":
+        return EllisAdam(
+            groups,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            peak_lr=optim.lr,
+            update_clipping=optim.update_clipping,
+            running_init=optim.running_init,
+        )
     return AdamW(
         groups,
         lr=optim.lr,

@@ -19,7 +19,14 @@ from typing import Any
 from pipeline.common.errors import RdptCheckpointError, RdptConfigError
 
 # ModelConfig fields that say how a model runs or where it came from, not what its weights are
-NOT_SHAPE = ("init_from", "attention_backend", "state_init", "state_init_std", "state_init_scale")
+NOT_SHAPE = (
+    "init_from",
+    "init",  # how weights are initialised, not what they are
+    "attention_backend",
+    "state_init",
+    "state_init_std",
+    "state_init_scale",
+)
 
 
 @dataclass

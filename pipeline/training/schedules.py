@@ -41,11 +41,16 @@ def wsd_lr(
     warmup_steps: int,
     max_steps: int,
     decay_fraction: float,
+    cooldown_steps: int | None = None,
 ) -> float:
-    """Warmup, stable at `lr`, then linear decay to `min_lr` over the last fraction of steps."""
+    """Warmup, stable at `lr`, then linear decay to `min_lr` over the last `cooldown_steps`
+    steps (or the last `decay_fraction` of max_steps)."""
     if step < warmup_steps:
         return lr * warmup_factor(step, warmup_steps)
-    decay_steps = max(1, int(round(decay_fraction * max_steps)))
+    if cooldown_steps:
+        decay_steps = cooldown_steps
+    else:
+        decay_steps = max(1, int(round(decay_fraction * max_steps)))
     decay_start = max(warmup_steps, max_steps - decay_steps)
     if step < decay_start:
         return lr
@@ -61,7 +66,8 @@ def lr_at(step: int, optim, max_steps: int) -> float:
     if optim.schedule == "cosine":
         return cosine_lr(step, **common)
     if optim.schedule == "wsd":
-        return wsd_lr(step, decay_fraction=optim.decay_fraction, **common)
+        cooldown = getattr(optim, "cooldown_steps", None)
+        return wsd_lr(step, decay_fraction=optim.decay_fraction, cooldown_steps=cooldown, **common)
     if optim.schedule == "constant":
         return optim.lr * warmup_factor(step, optim.warmup_steps)
     raise ValueError(f"optim.schedule: unknown schedule {optim.schedule!r}")
