@@ -96,17 +96,16 @@ def _flip_a_byte(path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_bit_flipped_checkpoint_is_skipped_by_train_and_eval(tiny_trained_run, tmp_path):
+def test_a_bit_flipped_checkpoint_is_skipped_by_train_and_eval(tiny_trained_run, tmp_path, capfd):
     run = tmp_path / "run"
     shutil.copytree(tiny_trained_run, run)
     (run / "COMPLETED").unlink()
     victim = next((run / "checkpoints/step-00000060/ds").glob("*optim_states.pt"))
     _flip_a_byte(victim)
-    ev = subprocess.run(
+    from pipeline.cli import main
+
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
             "eval",
             str(run),
             "--recurrences",
@@ -117,15 +116,11 @@ def test_a_bit_flipped_checkpoint_is_skipped_by_train_and_eval(tiny_trained_run,
             "--no-mlflow",
             "--json",
             str(tmp_path / "e.json"),
-        ],
-        cwd=REPO,
-        env=training_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    assert f"{victim} is corrupted" in ev.stdout + ev.stderr  # named, then skipped
+    out = capfd.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert f"{victim} is corrupted" in out.out + out.err  # named, then skipped
     assert json.loads((tmp_path / "e.json").read_text())["step"] == 30
     resumed = subprocess.run(
         [
@@ -162,61 +157,87 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_tampered_checkpoint_is_refused_by_train_eval_and_export(tiny_dataset, tmp_path, zero):
+def tampered_checks(data: str, root: str) -> dict:
+    """In one process (imports once): per ZeRO stage, train one step, plant a code-carrying
+    object in a DeepSpeed file (hashes forged), then run `rdpt train --resume`, `rdpt eval`
+    and `rdpt export` on it. Returns {stage: {command: (exit code, refused, code ran)}}."""
+    import contextlib
+    import io
+
     import torch
 
+    from pipeline.cli import main
     from pipeline.common.atomic import atomic_write_json, sha256_file
     from pipeline.training.checkpoint import FILES_LIST
 
-    run = tmp_path / "run"
-    base = [
-        TINY,
-        f"data.path={tiny_dataset}",
-        f"run.dir={run}",
-        "train.global_batch_size=4",
-        f"parallel.zero_stage={zero}",
-        "eval.interval=0",
-        "tracking.enabled=false",
-        "checkpoint.interval=1",
-        "--nproc",
-        "1",
-    ]
-    first = _run([sys.executable, "-m", "pipeline.cli", "train", *base, "train.max_steps=1"])
-    assert first.returncode == 0, first.stderr[-3000:]
-    ckpt = run / "checkpoints/step-00000001"
-    # the attacker rewrites a DeepSpeed file with a code-carrying object and fixes the hashes
-    marker = tmp_path / "code-ran"
-    target = next((ckpt / "ds").glob("*model_states.pt"))
-    blob = torch.load(target, weights_only=False)  # the test's own, fresh file
-    blob["evil"] = _Payload(str(marker))
-    torch.save(blob, target)
-    hashes = json.loads((ckpt / FILES_LIST).read_text())
-    rel = str(target.relative_to(ckpt))
-    hashes[rel] = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
-    atomic_write_json(ckpt / FILES_LIST, hashes)
-
-    commands = {
-        "train": ["train", *base, "train.max_steps=2"],
-        "eval": [
-            "eval",
-            str(run),
-            "--recurrences",
+    results = {}
+    for zero in (1, 2, 3):
+        tmp = Path(root) / f"zero{zero}"
+        run, marker = tmp / "run", tmp / "code-ran"
+        base = [
+            TINY,
+            f"data.path={data}",
+            f"run.dir={run}",
+            "train.global_batch_size=4",
+            f"parallel.zero_stage={zero}",
+            "eval.interval=0",
+            "tracking.enabled=false",
+            "checkpoint.interval=1",
+            "--nproc",
             "1",
-            "--max-sequences",
-            "2",
-            "--no-mlflow",
-            "--no-telemetry",
-        ],
-        "export": ["export", str(run), str(tmp_path / "export")],
-    }
-    for name, args in commands.items():
-        out = _run([sys.executable, "-m", "pipeline.cli", *args])
-        assert out.returncode != 0, (name, out.stdout[-2000:])
-        assert "refusing to load" in out.stdout + out.stderr, (name, out.stderr[-3000:])
-        assert not marker.exists(), f"{name} ran code from the checkpoint"
-    assert not (tmp_path / "export").exists()
+        ]
+        assert main(["train", *base, "train.max_steps=1"]) == 0
+        ckpt = run / "checkpoints/step-00000001"
+        target = next((ckpt / "ds").glob("*model_states.pt"))
+        blob = torch.load(target, weights_only=False)  # this process's own, fresh file
+        blob["evil"] = _Payload(str(marker))
+        torch.save(blob, target)
+        hashes = json.loads((ckpt / FILES_LIST).read_text())
+        hashes[str(target.relative_to(ckpt))] = {
+            "sha256": sha256_file(target),
+            "bytes": target.stat().st_size,
+        }
+        atomic_write_json(ckpt / FILES_LIST, hashes)
+        commands = {
+            "train --resume": ["train", *base, "train.max_steps=2"],
+            "eval": [
+                "eval",
+                str(run),
+                "--recurrences",
+                "1",
+                "--max-sequences",
+                "2",
+                "--no-mlflow",
+                "--no-telemetry",
+            ],
+            "export": ["export", str(run), str(tmp / "export")],
+        }
+        results[zero] = {}
+        for name, args in commands.items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(args)
+            refused = "refusing to load" in err.getvalue()
+            results[zero][name] = (code, refused, marker.exists())
+        results[zero]["export written"] = (tmp / "export").exists()
+    return results
+
+
+@pytest.mark.slow
+def test_tampered_checkpoint_is_refused_by_train_eval_and_export(tiny_dataset, tmp_path):
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); import test_train_faults as t;"
+        f"print(json.dumps(t.tampered_checks({str(tiny_dataset)!r}, {str(tmp_path)!r})))"
+    )
+    out = _run([sys.executable, "-c", code])
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for zero in ("1", "2", "3"):
+        for name in ("train --resume", "eval", "export"):
+            exit_code, refused, ran = results[zero][name]
+            assert exit_code == 2 and refused, (zero, name, results[zero])
+            assert not ran, f"ZeRO-{zero}: {name} ran code from the checkpoint"
+        assert not results[zero]["export written"]
 
 
 @pytest.mark.slow
