@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.common.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 ASSET = REPO / "tests" / "assets" / "losses" / "tiny-fp32-cpu.json"
 STEPS = 30
@@ -137,7 +139,12 @@ def max_deviation(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def test_tiny_model_loss_curve_matches_the_stored_one(tmp_path):
+def test_tiny_model_loss_curve_matches_the_stored_one(tmp_path, monkeypatch):
+    # training in this process exports the rank variables DeepSpeed reads; undone afterwards
+    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     stored = json.loads(ASSET.read_text())
     curve = train_curve(tmp_path)
     assert len(curve) == STEPS

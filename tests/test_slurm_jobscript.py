@@ -163,7 +163,7 @@ def test_usr1_checkpoint_requeue_resume(slurm_cluster, tmp_path, monkeypatch, ti
         assert [e["event"] for e in ev] == ["start", "checkpoint", "start", "done"], ev
         assert ev[1]["signal"] == "USR1" and 0 < ev[1]["step"] < 400
         assert ev[2]["step"] == ev[1]["step"]  # resumed from the checkpoint, not from 0
-        assert [e["restart"] for e in ev] == [0, 0, 1, 1] and ev[3]["step"] == 40
+        assert [e["restart"] for e in ev] == [0, 0, 1, 1] and ev[3]["step"] == 400
         assert {e["job"] for e in ev} == {str(job)} and {e["world"] for e in ev} == {"2"}
     assert "got SIGUSR1" in log and f"exited with {REQUEUE}" in log and "requeueing" in log
     assert "restart 0" in log and "restart 1" in log  # --open-mode=append kept both runs

@@ -90,12 +90,13 @@ def checkpoint_checks(rank, world, tmp: str):
     class Crash(Exception):
         pass
 
-    def crash():
-        raise Crash()
+    def crash(phase, engine):
+        if phase == "files":  # everything written, nothing hashed or renamed
+            raise Crash()
 
     _train(engine, 1)
     with pytest.raises(Crash):
-        mgr.save(engine, 4, {"loader": {}}, config_yaml="a: 1\n", crash_hook=crash)
+        mgr.save(engine, 4, {"loader": {}}, config_yaml="a: 1\n", phase_hook=crash)
     assert not (run_dir / "checkpoints/step-00000004").exists()
     assert (run_dir / "checkpoints/.tmp-step-00000004").is_dir()
     assert mgr.find_resume("auto").name == "step-00000003"

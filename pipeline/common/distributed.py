@@ -51,6 +51,8 @@ def init_process_group(
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if export_env:  # a group made earlier in this process without exporting (eval, a test)
+            _export_rank_env(dist.get_rank(), dist.get_world_size(), env_rank()[2])
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -66,14 +68,18 @@ def init_process_group(
         )
         return
     rank, world, local_rank = env_rank()
+    if "MASTER_PORT" not in os.environ and world > 1:
+        raise RuntimeError("MASTER_PORT must be set when WORLD_SIZE > 1")
+    _export_rank_env(rank, world, local_rank)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+
+
+def _export_rank_env(rank: int, world: int, local_rank: int) -> None:
+    """Set the torchrun variables DeepSpeed reads itself where nothing set them yet."""
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world > 1:
-            raise RuntimeError("MASTER_PORT must be set when WORLD_SIZE > 1")
-        os.environ["MASTER_PORT"] = str(free_port())
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
