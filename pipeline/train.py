@@ -20,6 +20,7 @@ The return value is the process exit code: 0 done, 85 stopped on a signal after 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 from pipeline.common import exitcodes
@@ -101,14 +102,14 @@ def train(ctx, resume: str, hooks: TrainHooks) -> int:
         telemetry.end(state.step, tracker)
 
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            code = stop(exitcodes.NONFINITE_ABORT, engine, ckpts, state, loader)
+            code = stop(exitcodes.NONFINITE_ABORT, engine, ckpts, state, loader, ctx)
             break
         if due(cfg.eval.interval, state.step) and state.step < cfg.train.max_steps:
             run_validation(engine, ctx, dims, tracker, state.step)  # the last one: finish_run
         if due(cfg.checkpoint.interval, state.step):
             ckpts.save(engine, state, loader)
         if result.stop_requested:
-            code = stop(exitcodes.REQUEUE, engine, ckpts, state, loader)
+            code = stop(exitcodes.REQUEUE, engine, ckpts, state, loader, ctx)
             break
         hooks.on_step_end(step)
 
@@ -123,12 +124,17 @@ def due(interval: int, step: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def stop(code: int, engine, ckpts, state, loader) -> int:
+def stop(code: int, engine, ckpts, state, loader, ctx) -> int:
     """Checkpoint the current state before leaving the loop early, and say why."""
     ckpts.save(engine, state, loader)
     if code == exitcodes.REQUEUE:
+        # a rank that got no signal itself stops because another did (all ranks agree)
+        got = signal.Signals(ctx.stop.signum).name if ctx.stop.signum else "a peer's signal"
         log.warning(
-            "stop signal received: checkpointed step %d, exiting %d (requeue)", state.step, code
+            "stop signal received (%s): checkpointed step %d, exiting %d (requeue)",
+            got,
+            state.step,
+            code,
         )
     else:
         log.error(

@@ -103,9 +103,11 @@ ReturnToService=2
 MailProg=/bin/true
 MpiDefault=none
 KillWait=5
+{extra_conf}
 {node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName=restricted Nodes=ALL Default=NO MaxTime=INFINITE State=UP AllowAccounts=alpha,beta
+{extra_partitions}
 """
 
 
@@ -142,8 +144,10 @@ def _ip(*args: str) -> None:
 class SlurmCluster:
     """A running test cluster; see the module docstring."""
 
-    def __init__(self, root: Path, nodes: int):
+    def __init__(self, root: Path, nodes: int, extra_conf: str = "", extra_partitions: str = ""):
         self.root = root
+        self.extra_conf = extra_conf
+        self.extra_partitions = extra_partitions
         self.conf = root / "slurm.conf"
         self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
         self.jobs_dir = root / "jobs"
@@ -151,6 +155,7 @@ class SlurmCluster:
         self.env["SLURM_CONF"] = str(self.conf)
         self._procs: list[subprocess.Popen] = []  # daemons, in start order
         self._holders: list[subprocess.Popen] = []  # namespace holders (2 nodes)
+        self._node_holder: dict[str, subprocess.Popen] = {}
         self.bridge: str | None = None
         self.node_addrs: dict[str, str] = {}
         self.slurmctld: subprocess.Popen | None = None
@@ -297,6 +302,8 @@ class SlurmCluster:
                 slurmd_port=free_port(),
                 node_lines=node_lines,
                 first_job_id=self.first_job_id,
+                extra_conf=self.extra_conf,
+                extra_partitions=self.extra_partitions,
             )
         )
         self.slurmctld = self._popen(["slurmctld", "-D", "-f", str(self.conf)])
@@ -354,7 +361,8 @@ class SlurmCluster:
         )
         own = os.readlink("/proc/self/ns/net")
         _wait(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != own, 10, "a new namespace", 0.01)
-        veth = f"{self._veth_prefix}{node[1:]}"
+        self._node_holder[node] = holder
+        veth = self.veth(node)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(holder.pid))
         _ip("link", "set", veth, "master", self.bridge, "up")
         addr = self.node_addrs[node]
@@ -368,6 +376,15 @@ class SlurmCluster:
             capture_output=True,
             text=True,
         )
+        self.start_slurmd(node)
+
+    def veth(self, node: str) -> str:
+        """The host side of `node`'s network cable (2-node clusters)."""
+        return f"{self._veth_prefix}{node[1:]}"
+
+    def start_slurmd(self, node: str) -> None:
+        """Start `node`'s slurmd inside its namespace (at start, or after `power_off`)."""
+        holder = self._node_holder[node]
         # nsenter execs slurmd, so this Popen holds slurmd's own PID.
         self._popen(
             [
@@ -385,6 +402,32 @@ class SlurmCluster:
                 node,
             ]
         )
+
+    def power_off(self, node: str) -> list[int]:
+        """`node` dies as a powered-off machine would: its cable is pulled first (no FIN or RST
+        reaches anyone), then every process in its namespace (slurmd, slurmstepd, job tasks) is
+        SIGKILLed. Returns the killed PIDs. `power_on` brings it back."""
+        holder = self._node_holder[node]
+        _ip("link", "set", self.veth(node), "down")
+        ns = os.readlink(f"/proc/{holder.pid}/ns/net")
+        killed = []
+        for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()):
+            if pid == holder.pid:
+                continue
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/ns/net") == ns:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        for p in self._procs:  # reap our own slurmd child
+            if p.pid in killed:
+                p.wait(timeout=10)
+        return killed
+
+    def power_on(self, node: str) -> None:
+        """Reconnect `node` and start its slurmd again (a reboot; ReturnToService=2 lets it
+        rejoin on registration)."""
+        _ip("link", "set", self.veth(node), "up")
+        self.start_slurmd(node)
 
     def stop(self) -> None:
         """Cancel jobs, stop every daemon and holder by PID, delete the bridge. Idempotent."""
@@ -421,11 +464,14 @@ class SlurmCluster:
 
 
 @contextlib.contextmanager
-def start_cluster(nodes: int = 1, keep_dir: bool = False):
-    """A running cluster of 1 or 2 nodes for the duration of the block."""
+def start_cluster(
+    nodes: int = 1, keep_dir: bool = False, extra_conf: str = "", extra_partitions: str = ""
+):
+    """A running cluster of 1 or 2 nodes for the duration of the block; `extra_conf` lines
+    go into slurm.conf before the nodes, `extra_partitions` after the two standard ones."""
     ensure_slurm_installed()
     root = Path(tempfile.mkdtemp(prefix="rdpt-slurm."))
-    cluster = SlurmCluster(root, nodes)
+    cluster = SlurmCluster(root, nodes, extra_conf, extra_partitions)
     try:
         cluster.start()
         yield cluster
