@@ -9,13 +9,19 @@ session in about 30-40 s; treat it as read-only (copy it to modify it).
 
 `tiny_run_command(data, run_dir, uri, *extra)`: the exact command line of that run, so tests
 can repeat it (interrupted, resumed, ...) and compare with the fixture.
+
+`JOB_STEPS`, `JOB_ARGS`: the short run the Slurm tests submit (12 steps, a checkpoint every 4).
+`step_losses(run_dir)`: step -> train/loss of a run; `wait_for_step(run_dir, step)`: wait
+until a (background) run logged that step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN_STEPS = 60
 TINY_RUN_EXPERIMENT = "rdpt-tests-tiny-run"
+JOB_STEPS = 12
+JOB_ARGS = [
+    f"train.max_steps={JOB_STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "checkpoint.interval=4",
+    "eval.interval=0",
+    "train.log_interval=1",
+]
 
 
 def tiny_run_command(data: Path, run_dir: Path, uri: str | None, *extra: str) -> list[str]:
@@ -78,3 +93,26 @@ def tiny_trained_run(tiny_dataset, mlflow_server, tmp_path_factory) -> Path:
             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return run_dir
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from metrics.jsonl; the last line of a step wins (a resumed run
+    repeats the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 300, log: Path | None = None):
+    """Wait until training logged `step` (its loop runs: signal handlers are installed). The
+    timeout is a hang guard only; `log` (a job's output) is quoted when it fires."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise TimeoutError(f"{run_dir}: step {step} not reached in {timeout} s\n{tail}")

@@ -19,26 +19,18 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fixtures_slurm import start_cluster
-from fixtures_training import training_env
+from fixtures_training import JOB_ARGS, JOB_STEPS, training_env, wait_for_step
+from fixtures_training import step_losses as losses
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs/train/tiny.yaml")
-STEPS = 12
-ARGS = [
-    f"train.max_steps={STEPS}",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=4",
-    "checkpoint.interval=4",
-    "eval.interval=0",
-    "train.log_interval=1",
-    "tracking.enabled=false",  # the node namespaces cannot reach a server on 127.0.0.1
-]
+STEPS = JOB_STEPS
+ARGS = [*JOB_ARGS, "tracking.enabled=false"]  # the node namespaces cannot reach 127.0.0.1
 GRACE_S = 120
 PREEMPTION_CONF = "\n".join(
     [
@@ -73,16 +65,6 @@ def reference(tiny_dataset, tmp_path_factory) -> dict[int, float]:
     return losses(run_dir)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss from metrics.jsonl (the last record of a step wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
-
-
 def logged_steps(log: str) -> list[int]:
     return [int(m) for m in re.findall(rf"\bstep (\d+)/{STEPS}\b", log)]
 
@@ -100,17 +82,6 @@ def submit(cluster, cwd: Path, dataset: Path, name: str, *args: str) -> tuple[Pa
     return Path(res["run_dir"]), job
 
 
-def wait_for_step(run_dir: Path, step: int, job_log: Path, timeout: float = 300) -> None:
-    """Wait (hang guard only) until training logged `step`: its signal handlers are in place."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.2)
-    log = job_log.read_text() if job_log.exists() else "(no log)"
-    raise TimeoutError(f"step {step} not reached in {timeout} s\n{log[-3000:]}")
-
-
 def job_log(run_dir: Path, job: int) -> Path:
     return run_dir / "slurm" / f"slurm-{job}.out"
 
@@ -123,7 +94,7 @@ def test_preempted_by_a_higher_priority_job_checkpoints_requeues_and_resumes_exa
         "debug.sleep_per_step_s=0.3",
     )  # fmt: skip
     log_path = job_log(run_dir, job)
-    wait_for_step(run_dir, 2, log_path)
+    wait_for_step(run_dir, 2, log=log_path)
     # the preemptor needs both nodes whole: the training job must give them up
     urgent = cluster.sbatch(["-p", "high", "-N", "2", "--exclusive", "--wrap", "sleep 2"])
     info = cluster.wait_finished(job, timeout=600)
@@ -160,7 +131,7 @@ def test_a_node_dying_mid_job_ends_in_a_requeue_and_an_exact_resume(
         cluster, tmp_path, tiny_dataset, "node-death", "debug.sleep_per_step_s=0.3"
     )
     log_path = job_log(run_dir, job)
-    wait_for_step(run_dir, 6, log_path)  # past the periodic checkpoint of step 4
+    wait_for_step(run_dir, 6, log=log_path)  # past the periodic checkpoint of step 4
     killed = cluster.power_off("n2")  # rank 1's node: cable pulled, everything on it killed
     assert len(killed) >= 3  # slurmd, the step's slurmstepd, the training rank (at least)
     # Slurm notices the silent node, fails the job with NODE_FAIL and requeues it; it can run

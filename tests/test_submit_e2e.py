@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,18 +20,13 @@ import pytest
 import yaml
 
 from fixtures_data import build_tiny_dataset, stdlib_subset
+from fixtures_training import JOB_ARGS, JOB_STEPS, wait_for_step
+from fixtures_training import step_losses as losses
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs/train/tiny.yaml")
-STEPS = 12
-TINY_ARGS = [
-    f"train.max_steps={STEPS}",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=4",
-    "checkpoint.interval=4",
-    "eval.interval=0",
-    "train.log_interval=1",
-]
+STEPS = JOB_STEPS
+TINY_ARGS = JOB_ARGS
 
 
 def rdpt(cluster, cwd: Path, *argv: str) -> dict:
@@ -63,16 +57,6 @@ def submit_train(cluster, cwd: Path, dataset: Path, name: str, *args: str) -> tu
     return Path(res["run_dir"]), res["job_ids"], res
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss from metrics.jsonl (the last record of a step wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
-
-
 def logged_steps(log: str) -> list[int]:
     """Steps in the training log lines (`... step 7/12 loss ...`)."""
     return [int(m) for m in re.findall(rf"\bstep (\d+)/{STEPS}\b", log)]
@@ -80,17 +64,6 @@ def logged_steps(log: str) -> list[int]:
 
 def log_of(run_dir: Path, job: int) -> str:
     return (run_dir / "slurm" / f"slurm-{job}.out").read_text()
-
-
-def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
-    """Wait until training logged `step` (the loop runs: its signal handlers are installed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and max(losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{run_dir}: step {step} not reached in {timeout} s")
 
 
 def kill_step_tasks(job: int) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_data import small_filesystem
-from fixtures_training import REPO, training_env
+from fixtures_training import REPO, step_losses, training_env
 
 TINY = str(REPO / "configs/train/tiny.yaml")
 
@@ -49,16 +49,6 @@ def _run(cmd, **kw):
     )
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """train/loss per step, the last line of each step (a resumed run repeats some)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
-
-
 @pytest.mark.slow
 def test_sigkill_at_every_phase_of_a_two_rank_save_then_resume_is_exact(tiny_dataset, tmp_path):
     ref = _run(_cmd(tiny_dataset, tmp_path / "ref"))
@@ -83,7 +73,7 @@ def test_sigkill_at_every_phase_of_a_two_rank_save_then_resume_is_exact(tiny_dat
     done = _run(_cmd(tiny_dataset, run))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "COMPLETED").is_file()
-    want, got = _losses(tmp_path / "ref"), _losses(run)
+    want, got = step_losses(tmp_path / "ref"), step_losses(run)
     assert sorted(got) == sorted(want) == list(range(1, 9))
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
