@@ -47,8 +47,9 @@ def exit_with_result(fn, *args) -> None:
     try:
         code = fn(*args)
     except RdptError as e:
-        rank = os.environ.get("RANK", "?")
-        print(f"rdpt train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, "reported", False):  # training reports its own (pipeline/train.py)
+            rank = os.environ.get("RANK", "?")
+            print(f"rdpt train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
         sys.exit(exitcodes.USER_ERROR)
     if code:
         sys.exit(int(code))

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 
 from pipeline.common import exitcodes
 from pipeline.common.atomic import atomic_write_json
+from pipeline.common.errors import RdptError
 from pipeline.data.loader import open_dataset
 from pipeline.model import build_model
 from pipeline.model.runtime import destroy_model_parallel
@@ -60,6 +62,9 @@ def main(
     try:
         return train(ctx, resume, hooks or hooks_from_config(cfg.debug, ctx.run_dir, ctx.rank))
     except Exception as e:  # every other rank stops within a second, with this exit code
+        if isinstance(e, RdptError):  # said before the peers hear of it: a launcher may
+            print(f"rdpt train (rank {ctx.rank}): error: {e}", file=sys.stderr, flush=True)
+            e.reported = True  # end this process as soon as they have
         ctx.peers.post(f"{type(e).__name__}: {e}", exitcodes.exit_code_for(e))
         raise
     finally:

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RdptError as e:
-        print(f"rdpt {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # a training rank said it already
+            print(f"rdpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rdpt {args.command}: interrupted", file=sys.stderr)

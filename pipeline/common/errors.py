@@ -45,3 +45,16 @@ def is_disk_full(e: BaseException, where=None) -> bool:
                 return False
         e = e.__cause__ or e.__context__
     return False
+
+
+def is_short_write(e: BaseException) -> bool:
+    """`e` (or its cause) is torch.save's report of a write the file system did not take in
+    full ("unexpected pos"): a full disk or quota, more rarely an I/O error. Whether space is
+    short *now* cannot tell: another rank may already have freed its part."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

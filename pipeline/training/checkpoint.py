@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from pipeline.common.atomic import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from pipeline.common.errors import RdptCheckpointError, is_disk_full
+from pipeline.common.errors import RdptCheckpointError, is_disk_full, is_short_write
 
 log = logging.getLogger("rdpt.checkpoint")
 
@@ -211,8 +211,9 @@ class CheckpointManager:
         """Write checkpoint `step` (collective): temp dir -> files -> sha256 list -> rename ->
         `latest` -> prune. Returns the final directory.
 
-        A full disk (or quota) on any rank raises RdptCheckpointError naming the file and the
-        checkpoint that stays in use; the temporary directory is removed. `phase_hook(phase,
+        A full disk (or quota, or a write cut short) on any rank raises RdptCheckpointError
+        naming the file and the checkpoint that stays in use; the temporary directory is
+        removed. `phase_hook(phase,
         engine)` is called at "engine" (before DeepSpeed writes), "files" (everything written,
         nothing hashed) and "renamed" (the directory has its final name, `latest` not yet
         moved): where the tests kill a rank."""
@@ -222,12 +223,18 @@ class CheckpointManager:
             return self._save(engine, step, trainer_state, config_yaml, tokenizer_path,
                               phase_hook or (lambda phase, engine: None))  # fmt: skip
         except Exception as e:
-            if not is_disk_full(e, where=self.root):
+            full = is_disk_full(e, where=self.root)
+            if not (full or is_short_write(e)):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back
             previous = self.latest()
+            why = (
+                "No space left on device"
+                if full
+                else f"a write was cut short ({e}; a full disk or quota, or an I/O error)"
+            )
             raise RdptCheckpointError(
-                f"checkpoint step {step} could not be written: No space left on device "
+                f"checkpoint step {step} could not be written: {why} "
                 f"({getattr(e, 'filename', None) or tmp}); free space under {self.root}. "
                 + (
                     f"The previous checkpoint {previous.name} is intact and --resume auto "

@@ -10,6 +10,7 @@ with its launcher, so a kill -9 of the launcher leaves no orphans.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -90,12 +91,18 @@ class PeerFailureWatch:
     prints it and ends this process with that same exit code (so whichever rank a launcher
     hears from first, the code says why: 2 for a user-facing error such as a full disk).
     Without it the other ranks would wait in their next collective until the group's timeout
-    (10 minutes), saying nothing."""
+    (10 minutes), saying nothing. The failing rank waits (at most `ack_timeout_s`) until every
+    rank has acknowledged before it exits: a launcher that terminates the rest of the job as
+    soon as one rank exits (torch's elastic agent, srun --kill-on-bad-exit) would otherwise
+    kill a slow peer before it said why it stopped."""
 
     KEY = "rdpt/failed"
+    ACK = "rdpt/failed-seen/"  # + rank
 
-    def __init__(self, rank: int, world: int, interval_s: float = 0.5):
+    def __init__(self, rank: int, world: int, interval_s: float = 0.5, ack_timeout_s: float = 60.0):
         self.rank = rank
+        self.world = world
+        self.ack_timeout_s = ack_timeout_s
         self._stop = threading.Event()
         self.store = None
         if world > 1:
@@ -114,6 +121,13 @@ class PeerFailureWatch:
             record = {"rank": self.rank, "error": error, "code": code}
             with contextlib.suppress(Exception):  # the store may be gone with rank 0
                 self.store.set(self.KEY, json.dumps(record))
+                self.store.set(f"{self.ACK}{self.rank}", "1")  # it says why itself
+                # NOTE: a hang guard, not a deadline: peers answer within `interval_s`;
+                # one that died already never does, and then this waits the whole timeout.
+                self.store.wait(
+                    [f"{self.ACK}{r}" for r in range(self.world)],
+                    datetime.timedelta(seconds=self.ack_timeout_s),
+                )
 
     def _watch(self, interval_s: float) -> None:
         import json
@@ -135,6 +149,8 @@ class PeerFailureWatch:
                 file=sys.stderr,
                 flush=True,
             )
+            with contextlib.suppress(Exception):
+                self.store.set(f"{self.ACK}{self.rank}", "1")
             logging.shutdown()
             os._exit(int(failed.get("code", PEER_FAILED)))
 
