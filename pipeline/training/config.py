@@ -66,6 +66,11 @@ class OptimSection(ConfigModel):
     """`adamw` (torch/DeepSpeed AdamW) or `ellis_adam`, the published Huginn run's Adam variant:
     atan2 update without epsilon, per-tensor update clipping, moments initialised from the
     first gradient, weight decay relative to the peak lr (training/ellis_adam.py)."""
+    impl: Literal["auto", "torch", "deepspeed"] = "auto"
+    """adamw only: which implementation. auto = DeepSpeed's fused Adam where CUDA is present and
+    its op is prebuilt, else torch's AdamW (fused kernel on CUDA, foreach on CPU); never a JIT
+    build at start-up. torch = always torch's. deepspeed = DeepSpeed's FusedAdam even when it
+    must be JIT-compiled first (needs nvcc matching CUDA)."""
     lr: float = Field(4e-5, gt=0)
     """Peak learning rate."""
     min_lr: float = Field(0.0, ge=0)
@@ -93,6 +98,15 @@ class OptimSection(ConfigModel):
     """ellis_adam only: the moments start at the first gradient (g, g^2) instead of zeros."""
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
+
+    @model_validator(mode="after")
+    def _impl_fits_name(self) -> OptimSection:
+        if self.name != "adamw" and self.impl == "deepspeed":
+            raise ValueError(
+                f"optim.impl=deepspeed applies to optim.name=adamw only; {self.name} is rdpt's "
+                "own optimizer (use optim.impl=auto or torch)"
+            )
+        return self
 
 
 class ParallelSection(ConfigModel):
