@@ -4,7 +4,8 @@ GPU (default): the bench-0.7b shape (configs/model/bench-0.7b.yaml), sequence 40
 micro-batch 2, bf16 parameters, r = 16 and r = 32 with k = 8, for each attention backend,
 eager and torch.compile (regional: each decoder layer compiled once; the core layers are
 reused r times). Reports tokens/s, model TFLOP/s (pipeline/model/flops.py accounting, no recompute
-credit), MFU against the bf16 dense peak (H100 SXM: 989 TFLOP/s) and peak memory.
+credit), MFU against the device's bf16 dense peak (pipeline/common/mfu.py: the table by
+device name, or --peak-tflops) and peak memory.
 
 CPU (no CUDA) or --smoke: the tiny shape through the same code path (math + sdpa backends,
 eager), in seconds. Results go to bench/results/model-<device>-<time>.json.
@@ -26,15 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for key, val in PEAK_TFLOPS.items():
-        if key in device_name:
-            return val
-    return None
 
 
 def parse_args(argv=None):
@@ -58,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shape, quick (CPU or GPU)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak (default: table by name)"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     return p.parse_args(argv)
 
@@ -142,6 +137,7 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
         "micro_batch": mb,
         "step_s": dt,
         "tokens_per_s": tokens / dt,
+        "model_flops": flops,
         "tflops": flops / dt / 1e12,
         "peak_mem_gib": (
             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -164,6 +160,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.common.config_io import load_config
+    from pipeline.common.mfu import mfu
     from pipeline.model.config import ModelConfig
     from pipeline.model.runtime import destroy_model_parallel, init_model_parallel
 
@@ -172,7 +169,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = peak_tflops(device_name) if cuda else None
+    from pipeline.common.mfu import peak_flops
+
+    peak_fl = peak_flops(device_name if cuda else None, args.peak_tflops)
+    peak = peak_fl / 1e12 if peak_fl else None
     cfg = load_config(ModelConfig, s["config"])
 
     from megatron.core import parallel_state
@@ -216,7 +216,9 @@ def main(argv=None) -> int:
                         if cuda:
                             torch.cuda.empty_cache()
                         continue
-                    res["mfu"] = res["tflops"] / peak if peak else None
+                    res["mfu"] = (
+                        mfu(res["model_flops"], res["step_s"], 1, peak_fl) if peak_fl else None
+                    )
                     print(f"{label}: {describe(res)}", flush=True)
                     rows.append(res)
     finally:

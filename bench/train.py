@@ -30,8 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-H100_BF16_PEAK = 989e12
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="measured steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: table by name")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     return p.parse_args(argv)
 
@@ -89,6 +88,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.common.distributed import init_process_group
+    from pipeline.common.mfu import mfu, peak_flops
     from pipeline.data.loader import ResumableLoader, open_dataset
     from pipeline.model import build_model
     from pipeline.model.flops import flops_per_token
@@ -179,9 +179,11 @@ def main(argv=None) -> int:
         "overhead_pct": 100.0 * (med_full - med_bare) / med_bare,
         "model_tflops_full": fpt * tokens / med_full / 1e12,
     }
-    if cuda:
-        result["mfu_full"] = fpt * tokens / med_full / H100_BF16_PEAK
-        result["mfu_bare"] = fpt * tokens / med_bare / H100_BF16_PEAK
+    peak = peak_flops(result["device"] if cuda else None, args.peak_tflops)
+    if peak is not None:
+        result["peak_tflops"] = peak / 1e12
+        result["mfu_full"] = mfu(fpt * tokens, med_full, 1, peak)
+        result["mfu_bare"] = mfu(fpt * tokens, med_bare, 1, peak)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"train-{'gpu' if cuda else 'cpu'}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"

@@ -54,6 +54,10 @@ class TrainSection(ConfigModel):
     compile: Literal["auto"] | bool = "auto"
     """torch.compile one core iteration (the region that runs r times): true (on), false (off),
     or auto = on where CUDA is present. YAML reads on/off as true/false too."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Dense bf16 peak of one device in TFLOP/s, for train/mfu; default: looked up by the device
+    name (pipeline/common/mfu.py: H100, H200, A100, B200, MI250X, MI300X). Without either, no
+    MFU is logged (CPU)."""
     log_interval: int = Field(1, ge=1)
     """Log training metrics every N steps (rank 0 only; never blocks)."""
     max_nonfinite_steps: int = Field(5, ge=1)
