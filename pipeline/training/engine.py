@@ -8,6 +8,9 @@
 - ZeRO stage, micro/global batch, gradient accumulation and clipping come from `cfg`.
 - bf16 on GPU (fp32 on CPU, or whatever `train.precision` says), with DeepSpeed's overflow
   check on so a non-finite gradient norm skips the step instead of poisoning the optimizer.
+  Under bf16: parameters in bf16 (matmuls), fp32 master weights and optimizer state, and at
+  ZeRO 1-3 gradients accumulated and reduced in fp32 (`data_types.grad_accum_dtype`,
+  `communication_data_type`). The latent state is fp32 in the model itself (recurrent.py).
 - The optimizer (`optim.impl`, chosen by optim.choose_optimizer): by default torch's AdamW
   instance handed to DeepSpeed (fused kernel on CUDA, foreach on CPU); DeepSpeed's FusedAdam
   (declared in the config) only when its op is prebuilt or `optim.impl: deepspeed` asks for it,
@@ -77,6 +80,12 @@ def deepspeed_config(cfg: TrainConfig, dims, platform: Platform | None = None) -
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if precision == "bf16" and cfg.parallel.zero_stage >= 1:
+        # NOTE: bf16 gradients summed over 256 micro-batches lose most of their bits; DeepSpeed
+        # accumulates in bf16 by default. At ZeRO-0 it supports nothing but bf16 (its DDP path
+        # raises on a mix), so there gradients accumulate in bf16 (documented).
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     if choose_optimizer(cfg.optim, platform).impl == "deepspeed":
         ds["optimizer"] = deepspeed_optimizer_section(cfg.optim)
     assert cfg.train.global_batch_size == cfg.train.micro_batch_size * dp * grad_accum
