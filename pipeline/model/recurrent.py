@@ -48,6 +48,7 @@ from pipeline.model.config import STATE_INITS, ModelConfig
 from pipeline.model.depth import split_steps
 from pipeline.model.kv_cache import CacheView
 from pipeline.model.layers import ColumnLinear, RMSNorm, RowLinear, block_spec
+from pipeline.model.loss import chunked_cross_entropy, unfused_cross_entropy
 
 STATE_DTYPE = torch.float32
 """The latent state between core iterations is fp32 in every model dtype (as in the reference
@@ -295,14 +296,17 @@ class RecurrentDepthLM(MegatronModule):
                     "state_cosine": mean_pairwise_cosine(s),
                 }
         x = self._coda_hidden(s)
-        logits_SBVp = self._logits_parallel(x)
         if labels_BS is None:
-            logits = compat.gather_last_dim(logits_SBVp)
+            logits = compat.gather_last_dim(self._logits_parallel(x))
             return RecurrentOutput(None, logits.transpose(0, 1), tele)
         labels_SB = labels_BS.transpose(0, 1)
         valid = labels_SB >= 0
-        loss_SB = tensor_parallel.vocab_parallel_cross_entropy(
-            logits_SBVp.float(), labels_SB.clamp_min(0).contiguous()
-        )
+        targets_SB = labels_SB.clamp_min(0).contiguous()
+        if self.cfg.loss_chunk_tokens:  # the full fp32 logits never exist at once
+            loss_SB = chunked_cross_entropy(
+                self._logits_parallel, x, targets_SB, self.cfg.loss_chunk_tokens
+            )
+        else:
+            loss_SB = unfused_cross_entropy(self._logits_parallel, x, targets_SB)
         loss_SB = torch.where(valid, loss_SB, torch.zeros_like(loss_SB))
         return RecurrentOutput(loss_SB.transpose(0, 1), None, tele)

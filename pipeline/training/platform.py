@@ -17,12 +17,23 @@ from dataclasses import dataclass
 
 def deepspeed_op_prebuilt(name: str) -> bool:
     """True when DeepSpeed was installed with op `name` compiled (DS_BUILD_OPS=1 or
-    DS_BUILD_<OP>=1); such an op loads without a JIT build (no nvcc, no minutes at start-up)."""
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
+    DS_BUILD_<OP>=1); such an op loads without a JIT build (no nvcc, no minutes at start-up).
+
+    NOTE: reads the record DeepSpeed's setup.py writes (git_version_info_installed.py) without
+    importing the deepspeed package, whose import probes accelerators and prints to stdout
+    (which `rdpt train --dry-run` keeps for the config alone)."""
+    import importlib.util
+    import runpy
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
         return False
-    return bool(installed_ops.get(name, False))
+    record = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
+    if not record.is_file():
+        return False
+    installed = runpy.run_path(str(record)).get("installed_ops", {})
+    return bool(installed.get(name, False))
 
 
 @dataclass(frozen=True)
