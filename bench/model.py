@@ -129,7 +129,7 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     tokens = mb * seq_len
     flops = flops_per_token(cfg, r, k, seq_len) * tokens
     res = {
-        "backend": resolve_backend(backend, device),
+        "backend": resolve_backend(backend, device, dtype, cfg.head_dim),
         "compile": compiled,
         "r": r,
         "k": k,
