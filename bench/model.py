@@ -2,10 +2,12 @@
 
 GPU (default): the bench-0.7b shape (configs/model/bench-0.7b.yaml), sequence 4096,
 micro-batch 2, bf16 parameters, r = 16 and r = 32 with k = 8, for each attention backend,
-eager and torch.compile (regional: each decoder layer compiled once; the core layers are
-reused r times). Reports tokens/s, model TFLOP/s (pipeline/model/flops.py accounting, no recompute
-credit), MFU against the device's bf16 dense peak (pipeline/common/mfu.py: the table by
-device name, or --peak-tflops) and peak memory.
+eager and torch.compile (the regions training compiles: training/parallel.py::compile_model;
+Dynamo is reset between configurations, and each row reports the graphs compiled in warm-up and
+the recompilations after it; run with TORCH_LOGS=recompiles to see why any happened).
+Reports tokens/s, model TFLOP/s (pipeline/model/flops.py accounting, no recompute credit),
+MFU against the device's bf16 dense peak (pipeline/common/mfu.py: the table by device name,
+or --peak-tflops) and peak memory.
 
 CPU (no CUDA) or --smoke: the tiny shape through the same code path (math + sdpa backends,
 eager), in seconds. Results go to bench/results/model-<device>-<time>.json.
@@ -80,13 +82,10 @@ def settings(args, cuda: bool) -> dict:
     }
 
 
-def compile_layers(model) -> None:
-    """Regional compilation: each decoder layer separately (the core ones run r times)."""
-    import torch
+def dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
 
-    for block in (model.prelude_block, model.core_block, model.coda_block):
-        for i, layer in enumerate(block.layers):  # megatron TransformerBlock's layer list
-            block.layers[i] = torch.compile(layer)
+    return counters["stats"]["unique_graphs"]
 
 
 def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype, device):
@@ -100,8 +99,11 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     torch.manual_seed(0)
     with torch.device(device):  # NOTE: megatron's "CPU" init then runs on the GPU (fast)
         model = build_model(cfg, params_dtype=dtype)
+    torch._dynamo.reset()  # every configuration compiles from scratch, counted on its own
     if compiled:
-        compile_layers(model)
+        from pipeline.training.parallel import compile_model
+
+        compile_model(model)  # the regions training compiles (one place)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (mb, seq_len), generator=g).to(device)
     labels = torch.randint(0, cfg.vocab_size, (mb, seq_len), generator=g).to(device)
@@ -116,9 +118,11 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    graphs0 = dynamo_graphs()
     for _ in range(warmup):
         step()
     sync()
+    graphs_warm = dynamo_graphs()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -138,6 +142,8 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
         "step_s": dt,
         "tokens_per_s": tokens / dt,
         "model_flops": flops,
+        "compiled_graphs": graphs_warm - graphs0,
+        "recompiles_after_warmup": dynamo_graphs() - graphs_warm,
         "tflops": flops / dt / 1e12,
         "peak_mem_gib": (
             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -151,7 +157,8 @@ def describe(res: dict) -> str:
     mem = f"{res['peak_mem_gib']:.1f} GiB" if res["peak_mem_gib"] is not None else "n/a"
     return (
         f"{res['tokens_per_s']:,.0f} tok/s  {res['tflops']:.2f} TFLOP/s  MFU {mfu}  "
-        f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)"
+        f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)  graphs {res['compiled_graphs']}, "
+        f"recompiles after warm-up {res['recompiles_after_warmup']}"
     )
 
 

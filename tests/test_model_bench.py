@@ -38,3 +38,4 @@ def test_bench_smoke_writes_results(tp1, tmp_path):
         hand = hand_flops_from_model_yaml(TINY, seq=64, r=4, k=2) * 2 * 64
         assert r["tflops"] * 1e12 * r["step_s"] == pytest.approx(hand, rel=1e-9)
         assert r["mfu"] == pytest.approx(hand / r["step_s"] / 2e12, rel=1e-9)
+        assert r["compiled_graphs"] == 0 and r["recompiles_after_warmup"] == 0  # eager

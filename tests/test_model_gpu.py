@@ -96,3 +96,6 @@ def test_gpu_bench_reports_hand_counted_flops_for_eager_and_compiled(tp1, tmp_pa
         assert row["model_flops"] == hand
         assert row["tflops"] * 1e12 * row["step_s"] == pytest.approx(hand, rel=1e-9)
         assert row["mfu"] == pytest.approx(hand / row["step_s"] / 989e12, rel=1e-9)
+        assert row["recompiles_after_warmup"] == 0
+    compiled = next(row for row in rows if row["compile"])
+    assert compiled["compiled_graphs"] >= 3  # prelude, core iteration, coda

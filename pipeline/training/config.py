@@ -52,8 +52,9 @@ class TrainSection(ConfigModel):
     """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences).
     Fine-tuning stages are modules of pipeline/training/stages/."""
     compile: Literal["auto"] | bool = "auto"
-    """torch.compile one core iteration (the region that runs r times): true (on), false (off),
-    or auto = on where CUDA is present. YAML reads on/off as true/false too."""
+    """torch.compile the core iteration (the region that runs r times), the prelude and the
+    coda (training/parallel.py::compile_model): on (true), off (false), or auto = on where CUDA
+    is present, below ZeRO-3. YAML reads on/off as true/false."""
     peak_tflops: float | None = Field(None, gt=0)
     """Dense bf16 peak of one device in TFLOP/s, for train/mfu; default: looked up by the device
     name (pipeline/common/mfu.py: H100, H200, A100, B200, MI250X, MI300X). Without either, no
