@@ -59,13 +59,61 @@ def test_train_bench_reports_hand_counted_flops_and_mfu_side_by_side(tiny_datase
         k=2,
         vocab=manifest["vocab_size"],
     )
-    assert record["model_tflops_full"] * 1e12 * full["step_s"] == pytest.approx(
+    # full stack: the FLOPs of the 3 measured steps over their total time
+    assert full["model_flops"] == hand * tokens * 3
+    assert record["model_tflops_full"] * 1e12 == pytest.approx(
+        hand * tokens * 3 / full["total_s"], rel=1e-9
+    )
+    assert record["model_tflops_bare"] * 1e12 * bare["step_s"] == pytest.approx(
         hand * tokens, rel=1e-9
     )
     assert record["peak_tflops"] == peak_tflops
     assert record["mfu_full"] == pytest.approx(
-        hand * tokens / full["step_s"] / (peak_tflops * 1e12), rel=1e-9
+        hand * tokens * 3 / full["total_s"] / (peak_tflops * 1e12), rel=1e-9
     )
     assert record["mfu_bare"] == pytest.approx(
         hand * tokens / bare["step_s"] / (peak_tflops * 1e12), rel=1e-9
     )
+
+
+def test_train_bench_synthetic_sampled_r_counts_each_steps_flops(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "train.py"),
+            "--synthetic",
+            "--seq-len",
+            "32",
+            "--micro-batch",
+            "2",
+            "--r",
+            "4",
+            "--k",
+            "2",
+            "--sampled-r",
+            "--zero",
+            "1",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--profile",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = tmp_path.glob("train-cpu-z1-*.json")
+    record = json.loads(result.read_text())
+    assert record["synthetic"] and record["seq_len"] == 32 and record["zero_stage"] == 1
+    measured = record["r_drawn"][1:5]  # after the warm-up step
+    assert len(set(record["r_drawn"])) > 1  # r really varied
+    tiny = REPO / "configs/model/tiny.yaml"
+    hand = sum(hand_flops_from_model_yaml(tiny, seq=32, r=r, k=2) * 2 * 32 for r in measured)
+    assert record["full_stack"]["model_flops"] == hand
+    assert len(record["top_kernels"]) == 20 and all(k["time_us"] > 0 for k in record["top_kernels"])
