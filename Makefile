@@ -12,13 +12,14 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint install clean-demo bench-cpu help
+.PHONY: demo test lint install clean-demo bench-cpu help test-mcore-latest
 
 help:
 	@echo "make demo   - prepare the embedded corpus, train a tiny model on CPU, evaluate, log to MLflow"
 	@echo "make test   - run the whole test suite (after make lint)"
 	@echo "make lint   - ruff check + ruff format --check"
 	@echo "make install- create .venv with the pinned dependencies"
+	@echo "make test-mcore-latest - the model tests against megatron-core 0.19 (side venv)"
 
 install: $(STAMP)
 
@@ -45,3 +46,23 @@ bench-cpu: $(STAMP)
 	$(PY) bench/prep.py
 	$(PY) bench/model.py
 	$(PY) bench/train.py
+
+# megatron-core 0.19 (what GPU images with Python 3.12 get) on this Python 3.11: its wheel
+# declares Requires-Python >= 3.12 but installs with --ignore-requires-python; it imports
+# triton at `import megatron.core`. A side venv sees .venv's packages through a .pth file and
+# shadows only megatron-core (and adds triton); .venv stays as it is.
+MCORE_VENV := .venv-mcore-latest
+MCORE_PIN := megatron-core==0.19.2
+TRITON_PIN := triton==3.9.0
+$(MCORE_VENV)/.installed: $(STAMP)
+	$(PYTHON) -m venv $(MCORE_VENV)
+	$(PY) -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" \
+		> $$($(MCORE_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/zz-rdpt.pth
+	$(MCORE_VENV)/bin/pip install -q --no-deps --ignore-requires-python $(MCORE_PIN) $(TRITON_PIN)
+	@touch $@
+
+test-mcore-latest: $(MCORE_VENV)/.installed
+	$(MCORE_VENV)/bin/python -c "import megatron.core as m; print('megatron-core', m.__version__)"
+	$(MCORE_VENV)/bin/python -m pytest -q tests/test_model.py tests/test_model_reference.py \
+		tests/test_model_tp.py tests/test_loss_chunked.py tests/test_attention_backend.py \
+		tests/test_precision.py tests/test_compile.py

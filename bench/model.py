@@ -2,9 +2,12 @@
 
 GPU (default): the bench-0.7b shape (configs/model/bench-0.7b.yaml), sequence 4096,
 micro-batch 2, bf16 parameters, r = 16 and r = 32 with k = 8, for each attention backend,
-eager and torch.compile (regional: each decoder layer compiled once; the core layers are
-reused r times). Reports tokens/s, model TFLOP/s (pipeline/model/flops.py accounting, no recompute
-credit), MFU against the bf16 dense peak (H100 SXM: 989 TFLOP/s) and peak memory.
+eager and torch.compile (the regions training compiles: training/parallel.py::compile_model;
+Dynamo is reset between configurations, and each row reports the graphs compiled in warm-up and
+the recompilations after it; run with TORCH_LOGS=recompiles to see why any happened).
+Reports tokens/s, model TFLOP/s (pipeline/model/flops.py accounting, no recompute credit),
+MFU against the device's bf16 dense peak (pipeline/common/mfu.py: the table by device name,
+or --peak-tflops) and peak memory.
 
 CPU (no CUDA) or --smoke: the tiny shape through the same code path (math + sdpa backends,
 eager), in seconds. Results go to bench/results/model-<device>-<time>.json.
@@ -26,15 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for key, val in PEAK_TFLOPS.items():
-        if key in device_name:
-            return val
-    return None
 
 
 def parse_args(argv=None):
@@ -58,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shape, quick (CPU or GPU)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak (default: table by name)"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     return p.parse_args(argv)
 
@@ -85,13 +82,10 @@ def settings(args, cuda: bool) -> dict:
     }
 
 
-def compile_layers(model) -> None:
-    """Regional compilation: each decoder layer separately (the core ones run r times)."""
-    import torch
+def dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
 
-    for block in (model.prelude_block, model.core_block, model.coda_block):
-        for i, layer in enumerate(block.layers):  # megatron TransformerBlock's layer list
-            block.layers[i] = torch.compile(layer)
+    return counters["stats"]["unique_graphs"]
 
 
 def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype, device):
@@ -105,8 +99,11 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     torch.manual_seed(0)
     with torch.device(device):  # NOTE: megatron's "CPU" init then runs on the GPU (fast)
         model = build_model(cfg, params_dtype=dtype)
+    torch._dynamo.reset()  # every configuration compiles from scratch, counted on its own
     if compiled:
-        compile_layers(model)
+        from pipeline.training.parallel import compile_model
+
+        compile_model(model)  # the regions training compiles (one place)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (mb, seq_len), generator=g).to(device)
     labels = torch.randint(0, cfg.vocab_size, (mb, seq_len), generator=g).to(device)
@@ -121,9 +118,11 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    graphs0 = dynamo_graphs()
     for _ in range(warmup):
         step()
     sync()
+    graphs_warm = dynamo_graphs()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -134,7 +133,7 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
     tokens = mb * seq_len
     flops = flops_per_token(cfg, r, k, seq_len) * tokens
     res = {
-        "backend": resolve_backend(backend, device),
+        "backend": resolve_backend(backend, device, dtype, cfg.head_dim),
         "compile": compiled,
         "r": r,
         "k": k,
@@ -142,6 +141,9 @@ def bench_one(cfg, *, backend, compiled, r, k, seq_len, mb, warmup, iters, dtype
         "micro_batch": mb,
         "step_s": dt,
         "tokens_per_s": tokens / dt,
+        "model_flops": flops,
+        "compiled_graphs": graphs_warm - graphs0,
+        "recompiles_after_warmup": dynamo_graphs() - graphs_warm,
         "tflops": flops / dt / 1e12,
         "peak_mem_gib": (
             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -155,7 +157,8 @@ def describe(res: dict) -> str:
     mem = f"{res['peak_mem_gib']:.1f} GiB" if res["peak_mem_gib"] is not None else "n/a"
     return (
         f"{res['tokens_per_s']:,.0f} tok/s  {res['tflops']:.2f} TFLOP/s  MFU {mfu}  "
-        f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)"
+        f"peak {mem}  ({res['step_s'] * 1e3:.1f} ms/step)  graphs {res['compiled_graphs']}, "
+        f"recompiles after warm-up {res['recompiles_after_warmup']}"
     )
 
 
@@ -164,6 +167,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.common.config_io import load_config
+    from pipeline.common.mfu import mfu
     from pipeline.model.config import ModelConfig
     from pipeline.model.runtime import destroy_model_parallel, init_model_parallel
 
@@ -172,7 +176,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = peak_tflops(device_name) if cuda else None
+    from pipeline.common.mfu import peak_flops
+
+    peak_fl = peak_flops(device_name if cuda else None, args.peak_tflops)
+    peak = peak_fl / 1e12 if peak_fl else None
     cfg = load_config(ModelConfig, s["config"])
 
     from megatron.core import parallel_state
@@ -216,7 +223,9 @@ def main(argv=None) -> int:
                         if cuda:
                             torch.cuda.empty_cache()
                         continue
-                    res["mfu"] = res["tflops"] / peak if peak else None
+                    res["mfu"] = (
+                        mfu(res["model_flops"], res["step_s"], 1, peak_fl) if peak_fl else None
+                    )
                     print(f"{label}: {describe(res)}", flush=True)
                     rows.append(res)
     finally:

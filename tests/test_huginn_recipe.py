@@ -117,9 +117,10 @@ def test_dry_run_memory_estimate_of_huginn_0125_on_8x80gb_matches_hand_computati
     code, out = dry_run(capsys, "--dry-run", "--nodes", "1", "--gpus-per-node", "8")
     assert code == 0, out.err
     text = out.out
-    # hand computation: N = 3,564,976,800 parameters (tied), bf16 + fp32 master, ZeRO-1, dp 8
+    # hand computation: N = 3,564,976,800 parameters (tied), bf16 + fp32 master, ZeRO-1, dp 8;
+    # gradients: bf16 (2N) and DeepSpeed's whole fp32 accumulation buffer (4N)
     N, dp = 3_564_976_800, 8
-    weights, grads, optim = 2 * N + 4 * N / dp, 2 * N, 8 * N / dp
+    weights, grads, optim = 2 * N + 4 * N / dp, 2 * N + 4 * N, 8 * N / dp
     h, f, V, s, k = 5280, 17920, 65536, 4096, 8
     layer = 2 * (10 * h + 3 * f)  # bytes per token of one sandwich layer (bf16)
     once = 4 * layer + 2 * 2 * h  # prelude + coda, e and s_0

@@ -1,5 +1,6 @@
 """GPU checks of the model (skipped without CUDA): bf16 backends agree, the flash backend
-when flash_attn is importable, and the benchmark's GPU path on a small shape."""
+when flash_attn is importable, and the benchmark's GPU path on a small shape (its FLOPs and
+MFU against a count by hand)."""
 
 from __future__ import annotations
 
@@ -50,14 +51,19 @@ def test_gpu_fp32_sdpa_matches_cpu_math(tp1):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_gpu_bench_small_shape(tp1, tmp_path):
+def test_gpu_bench_reports_hand_counted_flops_for_eager_and_compiled(tp1, tmp_path):
+    import json
+    from pathlib import Path
+
+    from flops_by_hand import hand_flops_from_model_yaml
     from test_model_bench import load_bench
 
     bench = load_bench()
+    tiny = Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"
     rc = bench.main(
         [
             "--config",
-            "configs/model/tiny.yaml",
+            str(tiny),
             "--seq-len",
             "256",
             "--r",
@@ -72,8 +78,24 @@ def test_gpu_bench_small_shape(tp1, tmp_path):
             "1",
             "--iters",
             "2",
+            "--peak-tflops",
+            "989",
             "--out",
             str(tmp_path),
         ]
     )
     assert rc == 0
+    (result,) = tmp_path.glob("model-*.json")
+    record = json.loads(result.read_text())
+    rows = record["results"]
+    assert sorted(row["compile"] for row in rows) == [False, True]
+    hand = hand_flops_from_model_yaml(tiny, seq=256, r=4, k=2) * 2 * 256  # micro-batch 2
+    for row in rows:
+        assert "error" not in row, row
+        assert row["backend"] == "sdpa"
+        assert row["model_flops"] == hand
+        assert row["tflops"] * 1e12 * row["step_s"] == pytest.approx(hand, rel=1e-9)
+        assert row["mfu"] == pytest.approx(hand / row["step_s"] / 989e12, rel=1e-9)
+        assert row["recompiles_after_warmup"] == 0
+    compiled = next(row for row in rows if row["compile"])
+    assert compiled["compiled_graphs"] >= 3  # prelude, core iteration, coda

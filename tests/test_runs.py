@@ -27,6 +27,9 @@ def _loss_curve(lr: float) -> list[float]:
     return [6.0 * (1.0 - lr * 200) ** s + 2.0 for s in range(12)]
 
 
+PEAK_TFLOPS = 400.0
+
+
 def _depth_curve(lr: float) -> dict[int, float]:
     return {r: 3.0 + 2.0 / r + lr * 100 for r in RS}
 
@@ -48,9 +51,11 @@ def two_runs(mlflow_server, tmp_path_factory):
                     "train/tokens": 4096 * (s + 1),
                     "train/tokens_per_s": 1000.0 + 10 * s + lr * 1e5,
                     "train/mfu": 0.1 + lr,
+                    "train/model_tflops": PEAK_TFLOPS * (0.1 + lr) + s,
                 },
                 step=s,
             )
+        t.set_tags({"peak_tflops": str(PEAK_TFLOPS)})
         t.log_metrics({"val/loss_r8": 9.0, "val/loss_r1": 9.5}, step=11)  # superseded by eval
         for r, loss in _depth_curve(lr).items():
             t.log_metrics({"eval/loss_r": loss}, step=r)
@@ -141,7 +146,11 @@ def test_runs_compare_shows_exactly_the_differing_param(mlflow_server, two_runs,
     assert m["best_loss"] == pytest.approx([min(_loss_curve(lr)) for lr in (lr_a, lr_b)])
     for r in RS:
         assert m[f"loss_r{r}"] == pytest.approx([_depth_curve(lr)[r] for lr in (lr_a, lr_b)])
-    assert m["mfu"] == pytest.approx([0.1 + lr_a, 0.1 + lr_b])
+    # MFU: the shared function of the median TFLOP/s per device (steps 0..11: +5.5) and the
+    # run's peak tag, not the median of the logged per-interval train/mfu
+    tflops = [PEAK_TFLOPS * (0.1 + lr) + 5.5 for lr in (lr_a, lr_b)]
+    assert m["model_tflops"] == pytest.approx(tflops)
+    assert m["mfu"] == pytest.approx([0.1 + lr + 5.5 / PEAK_TFLOPS for lr in (lr_a, lr_b)])
     assert m["tokens_per_s"] == pytest.approx([1055.0 + lr * 1e5 for lr in (lr_a, lr_b)])
 
     for name in ("loss_vs_tokens.png", "loss_vs_r.png", "comparison.json"):

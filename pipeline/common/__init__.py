@@ -8,4 +8,5 @@ cli_args.py      argparse pieces shared by commands (overrides after options)
 stop_signals.py  SIGUSR1/SIGTERM remembered from the first instant of a training process
 slurm_env.py     this process's rank from srun's variables, as torchrun variables
 distributed.py   torch.distributed process group from the environment (gloo / NCCL)
+mfu.py           model FLOPs utilisation and the device peak table (training, bench, runs)
 """

@@ -11,7 +11,9 @@ only the shared basics; no DeepSpeed, no training code).
   build.py         ModelConfig -> megatron TransformerConfig -> RecurrentDepthLM
   recurrent.py     prelude -> core looped r times on a latent state -> coda -> tied head
   layers.py        the decoder layer (Huginn sandwich or pre-norm), chosen by module spec
-  attention.py     core attention backends (flash-attn, torch SDPA, math)
+  attention.py     core attention backends (FlashAttention 3/2, torch SDPA, math), chosen
+                   from device, dtype and head dim
+  loss.py          the training loss over token slices (no full fp32 logits)
   depth.py         r iterations -> (no-grad, graded) under truncated backprop
   init.py          weight initialisation
   kv_cache.py      KV cache keyed by (block, slot, layer)

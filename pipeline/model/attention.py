@@ -6,15 +6,20 @@
   pairs, fp32) -> core attention (causal, scale 1/sqrt(head_dim)) -> linear_proj
   (RowParallelLinear).
 
-`CoreAttention` backends: `flash` (flash_attn), `sdpa` (torch SDPA; cuDNN first on Hopper),
-`math` (plain matmul + fp32 softmax; CPU default). All take [S, B, heads, head_dim] and keys
+`CoreAttention` backends: `flash` (FlashAttention-3 from flash_attn_interface when importable,
+else FlashAttention-2 from flash_attn; bf16/fp16 only), `sdpa` (torch SDPA; cuDNN first on
+Hopper), `math` (plain matmul + fp32 softmax; CPU default). `resolve_backend` picks one from
+device, dtype and head dim (see there); a failing FlashAttention import is logged with its
+error once per process. All take [S, B, heads, head_dim] and keys
 that may be longer than the queries (cached forward): queries are the LAST Sq positions, so
 the causal mask is aligned bottom-right.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,28 +30,107 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from pipeline.common.errors import RdptConfigError
 from pipeline.model import compat
 
-try:  # optional extra `rdpt[flash]`
-    from flash_attn import flash_attn_func as _flash_attn_func
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_attn_func = None
+log = logging.getLogger("rdpt.model")
 
 BACKENDS = ("auto", "flash", "sdpa", "math")
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
-    """`auto` -> flash (CUDA + flash_attn importable) > sdpa (CUDA) > math (CPU)."""
+@dataclass(frozen=True)
+class FlashKernel:
+    """An importable FlashAttention: `fa3` (flash_attn_interface, Hopper) or `fa2` (flash_attn)."""
+
+    version: str
+    func: Callable | None = None
+
+
+def _import_flash() -> tuple[FlashKernel | None, dict[str, str]]:
+    """FlashAttention-3 if importable, else FlashAttention-2, else None; with the import error
+    of each one that failed (a broken install must not pass for an absent one)."""
+    errors: dict[str, str] = {}
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+    except Exception as e:  # noqa: BLE001 - any failure: recorded and logged with its error
+        errors["flash_attn_interface"] = f"{type(e).__name__}: {e}"
+    else:
+        return FlashKernel("fa3", fa3), errors
+    try:
+        from flash_attn import flash_attn_func as fa2
+    except Exception as e:  # noqa: BLE001
+        errors["flash_attn"] = f"{type(e).__name__}: {e}"
+        return None, errors
+    return FlashKernel("fa2", fa2), errors
+
+
+FLASH, FLASH_IMPORT_ERRORS = _import_flash()
+_flash_attn_func = FLASH.func if FLASH is not None else None  # bench/tests: "is it there"
+_import_logged = False
+
+
+def log_flash_import() -> None:
+    """Say once per process which FlashAttention is used, or why none (each import error)."""
+    global _import_logged
+    if _import_logged:
+        return
+    _import_logged = True
+    if FLASH is not None:
+        log.info("attention: FlashAttention %s importable", FLASH.version)
+    for module, error in FLASH_IMPORT_ERRORS.items():
+        # not installed is ordinary; anything else (a CUDA/ABI mismatch) is worth a warning
+        level = logging.INFO if error.startswith("ModuleNotFoundError") else logging.WARNING
+        log.log(level, "attention: import %s failed: %s", module, error)
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+    *,
+    flash: FlashKernel | None | str = "detect",
+    capability: tuple[int, int] | None = None,
+) -> str:
+    """The core-attention backend for tensors of `dtype` on `device` with heads of `head_dim`.
+
+    auto: math on CPU; on CUDA, sdpa on sm90 and newer (cuDNN SDPA measured 413 TFLOP/s at
+    head dim 128, sequence 4096 on an H100, FlashAttention-2 ~300-350 there), flash on older
+    GPUs when a FlashAttention is importable and the dtype/head dim suit it, else sdpa.
+    fp32 (and head dims flash does not take) never reach flash: an explicit `flash` then runs
+    sdpa, with a warning. `flash` and `capability` describe the machine (default: this one),
+    so the choice for another machine can be computed here."""
     if name not in BACKENDS:
         raise RdptConfigError(f"model.attention_backend: '{name}' is not one of {BACKENDS}")
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    flash = FLASH if flash == "detect" else flash
+    dev = torch.device(device) if device is not None else None
+    on_cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
+    flash_fits = (dtype is None or dtype in FLASH_DTYPES) and (
+        head_dim is None or (head_dim % 8 == 0 and head_dim <= 256)
+    )
     if name == "auto":
-        if on_cuda and _flash_attn_func is not None:
+        if not on_cuda:
+            return "math"
+        if capability is None:
+            capability = (
+                torch.cuda.get_device_capability(dev) if torch.cuda.is_available() else (0, 0)
+            )
+        prefers_sdpa = capability[0] >= 9  # measured, see the docstring
+        if flash is not None and flash_fits and not prefers_sdpa:
             return "flash"
-        return "sdpa" if on_cuda else "math"
-    if name == "flash" and _flash_attn_func is None:
-        raise RdptConfigError(
-            "model.attention_backend: 'flash' needs the flash_attn package (pip install "
-            "'rdpt[flash]'); use 'sdpa' or 'auto'"
-        )
+        return "sdpa"
+    if name == "flash":
+        if flash is None:
+            raise RdptConfigError(
+                "model.attention_backend: 'flash' needs FlashAttention (flash_attn_interface "
+                f"or flash_attn; import errors: {FLASH_IMPORT_ERRORS}); use 'sdpa' or 'auto'"
+            )
+        if not flash_fits or not on_cuda:
+            log.warning(
+                "attention: flash does not take %s (head dim %s) on %s; using sdpa",
+                dtype,
+                head_dim,
+                dev,
+            )
+            return "sdpa"
     return name
 
 
@@ -73,26 +157,45 @@ def _sdpa_context():
 
 
 class CoreAttention(MegatronModule):
-    """softmax(q k^T / sqrt(d) + causal) v over [S, B, heads, head_dim] tensors."""
+    """softmax(q k^T / sqrt(d) + causal) v over [S, B, heads, head_dim] tensors.
+
+    The backend is resolved when the module is built (the default device and the config's
+    params_dtype), again whenever the module is moved or cast (`.to`, `.cuda`, `.bfloat16`:
+    `_apply`), and in forward if the tensors arrive on another device or dtype than the one it
+    was resolved for; `resolved_for` and `resolved` say what it is now."""
 
     def __init__(self, config, backend: str = "auto"):
         super().__init__(config=config)
         self.backend_name = backend
-        self._resolved: str | None = None
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        log_flash_import()
+        self._resolve(torch.empty(0).device, config.params_dtype)
 
-    def backend(self, device: torch.device) -> str:
-        if self._resolved is None:
-            self._resolved = resolve_backend(self.backend_name, device)
-        return self._resolved
+    def _resolve(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.resolved_for = (device.type, dtype)
+        self.resolved = resolve_backend(self.backend_name, device, dtype, self.head_dim)
+
+    def _apply(self, fn, *args, **kwargs):
+        # NOTE: a module without parameters learns where it went by moving a probe tensor.
+        probe = fn(torch.empty(0, dtype=self.resolved_for[1], device=self.resolved_for[0]))
+        self._resolve(probe.device, probe.dtype)
+        return super()._apply(fn, *args, **kwargs)
+
+    def backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        if (device.type, dtype) != self.resolved_for:
+            self._resolve(device, dtype)
+        return self.resolved
 
     def forward(self, q_SBNh, k_SBNh, v_SBNh) -> torch.Tensor:
         sq, sk = q_SBNh.shape[0], k_SBNh.shape[0]
-        backend = self.backend(q_SBNh.device)
+        backend = self.backend(q_SBNh.device, q_SBNh.dtype)
         scale = 1.0 / math.sqrt(q_SBNh.shape[-1])
         if backend == "flash":
             # flash_attn aligns the causal mask bottom-right when sq != sk (>= 2.1).
             q, k, v = (t.transpose(0, 1) for t in (q_SBNh, k_SBNh, v_SBNh))  # [B, S, N, h]
-            o_BSNh = _flash_attn_func(q, k, v, causal=True, softmax_scale=scale)
+            o_BSNh = FLASH.func(q, k, v, causal=True, softmax_scale=scale)
+            if isinstance(o_BSNh, tuple):  # some FA3 releases also return the log-sum-exp
+                o_BSNh = o_BSNh[0]
             return o_BSNh.transpose(0, 1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBNh, k_SBNh, v_SBNh))  # [B, N, S, h]
         if backend == "sdpa":

@@ -86,12 +86,20 @@ class ModelConfig(ConfigModel):
     """Start from these weights instead of a random init: a run directory, a training
     checkpoint, a consolidated checkpoint (`rdpt export`) or a Hugging Face Huginn directory.
     Their shape must equal this config's; any TP size and ZeRO stage can load them."""
+    loss_chunk_tokens: int = 2048
+    """Training loss over slices of this many tokens, each recomputed in backward, so the
+    full-vocabulary fp32 logits of a micro-batch never exist at once (loss.py); 0 = unfused
+    (all logits at once). Does not change the result beyond summation order."""
     attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     """Core attention: flash-attn, torch SDPA (cuDNN preferred on Hopper), plain math; auto
     picks flash > sdpa on CUDA, math on CPU."""
 
     @model_validator(mode="after")
     def _validate(self) -> ModelConfig:
+        if self.loss_chunk_tokens < 0:
+            raise RdptConfigError(
+                f"model.loss_chunk_tokens: must be >= 0 (0 = unfused), got {self.loss_chunk_tokens}"
+            )
         self.check()
         return self
 

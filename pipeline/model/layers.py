@@ -8,6 +8,11 @@ references; the layer code is the same for every choice.
     sandwich:  x' = n2(x + Attn(n1(x))),   x'' = n4(x' + MLP(n3(x')))
     prenorm:   x' = x + Attn(n1(x)),       x'' = x' + MLP(n3(x'))
 
+Precision: the layer keeps the dtype of its input x for the residual stream and the norms
+(fp32 math, output in x's dtype); the linear layers cast their input to the weights' dtype.
+A bf16 model fed an fp32 stream (the core, whose latent state is fp32) thus runs bf16 matmuls
+with fp32 residual adds and norms, as autocast would with fp32 activations.
+
 `DecoderLayer` follows megatron's TransformerLayer calling contract (keyword arguments
 hidden_states, attention_mask, rotary_pos_emb, inference_context, ...; returns
 (hidden_states, context)) so that a `megatron.core.transformer.transformer_block.TransformerBlock`
@@ -40,6 +45,7 @@ class ColumnLinear(ColumnParallelLinear):
         self._plain = get_tensor_model_parallel_world_size() == 1
 
     def forward(self, input_, weight=None, *args, **kwargs):
+        input_ = _to_compute_dtype(self, input_)
         if self._plain and weight is None:
             return _plain_linear(self, input_)
         return super().forward(input_, weight, *args, **kwargs)
@@ -56,9 +62,16 @@ class RowLinear(RowParallelLinear):
         self._plain = get_tensor_model_parallel_world_size() == 1
 
     def forward(self, input_, *args, **kwargs):
+        input_ = _to_compute_dtype(self, input_)
         if self._plain and not args and not kwargs:
             return _plain_linear(self, input_)
         return super().forward(input_, *args, **kwargs)
+
+
+def _to_compute_dtype(layer, x):
+    # The residual stream of the core may be fp32 (the latent state is carried in fp32, see
+    # recurrent.py); matmuls run in the weights' dtype (bf16 under mixed precision).
+    return x if x.dtype == layer.weight.dtype else x.to(layer.weight.dtype)
 
 
 def _plain_linear(layer, x):
@@ -69,7 +82,8 @@ def _plain_linear(layer, x):
 
 
 class RMSNorm(torch.nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * w, computed in fp32, no bias, no (1 + w) offset."""
+    """x * rsqrt(mean(x^2) + eps) * w, computed in fp32, no bias, no (1 + w) offset; returned
+    in the dtype of x (an fp32 residual stream stays fp32 in a bf16 model)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype=torch.float32):
         super().__init__()

@@ -4,7 +4,7 @@ Layout inside the model is megatron's [S, B, H]; the public forward takes/return
 
     e = prelude(embed(x) * sqrt(h))
     s_0 = initial_state(e)                       # truncated normal (or zeros), per sample id
-    s_i = core(adapter(concat(s_{i-1}, e)))      # i = 1..r; the first r-k under no_grad
+    s_i = core(adapter(concat(s_{i-1}, e)))      # i = 1..r; the first r-k under no_grad; fp32
     logits = head(ln_f(coda(ln_f(s_r))))         # head tied to the embedding
 
 prelude_block, core_block and coda_block are megatron-core `TransformerBlock`s (n_prelude /
@@ -48,6 +48,12 @@ from pipeline.model.config import STATE_INITS, ModelConfig
 from pipeline.model.depth import split_steps
 from pipeline.model.kv_cache import CacheView
 from pipeline.model.layers import ColumnLinear, RMSNorm, RowLinear, block_spec
+from pipeline.model.loss import chunked_cross_entropy, unfused_cross_entropy
+
+STATE_DTYPE = torch.float32
+"""The latent state between core iterations is fp32 in every model dtype (as in the reference
+training code under bf16 autocast): r up to ~100 iterations would otherwise round the state
+to bf16 r times. Only the matmuls' inputs are cast to the model's dtype."""
 
 
 class RecurrentOutput(NamedTuple):
@@ -172,15 +178,16 @@ class RecurrentDepthLM(MegatronModule):
     def initial_state(
         self, e_SBH, mode: str | None = None, seed: int = 0, sample_ids_B=None
     ) -> torch.Tensor:
-        """s_0 [S, B, H]: zeros, or a truncated normal (std sqrt(2/(5h)) cut at +-3 std, times
-        sqrt(h) by default) drawn per sample from a generator seeded by (seed, sample id), so a
-        sample's state never depends on the batch it sits in or the data-parallel size."""
+        """s_0 [S, B, H] in fp32: zeros, or a truncated normal (std sqrt(2/(5h)) cut at +-3
+        std, times sqrt(h) by default) drawn per sample from a generator seeded by (seed,
+        sample id), so a sample's state never depends on the batch it sits in or the
+        data-parallel size."""
         mode = mode or self.cfg.state_init
         if mode not in STATE_INITS:
             raise RdptConfigError(f"state_init: expected one of {STATE_INITS}, got {mode!r}")
         S, B, H = e_SBH.shape
         if mode == "zero":
-            return torch.zeros_like(e_SBH)
+            return torch.zeros_like(e_SBH, dtype=STATE_DTYPE)
         if sample_ids_B is None:
             ids = list(range(B))
         else:
@@ -196,11 +203,15 @@ class RecurrentDepthLM(MegatronModule):
                 torch.nn.init.trunc_normal_(
                     out[:, b], mean=0.0, std=std, a=-3 * std, b=3 * std, generator=g
                 )
-        return (out * scale).to(e_SBH.dtype)
+        return out * scale  # fp32 whatever the model's dtype (see STATE_DTYPE)
 
     def _core(self, s_SBH, e_SBH, rope, kv_cache=None, cache_slot=0, position_offset=0):
-        # NOTE: state first, then the embedded input (Huginn's adapter layout).
-        x, _ = self.adapter(compat.scatter_last_dim(torch.cat([s_SBH, e_SBH], dim=-1)))
+        # NOTE: state first, then the embedded input (Huginn's adapter layout). The adapter's
+        # matmul runs in the model's dtype; its output joins the state's dtype (fp32), so the
+        # core's residual stream and norms, and the state it returns, stay fp32.
+        x_in = torch.cat([s_SBH.to(e_SBH.dtype), e_SBH], dim=-1)
+        x, _ = self.adapter(compat.scatter_last_dim(x_in))
+        x = x.to(s_SBH.dtype)
         return self._run(self.core_block, "core", cache_slot, x, rope, kv_cache, position_offset)
 
     def wrap_iteration(self, wrapper: Callable[[Callable], Callable]) -> None:
@@ -222,7 +233,7 @@ class RecurrentDepthLM(MegatronModule):
         if self.output_layer is not None:
             return self.output_layer(x_SBH)[0]
         x = tensor_parallel.copy_to_tensor_model_parallel_region(x_SBH)
-        return F.linear(x, self.embedding.weight)
+        return F.linear(x.to(self.embedding.weight.dtype), self.embedding.weight)
 
     def _coda_hidden(self, s_SBH, kv_cache=None, position_offset=0):
         rope = self._rope(s_SBH.shape[0], position_offset, s_SBH.device)
@@ -285,14 +296,17 @@ class RecurrentDepthLM(MegatronModule):
                     "state_cosine": mean_pairwise_cosine(s),
                 }
         x = self._coda_hidden(s)
-        logits_SBVp = self._logits_parallel(x)
         if labels_BS is None:
-            logits = compat.gather_last_dim(logits_SBVp)
+            logits = compat.gather_last_dim(self._logits_parallel(x))
             return RecurrentOutput(None, logits.transpose(0, 1), tele)
         labels_SB = labels_BS.transpose(0, 1)
         valid = labels_SB >= 0
-        loss_SB = tensor_parallel.vocab_parallel_cross_entropy(
-            logits_SBVp.float(), labels_SB.clamp_min(0).contiguous()
-        )
+        targets_SB = labels_SB.clamp_min(0).contiguous()
+        if self.cfg.loss_chunk_tokens:  # the full fp32 logits never exist at once
+            loss_SB = chunked_cross_entropy(
+                self._logits_parallel, x, targets_SB, self.cfg.loss_chunk_tokens
+            )
+        else:
+            loss_SB = unfused_cross_entropy(self._logits_parallel, x, targets_SB)
         loss_SB = torch.where(valid, loss_SB, torch.zeros_like(loss_SB))
         return RecurrentOutput(loss_SB.transpose(0, 1), None, tele)

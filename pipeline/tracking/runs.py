@@ -2,8 +2,10 @@
 
 Loss at depth r for a run comes from the evaluation curve `eval/loss_r` (step = r) when the run
 has one, otherwise from the in-training validation metrics `val/loss_r{R}` (last value).
-Throughput and MFU are the median of the run's `train/tokens_per_s` / `train/mfu` history
-(robust to the slow first steps).
+Throughput is the median of the run's `train/tokens_per_s` history (robust to the slow first
+steps). MFU is `pipeline.common.mfu.mfu` (the function training and bench/ use) of the median
+model TFLOP/s per device (`train/model_tflops`) and the run's device peak (tag `peak_tflops`);
+runs logged before those existed fall back to the median of their `train/mfu`.
 """
 
 from __future__ import annotations
@@ -122,6 +124,17 @@ def _median(client, run, key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def run_mfu(client, run) -> float | None:
+    """The run's MFU from its median model TFLOP/s per device and its peak (see module doc)."""
+    from pipeline.common.mfu import mfu
+
+    tflops = _median(client, run, "train/model_tflops")
+    peak = run.data.tags.get("peak_tflops")
+    if tflops is not None and peak:
+        return mfu(tflops * 1e12, 1.0, 1, float(peak) * 1e12)
+    return _median(client, run, "train/mfu")
+
+
 def run_row(client, run, experiment_name: str) -> dict[str, Any]:
     """One row of `rdpt runs list`."""
     m = run.data.metrics
@@ -212,7 +225,8 @@ def compare_runs(
         "final_loss": [r.data.metrics.get("train/loss") for r in runs],
         "best_loss": [min((m.value for m in h), default=None) for h in losses],
         "tokens_per_s": [_median(client, r, "train/tokens_per_s") for r in runs],
-        "mfu": [_median(client, r, "train/mfu") for r in runs],
+        "model_tflops": [_median(client, r, "train/model_tflops") for r in runs],
+        "mfu": [run_mfu(client, r) for r in runs],
     }
     for rr in sorted(set().union(*by_r)):
         metrics[f"loss_r{rr}"] = [d.get(rr) for d in by_r]

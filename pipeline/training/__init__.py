@@ -6,7 +6,8 @@ layout.py      ParallelDims: tp x dp x accumulation, the only layout validator
 parallel.py    parallelize(): TP, ZeRO-3 construction, init_from, activation checkpointing,
                compile and the DeepSpeed wrap, in one order
 engine.py      the DeepSpeed config and engine built from TrainConfig
-optim.py       the optimizer (decoupled weight decay; can skip a non-finite step)
+platform.py    Platform: the machine facts the engine set-up depends on (device, prebuilt ops)
+optim.py       the optimizer and its implementation (optim.impl; skips a non-finite step)
 pretrained.py  weights from a run, a consolidated export or an HF directory (model.init_from)
 recurrence.py  the per-step draw of r (pure function of seed and step)
 schedules.py   learning-rate schedules (pure functions of the step)

@@ -387,9 +387,11 @@ def check_compatible(saved: dict[str, Any], ckpt: Path, identity: dict[str, Any]
             f"{saved.get('manifest_sha256')} (dataset {saved.get('data_path')}) in checkpoint, "
             f"{want} now; start a new run (run.name=...) or --resume none"
         )
-    # model.init (how weights were initialised, e.g. with rbar) does not bind a resumed run
-    saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "init"}
-    now_model = {k: v for k, v in identity["model_config"].items() if k != "init"}
+    # model.init (how weights were initialised, e.g. with rbar) and how the loss is sliced do
+    # not bind a resumed run
+    free = ("init", "loss_chunk_tokens")
+    saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k not in free}
+    now_model = {k: v for k, v in identity["model_config"].items() if k not in free}
     diffs = _diff(saved_model, now_model, "model")
     if diffs:
         raise RdptCheckpointError(

@@ -52,8 +52,13 @@ class TrainSection(ConfigModel):
     """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences).
     Fine-tuning stages are modules of pipeline/training/stages/."""
     compile: Literal["auto"] | bool = "auto"
-    """torch.compile one core iteration (the region that runs r times): true (on), false (off),
-    or auto = on where CUDA is present. YAML reads on/off as true/false too."""
+    """torch.compile the core iteration (the region that runs r times), the prelude and the
+    coda (training/parallel.py::compile_model): on (true), off (false), or auto = on where CUDA
+    is present, below ZeRO-3. YAML reads on/off as true/false."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Dense bf16 peak of one device in TFLOP/s, for train/mfu; default: looked up by the device
+    name (pipeline/common/mfu.py: H100, H200, A100, B200, MI250X, MI300X). Without either, no
+    MFU is logged (CPU)."""
     log_interval: int = Field(1, ge=1)
     """Log training metrics every N steps (rank 0 only; never blocks)."""
     max_nonfinite_steps: int = Field(5, ge=1)
@@ -66,6 +71,11 @@ class OptimSection(ConfigModel):
     """`adamw` (torch/DeepSpeed AdamW) or `ellis_adam`, the published Huginn run's Adam variant:
     atan2 update without epsilon, per-tensor update clipping, moments initialised from the
     first gradient, weight decay relative to the peak lr (training/ellis_adam.py)."""
+    impl: Literal["auto", "torch", "deepspeed"] = "auto"
+    """adamw only: which implementation. auto = DeepSpeed's fused Adam where CUDA is present and
+    its op is prebuilt, else torch's AdamW (fused kernel on CUDA, foreach on CPU); never a JIT
+    build at start-up. torch = always torch's. deepspeed = DeepSpeed's FusedAdam even when it
+    must be JIT-compiled first (needs nvcc matching CUDA)."""
     lr: float = Field(4e-5, gt=0)
     """Peak learning rate."""
     min_lr: float = Field(0.0, ge=0)
@@ -93,6 +103,15 @@ class OptimSection(ConfigModel):
     """ellis_adam only: the moments start at the first gradient (g, g^2) instead of zeros."""
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
+
+    @model_validator(mode="after")
+    def _impl_fits_name(self) -> OptimSection:
+        if self.name != "adamw" and self.impl == "deepspeed":
+            raise ValueError(
+                f"optim.impl=deepspeed applies to optim.name=adamw only; {self.name} is rdpt's "
+                "own optimizer (use optim.impl=auto or torch)"
+            )
+        return self
 
 
 class ParallelSection(ConfigModel):

@@ -36,6 +36,7 @@ FREE = (
     "run.name",
     "run.dir",  # a run directory that was moved or copied continues as it was
     "telemetry.",
+    "model.loss_chunk_tokens",  # how the loss is sliced, not what it is
     "model.init.",  # how a new model is initialised (r-bar): a continued run loads its weights
 )
 REFUSED = {

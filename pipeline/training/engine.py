@@ -1,14 +1,23 @@
 """DeepSpeed around the megatron-core model: config generated from TrainConfig, never by hand.
 
     ds_config = deepspeed_config(cfg, dims)           # dims: training.parallel.ParallelDims
+    # what a GPU machine without a prebuilt fused Adam (no nvcc needed) would get:
+    gpu_config = deepspeed_config(cfg, dims, Platform("cuda", fused_adam_prebuilt=False))
     engine = build_engine(model, cfg, dims)           # called by training.parallel.parallelize
 
 - ZeRO stage, micro/global batch, gradient accumulation and clipping come from `cfg`.
 - bf16 on GPU (fp32 on CPU, or whatever `train.precision` says), with DeepSpeed's overflow
   check on so a non-finite gradient norm skips the step instead of poisoning the optimizer.
-- The optimizer: DeepSpeed's fused AdamW (declared in the config) where CUDA is present; on CPU
-  a `torch.optim.AdamW` instance, because a config-declared Adam JIT-compiles FusedAdam for
-  ~2 minutes there. Weight decay is decoupled (AdamW) and skips norms and biases.
+  Under bf16: parameters in bf16 (matmuls), fp32 master weights and optimizer state, and at
+  ZeRO 1-3 gradients accumulated and reduced in fp32 (`data_types.grad_accum_dtype`,
+  `communication_data_type`). The latent state is fp32 in the model itself (recurrent.py).
+- The optimizer (`optim.impl`, chosen by optim.choose_optimizer): by default torch's AdamW
+  instance handed to DeepSpeed (fused kernel on CUDA, foreach on CPU); DeepSpeed's FusedAdam
+  (declared in the config) only when its op is prebuilt or `optim.impl: deepspeed` asks for it,
+  because otherwise it JIT-compiles at start-up (minutes, and nvcc of CUDA's major version).
+  Weight decay is decoupled (AdamW) and skips norms and biases.
+- Everything machine-dependent comes from a `Platform` (platform.py; default: this machine),
+  so the config for another machine can be generated and checked here.
 - `MegatronMpu` hands DeepSpeed megatron-core's `parallel_state` groups under the names it
   asks for (TP = DeepSpeed's "model parallel", DP = its "data parallel").
 """
@@ -20,35 +29,36 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.training.ellis_adam import EllisAdamCore, bind_zero_layout
-from pipeline.training.optim import build_optimizer, param_groups
+from pipeline.training.optim import (
+    build_optimizer,
+    choose_optimizer,
+    deepspeed_optimizer_section,
+    param_groups,
+)
+from pipeline.training.platform import Platform
 
 if TYPE_CHECKING:  # a type only: config.py imports the layout, which imports this module
     from pipeline.training.config import TrainConfig
 
 
-def resolve_precision(cfg: TrainConfig) -> str:
+def resolve_precision(cfg: TrainConfig, platform: Platform | None = None) -> str:
     """'bf16' or 'fp32' (auto = bf16 when CUDA is present)."""
     if cfg.train.precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        platform = platform or Platform.detect()
+        return "bf16" if platform.cuda else "fp32"
     return cfg.train.precision
 
 
-def use_deepspeed_adam(cfg: TrainConfig | None = None) -> bool:
-    """DeepSpeed's fused Adam on GPU; torch AdamW on CPU (avoids a ~2 min JIT build). Any other
-    optim.name is rdpt's own optimizer object, everywhere."""
-    if cfg is not None and cfg.optim.name != "adamw":
-        return False
-    return torch.cuda.is_available()
-
-
-def deepspeed_config(cfg: TrainConfig, dims) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run (written to the run dir for reference only)."""
+def deepspeed_config(cfg: TrainConfig, dims, platform: Platform | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run on `platform` (default: this machine); written
+    to the run dir for reference only."""
+    platform = platform or Platform.detect()
     dp, grad_accum = dims.dp, dims.grad_accum
-    precision = resolve_precision(cfg)
+    precision = resolve_precision(cfg, platform)
     zero: dict[str, Any] = {
         "stage": cfg.parallel.zero_stage,
         "contiguous_gradients": True,
-        "overlap_comm": torch.cuda.is_available(),
+        "overlap_comm": platform.cuda,
         "reduce_bucket_size": 50_000_000,
         "allgather_bucket_size": 50_000_000,
     }
@@ -70,16 +80,14 @@ def deepspeed_config(cfg: TrainConfig, dims) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if use_deepspeed_adam(cfg):
-        ds["optimizer"] = {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.optim.lr,
-                "betas": list(cfg.optim.betas),
-                "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-            },
-        }
+    if precision == "bf16" and cfg.parallel.zero_stage >= 1:
+        # NOTE: bf16 gradients summed over 256 micro-batches lose most of their bits; DeepSpeed
+        # accumulates in bf16 by default. At ZeRO-0 it supports nothing but bf16 (its DDP path
+        # raises on a mix), so there gradients accumulate in bf16 (documented).
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
+    if choose_optimizer(cfg.optim, platform).impl == "deepspeed":
+        ds["optimizer"] = deepspeed_optimizer_section(cfg.optim)
     assert cfg.train.global_batch_size == cfg.train.micro_batch_size * dp * grad_accum
     return ds
 
@@ -138,9 +146,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dims, mpu=None):
     import deepspeed
 
     skip_shm_comm_build()
-    ds_config = deepspeed_config(cfg, dims)
+    platform = Platform.detect()
+    ds_config = deepspeed_config(cfg, dims, platform)
     groups = param_groups(model, cfg.optim.weight_decay)
-    optimizer = None if use_deepspeed_adam(cfg) else build_optimizer(groups, cfg.optim)
+    choice = choose_optimizer(cfg.optim, platform)
+    optimizer = None if choice.impl == "deepspeed" else build_optimizer(groups, cfg.optim, choice)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -8,11 +8,13 @@ asked for.
 The model (bytes per GPU; N = parameters on this GPU = the TP shard, norms replicated):
 
 - weights: bf16 copy 2N plus the fp32 master copy 4N (fp32 training: 4N, no second copy);
-- gradients: 2N in bf16 (4N in fp32);
+- gradients: 2N in bf16 (4N in fp32). Mixed precision at ZeRO 1-3 accumulates them in fp32
+  (engine.py): ZeRO-1 keeps a whole fp32 accumulation buffer (4N) next to the bf16 gradients
+  (2N); ZeRO 2 and 3 reduce into fp32 partitions (4N / dp) and free the bf16 ones;
 - optimizer moments (Adam-like, m and v in fp32): 8N;
 - ZeRO partitions over the data-parallel size dp: stage 1 the master copy and the moments,
-  stage 2 also the gradients, stage 3 also the bf16 weights (the classic 16N -> 4N + 12N/dp
-  -> 2N + 14N/dp -> 16N/dp of mixed-precision Adam).
+  stage 2 also the gradients, stage 3 also the bf16 weights (with fp32 accumulation
+  16N -> 12N + 8N/dp -> 2N + 16N/dp -> 18N/dp of mixed-precision Adam).
 - activations per micro-batch of b sequences of s tokens, in the compute dtype: one sandwich
   layer keeps what its backward reads, 10h + 3f values per token (norm inputs, q/k/v, the
   attention output, projection inputs, [gate|up] and the SwiGLU output; flash/SDPA attention
@@ -103,6 +105,10 @@ def estimate_memory(cfg, dims, seq_len: int) -> MemoryEstimate:
     low = 2 * n if mixed else 0  # the bf16 compute copy
     master = 4 * n
     grads = (2 if mixed else 4) * n
+    if mixed and stage == 1:  # bf16 gradients + DeepSpeed's whole fp32 accumulation buffer
+        grads = 2 * n + 4 * n
+    elif mixed and stage >= 2:  # reduced into fp32 partitions
+        grads = 4 * n
     moments = 8 * n
     weights = (low / dp if stage >= 3 else low) + (master / dp if stage >= 1 else master)
     if not mixed:  # fp32: the master copy is the model (partitioned only at stage 3)

@@ -14,8 +14,11 @@ step needs the one before it):
      Then `model.init_from` weights, if any, replace the random init (pretrained.py).
   3. Activation checkpointing per core iteration (`parallel.activation_checkpointing`): each
      graded iteration keeps only its input and recomputes the rest in backward.
-  4. torch.compile of one core iteration (`train.compile`), wrapped around the checkpointed
-     function (as torchtitan orders AC before compile): one compiled region reused r times.
+  4. torch.compile (`train.compile`, `compile_model`): one core iteration, wrapped around the
+     checkpointed function (as torchtitan orders AC before compile), is one compiled region
+     reused r times; the prelude and coda blocks are compiled in place (parameter names do
+     not change). Dynamo sees a bounded set of variants (grad on/off, state with or without
+     grad), all met in the first steps: no recompilation after warm-up.
   5. The DeepSpeed wrap (engine.py): optimizer, ZeRO stage, accumulation, clipping.
 """
 
@@ -40,13 +43,26 @@ def checkpointed(iteration: Callable) -> Callable:
     return run
 
 
-def compile_enabled(cfg) -> bool:
-    """train.compile: true, false, or auto (= on where CUDA is present)."""
+def compile_enabled(cfg, cuda: bool | None = None) -> bool:
+    """train.compile: on (true), off (false), or auto = on where CUDA is present and the ZeRO
+    stage is below 3 (ZeRO-3 gathers parameters in module hooks, which compiled regions
+    would have to trace; not tried on a GPU yet)."""
     import torch
 
     if cfg.train.compile == "auto":
-        return torch.cuda.is_available()
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        return cuda and cfg.parallel.zero_stage < 3
     return bool(cfg.train.compile)
+
+
+def compile_model(model) -> None:
+    """torch.compile the model's regions in place: the core iteration (after activation
+    checkpointing was applied to it) and the prelude and coda blocks."""
+    import torch
+
+    model.wrap_iteration(torch.compile)
+    model.prelude_block.compile()
+    model.coda_block.compile()
 
 
 def parallelize(build: Callable, dims: ParallelDims, cfg):
@@ -71,8 +87,8 @@ def parallelize(build: Callable, dims: ParallelDims, cfg):
     # 3. activation checkpointing per core iteration
     if cfg.parallel.activation_checkpointing:
         model.wrap_iteration(checkpointed)
-    # 4. compile one core iteration (the region that runs r times)
+    # 4. compile: the core iteration (the region that runs r times), prelude and coda
     if compile_enabled(cfg):
-        model.wrap_iteration(torch.compile)
+        compile_model(model)
     # 5. the DeepSpeed wrap: optimizer, ZeRO, accumulation, clipping
     return build_engine(model, cfg, dims, mpu=MegatronMpu())

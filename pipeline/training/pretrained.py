@@ -23,6 +23,7 @@ NOT_SHAPE = (
     "init_from",
     "init",  # how weights are initialised, not what they are
     "attention_backend",
+    "loss_chunk_tokens",
     "state_init",
     "state_init_std",
     "state_init_scale",
