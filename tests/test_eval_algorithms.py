@@ -188,22 +188,19 @@ def test_kv_sharing_with_budget_at_least_r_equals_no_sharing(tiny_model):
         assert shared.new_ids == base.new_ids
 
 
-def test_kv_budget_bounds_cache_slots(tiny_model):
-    from pipeline.eval import generate as gen_mod
+def test_kv_budget_bounds_cache_slots(tiny_model, monkeypatch):
+    from pipeline.eval import decode
 
     caches = []
-    orig = gen_mod.new_kv_cache
+    orig = decode.StaticKVCache.for_model
 
-    def spy():
-        caches.append(orig())
+    def spy(*args, **kwargs):
+        caches.append(orig(*args, **kwargs))
         return caches[-1]
 
-    gen_mod.new_kv_cache = spy
-    try:
-        generate(tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, r=12, kv_budget=3))
-    finally:
-        gen_mod.new_kv_cache = orig
-    core_slots = {slot for block, slot, _ in caches[0].keys() if block == "core"}
+    monkeypatch.setattr(decode.StaticKVCache, "for_model", spy)
+    generate(tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, r=12, kv_budget=3))
+    core_slots = {slot for block, slot in caches[0]._views if block == "core"}
     assert core_slots == {0, 1, 2}
 
 

@@ -110,7 +110,8 @@ class CoreAttention(MegatronModule):
                     o = F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
         else:  # math
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-            scores = scores.masked_fill(~_causal_mask(sq, sk, q.device), float("-inf"))
+            if sq > 1:  # one query (a decode step) sees every key: its mask is all True
+                scores = scores.masked_fill(~_causal_mask(sq, sk, q.device), float("-inf"))
             o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         return o.permute(2, 0, 1, 3)  # [S, B, N, h]
 
@@ -173,7 +174,9 @@ class HuginnSelfAttention(MegatronModule):
             self.qk_bias = None
 
     def forward(self, x_SBH, rope_SB1h, cache_view=None, layer_index: int = 0):
-        """cache_view: None or a `kv_cache.CacheView` (this layer's keys/values are cached under
+        """rope_SB1h: the RoPE angle table [S, 1, 1, head_dim] or a `rope_table.RopeSlice`
+        (the same rotation, bitwise). cache_view: None, a `kv_cache.CacheView` or a
+        `static_cache.StaticCacheView` (this layer's keys/values are cached under
         (block, slot, layer_index) and the attention sees all cached positions)."""
         S, B = x_SBH.shape[:2]
         qkv, _ = self.linear_qkv(x_SBH)
@@ -182,8 +185,11 @@ class HuginnSelfAttention(MegatronModule):
         if self.qk_bias is not None:
             q = q + self.qk_bias[0]
             k = k + self.qk_bias[1]
-        q = compat.apply_rope(q, rope_SB1h, self.config)
-        k = compat.apply_rope(k, rope_SB1h, self.config)
+        if isinstance(rope_SB1h, torch.Tensor):
+            q = compat.apply_rope(q, rope_SB1h, self.config)
+            k = compat.apply_rope(k, rope_SB1h, self.config)
+        else:  # a rope_table.RopeSlice: cos/sin computed once per token, not per layer call
+            q, k = rope_SB1h.apply(q), rope_SB1h.apply(k)
         if cache_view is not None:
             k, v = cache_view.update(layer_index, k, v)
         o = self.core_attention(q, k, v)
