@@ -3,7 +3,9 @@
 1. `generate_before`: rdpt's decode as it was before the lean decode loop (pipeline/eval/
    decode.py), verbatim: the model's general decomposed API (prelude / core_step / coda, each
    through megatron's TransformerBlock) with the growing, dictionary-keyed `KVCache`.
-   tests/test_decode.py checks that today's decode gives exactly its tokens.
+   `score_tokens_before` is teacher-forced scoring (`rdpt eval --adaptive`, lm-eval
+   loglikelihood) as it was. tests/test_decode.py checks that today's decode gives exactly
+   their tokens and scores.
 2. `ReferenceStyleLM`: a plain-PyTorch decode of the same weights written the way the published
    Huginn modeling code is written: one nn.Module per layer (sandwich block, attention, gated
    MLP, RMSNorm), Hugging Face layout tensors, RoPE as a complex multiplication with a
@@ -24,8 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.adaptive import criterion_value
-from pipeline.eval.depth import _EvalMode, model_device
+from pipeline.eval.adaptive import ExitRule, TokenScores, criterion_value
+from pipeline.eval.depth import IGNORE_INDEX, _EvalMode, model_device
 from pipeline.eval.generate import GenerationConfig, GenerationResult, sample_next
 
 
@@ -154,6 +156,64 @@ def greedy_before(model, prompts_BP: torch.Tensor, max_new_tokens: int, r: int) 
             logits_BV, _, _ = _run_chunk(model, tok_B[:, None], cache, offset, cfg, None, False)
             offset += 1
     return out
+
+
+def score_tokens_before(
+    model,
+    inputs_BS: torch.Tensor,
+    targets_BS: torch.Tensor,
+    *,
+    max_r: int,
+    rule: ExitRule | None = None,
+    state_init: str = "zero",
+    seed: int = 0,
+    sample_ids_B: torch.Tensor | None = None,
+) -> TokenScores:
+    """Log-probability of each target at fixed r = max_r (rule None) or with adaptive exit.
+
+    Call under no_grad/eval (`evaluate_adaptive` and the lm-eval adapter do). Targets equal to
+    IGNORE_INDEX get logprob 0.
+    """
+    if max_r < 1:
+        raise ValueError(f"max_r: must be >= 1, got {max_r}")
+    targets_safe_BS = targets_BS.clamp_min(0)
+    e_SBH = model.prelude(inputs_BS)
+    s_SBH = model.initial_state(e_SBH, state_init, seed, sample_ids_B)
+    B, S = inputs_BS.shape
+    if rule is None:
+        for i in range(max_r):
+            s_SBH = model.core_step(s_SBH, e_SBH, cache_slot=i)
+        logp_BSV = F.log_softmax(model.coda(s_SBH).float(), dim=-1)
+        logprob = logp_BSV.gather(-1, targets_safe_BS[..., None])[..., 0]
+        greedy = logp_BSV.argmax(-1) == targets_BS
+        depth = torch.full((B, S), max_r, dtype=torch.long, device=inputs_BS.device)
+    else:
+        need_logits = rule.criterion != "state"
+        prev_logp = F.log_softmax(model.coda(s_SBH).float(), dim=-1) if need_logits else None
+        active_BS = torch.ones(B, S, dtype=torch.bool, device=inputs_BS.device)
+        logprob = torch.zeros(B, S, dtype=torch.float32, device=inputs_BS.device)
+        greedy = torch.zeros(B, S, dtype=torch.bool, device=inputs_BS.device)
+        depth = torch.full((B, S), max_r, dtype=torch.long, device=inputs_BS.device)
+        for i in range(1, max_r + 1):
+            prev_SBH = s_SBH
+            new_SBH = model.core_step(s_SBH, e_SBH, cache_slot=i - 1)
+            # NOTE: exited positions keep their state; layout is [S, B, H] vs mask [B, S].
+            s_SBH = torch.where(active_BS.transpose(0, 1)[..., None], new_SBH, prev_SBH)
+            logp = F.log_softmax(model.coda(s_SBH).float(), dim=-1)
+            val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH)
+            exit_BS = active_BS & ((val < rule.threshold) | (i == max_r))
+            if exit_BS.any():
+                logprob = torch.where(
+                    exit_BS, logp.gather(-1, targets_safe_BS[..., None])[..., 0], logprob
+                )
+                greedy = torch.where(exit_BS, logp.argmax(-1) == targets_BS, greedy)
+                depth = torch.where(exit_BS, torch.full_like(depth, i), depth)
+                active_BS = active_BS & ~exit_BS
+            prev_logp = logp
+            if not active_BS.any():
+                break
+    ignore = targets_BS == IGNORE_INDEX
+    return TokenScores(logprob.masked_fill(ignore, 0.0), greedy & ~ignore, depth)
 
 
 # ----------------------------------------------------------------- 2. the reference's style

@@ -198,3 +198,21 @@ def test_static_cache_holds_min_of_budget_and_r_slots_and_is_allocated_once(mode
     loop.step(torch.tensor([PROMPT]), 0, None, adaptive=False)
     loop.step(torch.tensor([[1]]), len(PROMPT), None, adaptive=True)
     assert {k: v.k_LCBNh.data_ptr() for k, v in loop.cache._views.items()} == before
+
+
+@pytest.mark.parametrize("rule", [None, *(ExitRule(c, t) for c, t in ADAPTIVE)])
+def test_scoring_is_bitwise_the_scoring_before(model, rule):
+    from pipeline.eval.adaptive import score_tokens
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, VOCAB, (3, 13), generator=g)
+    targets = x[:, 1:].clone()
+    targets[0, :4] = -100
+    kw = dict(max_r=6, rule=rule, state_init="random", seed=4, sample_ids_B=torch.arange(3))
+    with torch.no_grad():
+        new = score_tokens(model, x[:, :-1], targets, **kw)
+        old = baselines.score_tokens_before(model, x[:, :-1], targets, **kw)
+    assert torch.equal(new.logprob, old.logprob)
+    assert torch.equal(new.greedy, old.greedy) and torch.equal(new.depth, old.depth)
+    if rule is not None:
+        assert len(new.depth.unique()) > 1
