@@ -216,3 +216,56 @@ def test_scoring_is_bitwise_the_scoring_before(model, rule):
     assert torch.equal(new.greedy, old.greedy) and torch.equal(new.depth, old.depth)
     if rule is not None:
         assert len(new.depth.unique()) > 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(r=5),
+        dict(r=12, kv_budget=4, continuous_cot=True),
+        dict(r=8, exit_rule=ExitRule("kl", 0.03), kv_budget=3),
+        dict(r=8, exit_rule=ExitRule("state", 0.3), continuous_cot=True),
+    ],
+    ids=["fixed", "budget-cot", "kl-budget", "state-cot"],
+)
+def test_static_shape_steps_give_the_same_tokens(model, kw):
+    """The steps torch.compile and CUDA graphs run (position tensors, a key mask over the
+    whole cache), here eager on CPU: the same tokens and depths as the dynamic-shape steps."""
+    dynamic = generate(model, PROMPT, GenerationConfig(max_new_tokens=12, **kw))
+    static = generate(model, PROMPT, GenerationConfig(max_new_tokens=12, static_shapes=True, **kw))
+    assert static.new_ids == dynamic.new_ids and static.depths == dynamic.depths
+
+
+@pytest.mark.slow
+def test_compiled_decode_on_cpu_gives_the_same_tokens(model):
+    cfg = dict(max_new_tokens=8, r=3)
+    eager = generate(model, PROMPT, GenerationConfig(**cfg))
+    compiled = generate(model, PROMPT, GenerationConfig(compile=True, **cfg))
+    assert compiled.new_ids == eager.new_ids
+
+
+def test_cuda_graph_settings_that_cannot_work_are_clear_errors(model):
+    from pipeline.eval.decode import DecodeLoop
+
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        generate(model, PROMPT, GenerationConfig(max_new_tokens=4, r=3, cuda_graph=True))
+    adaptive = GenerationConfig(r=3, exit_rule=ExitRule("kl", 0.1))
+    with pytest.raises(ValueError, match="fixed-r step"):
+        DecodeLoop(model, adaptive, batch=1, capacity=8, device="cpu", cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_replays_a_graph_and_gives_the_cpu_tokens(model):
+    prompts_BP = torch.tensor([PROMPT, PROMPT[::-1]])
+    want = generate_batch(model, prompts_BP, GenerationConfig(max_new_tokens=10, r=6)).new_ids
+    model.cuda()
+    try:
+        got = generate_batch(model, prompts_BP, GenerationConfig(max_new_tokens=10, r=6))
+        adaptive = generate(
+            model, PROMPT, GenerationConfig(max_new_tokens=6, r=6, exit_rule=ExitRule("kl", 0.03))
+        )
+    finally:
+        model.cpu()
+    assert got.graph_replays == 9  # every step after the prefill
+    assert got.new_ids == want
+    assert len(adaptive.new_ids) == 6  # adaptive exit runs the compiled steps, no graph

@@ -47,6 +47,10 @@ class GenerationConfig:
     state_init: str = "zero"
     seed: int = 0
     stop_ids: Sequence[int] = ()
+    # decode.py: None = on with CUDA (compile; graphs for fixed r with a deterministic state)
+    compile: bool | None = None
+    cuda_graph: bool | None = None
+    static_shapes: bool = False  # static-shape decode steps without compile (what they run)
 
     def __post_init__(self):
         if self.r < 1:
@@ -129,6 +133,7 @@ class BatchGenerationResult:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     telemetry: list[list[float]] | None = None
+    graph_replays: int = 0  # decode steps run as a CUDA graph replay
 
     @property
     def tokens_per_s(self) -> float:
@@ -159,8 +164,22 @@ def generate_batch(
     done = [False] * B
     with _EvalMode(model):
         t0 = time.perf_counter()
+        cuda = device.type == "cuda"
+        graph = cfg.cuda_graph
+        if graph is None:
+            from pipeline.eval.decode import FixedDepthGraph
+
+            graph = cuda and not telemetry and FixedDepthGraph.applies(cfg)
         loop = DecodeLoop(
-            model, cfg, batch=B, capacity=P + cfg.max_new_tokens, device=device, telemetry=telemetry
+            model,
+            cfg,
+            batch=B,
+            capacity=P + cfg.max_new_tokens,
+            device=device,
+            telemetry=telemetry,
+            static_shapes=cfg.static_shapes,
+            compile=cuda if cfg.compile is None else cfg.compile,
+            cuda_graph=graph,
         )
         logits_BV, last_SBH, depth = loop.step(prompts_BP, 0, None, adaptive=False)
         result.prefill_seconds = time.perf_counter() - t0
@@ -184,6 +203,7 @@ def generate_batch(
             torch.cuda.synchronize(device)
         result.seconds = time.perf_counter() - t0
         result.telemetry = loop.telemetry
+        result.graph_replays = loop.graph_replays
     return result
 
 

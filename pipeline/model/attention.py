@@ -85,10 +85,14 @@ class CoreAttention(MegatronModule):
             self._resolved = resolve_backend(self.backend_name, device)
         return self._resolved
 
-    def forward(self, q_SBNh, k_SBNh, v_SBNh) -> torch.Tensor:
+    def forward(self, q_SBNh, k_SBNh, v_SBNh, key_mask_K=None) -> torch.Tensor:
+        """key_mask_K: None (causal, queries are the last positions) or a boolean [sk]: the
+        keys every query may see (a decode step over a fixed-size cache: static shapes)."""
         sq, sk = q_SBNh.shape[0], k_SBNh.shape[0]
         backend = self.backend(q_SBNh.device)
         scale = 1.0 / math.sqrt(q_SBNh.shape[-1])
+        if key_mask_K is not None:
+            return self._masked(q_SBNh, k_SBNh, v_SBNh, key_mask_K, scale, backend)
         if backend == "flash":
             # flash_attn aligns the causal mask bottom-right when sq != sk (>= 2.1).
             q, k, v = (t.transpose(0, 1) for t in (q_SBNh, k_SBNh, v_SBNh))  # [B, S, N, h]
@@ -114,6 +118,17 @@ class CoreAttention(MegatronModule):
                 scores = scores.masked_fill(~_causal_mask(sq, sk, q.device), float("-inf"))
             o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         return o.permute(2, 0, 1, 3)  # [S, B, N, h]
+
+    @staticmethod
+    def _masked(q_SBNh, k_SBNh, v_SBNh, key_mask_K, scale, backend):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBNh, k_SBNh, v_SBNh))  # [B, N, S, h]
+        if backend == "math":
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+            scores = scores.masked_fill(~key_mask_K, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        else:  # flash_attn takes no mask: SDPA (same math)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask_K, scale=scale)
+        return o.permute(2, 0, 1, 3)
 
 
 @dataclass
@@ -190,8 +205,14 @@ class HuginnSelfAttention(MegatronModule):
             k = compat.apply_rope(k, rope_SB1h, self.config)
         else:  # a rope_table.RopeSlice: cos/sin computed once per token, not per layer call
             q, k = rope_SB1h.apply(q), rope_SB1h.apply(k)
+        key_mask = None
         if cache_view is not None:
             k, v = cache_view.update(layer_index, k, v)
-        o = self.core_attention(q, k, v)
+            key_mask = getattr(cache_view, "key_mask_K", None)  # static-shape decode steps
+        o = (
+            self.core_attention(q, k, v)
+            if key_mask is None
+            else self.core_attention(q, k, v, key_mask)
+        )
         out, _ = self.linear_proj(o.reshape(S, B, -1))
         return out

@@ -42,6 +42,23 @@ class StaticCacheView:
         return k_buf[:end], v_buf[:end]
 
 
+class PositionTensorView:
+    """A window like StaticCacheView for static-shape decode steps (torch.compile without
+    recompiles, CUDA graphs): the position is a tensor `pos_1` written in place, the write is an
+    index_copy_, and the attention reads the whole buffer with `key_mask_K` (positions
+    <= pos) instead of a slice whose length changes every step."""
+
+    def __init__(self, k_LCBNh, v_LCBNh, pos_1: torch.Tensor, key_mask_K: torch.Tensor):
+        self.k_LCBNh, self.v_LCBNh = k_LCBNh, v_LCBNh
+        self.pos_1, self.key_mask_K = pos_1, key_mask_K
+
+    def update(self, layer: int, k_SBNh: torch.Tensor, v_SBNh: torch.Tensor):
+        k_buf, v_buf = self.k_LCBNh[layer], self.v_LCBNh[layer]
+        k_buf.index_copy_(0, self.pos_1, k_SBNh)
+        v_buf.index_copy_(0, self.pos_1, v_SBNh)
+        return k_buf, v_buf
+
+
 class StaticKVCache:
     """Preallocated keys/values for the prelude, `core_slots` core slots and the coda."""
 
@@ -91,6 +108,11 @@ class StaticKVCache:
 
     def view(self, block: str, slot: int = 0) -> StaticCacheView:
         return self._views[(block, slot)]
+
+    def position_tensor_view(self, block: str, slot: int, pos_1, key_mask_K) -> PositionTensorView:
+        """The same buffers as view(block, slot), addressed by a position tensor."""
+        v = self._views[(block, slot)]
+        return PositionTensorView(v.k_LCBNh, v.v_LCBNh, pos_1, key_mask_K)
 
     def copy_position(self, position: int, src_slot: int, dst_slots: range) -> None:
         """Copy the core entries of `position` from src_slot into every slot of dst_slots."""
