@@ -374,6 +374,19 @@ def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
     assert res2["depths"][0] == 16  # the prompt is prefilled at the full depth
     assert all(1 <= d <= 16 for d in res2["depths"])
     assert res2["config"]["kv_budget"] == 4 and res2["config"]["adaptive"]
+    out3 = tmp_path / "gen-speculative.json"
+    argv = ["generate", str(eval_run), "--prompt", "def load(self", "--max-new-tokens", "12"]
+    assert main([*argv, "--recurrences", "4", "--speculate", "2:3", "--json", str(out3)]) == 0
+    res3 = json.loads(out3.read_text())
+    spec = res3["speculation"]
+    assert res3["new_ids"] == res["new_ids"]  # the fixed-r greedy run above
+    assert spec["identical_to_plain"] and spec["draft_r"] == 2 and spec["n"] == 3
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["speedup"] > 0
+    assert "acceptance" in capsys.readouterr().err
+    for bad, message in (("4:2", "DRAFT_R must be in 1..r-1 = 1..3"), ("2:0", "must be >= 1")):
+        assert main([*argv, "--recurrences", "4", "--speculate", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_bad_input_gives_clear_errors(eval_run, mlflow_server, tmp_path, capsys, monkeypatch):

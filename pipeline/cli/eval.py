@@ -37,6 +37,7 @@ examples:
   rdpt generate runs/tiny --prompt "import os" --temperature 0.8 --top-p 0.95 --seed 3
   rdpt generate runs/tiny --prompt "class A" --adaptive --threshold 5e-4 --max-r 64 \\
       --kv-budget 4 --continuous-cot
+  rdpt generate runs/tiny --prompt "def f(" --recurrences 32 --speculate 4:3 --json out.json
 
 Prints the text, then tokens/s and the mean number of iterations per token."""
 
@@ -211,6 +212,21 @@ def register(subparsers) -> None:
         "--continuous-cot",
         action="store_true",
         help="warm-start each position's state from the previous final state",
+    )
+    g.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile of a core iteration and, for fixed r, a CUDA graph of the decode "
+        "step (auto: on with CUDA; on: also on CPU, after a one-off compile)",
+    )
+    g.add_argument(
+        "--speculate",
+        metavar="DRAFT_R:N",
+        default=None,
+        help="self-speculative greedy decoding: draft N tokens with DRAFT_R iterations, verify "
+        "them at the full r in one pass (the output equals plain greedy; plain greedy also runs "
+        "once to measure the speedup)",
     )
     g.add_argument("--json", default=None, help="write the result (ids, depths, timing) here")
     _add_depth_args(g)
@@ -544,8 +560,25 @@ def generate_handler(args) -> int:
         state_init=args.state_init or "zero",
         seed=args.seed,
         stop_ids=[loaded.eot_id],
+        compile={"auto": None, "on": True, "off": False}[args.compile],
+        cuda_graph=False if args.compile == "off" else None,
     )
+    speculation = None
+    if args.speculate:
+        speculation = _speculate(args.speculate, loaded.model, prompt, cfg)
     result = generate(loaded.model, prompt, cfg)
+    if speculation is not None:
+        ids, spec_out = speculation
+        spec_out["plain_tokens_per_s"] = result.tokens_per_s
+        spec_out["speedup"] = spec_out["tokens_per_s"] / max(result.tokens_per_s, 1e-12)
+        spec_out["identical_to_plain"] = ids == result.new_ids
+        if ids != result.new_ids:  # never expected: the verification pass makes them equal
+            print("warning: speculative output differs from plain greedy", file=sys.stderr)
+        print(
+            f"[speculative {args.speculate}: acceptance {spec_out['acceptance_rate']:.2f}, "
+            f"{spec_out['tokens_per_s']:.1f} tokens/s, {spec_out['speedup']:.2f}x plain greedy]",
+            file=sys.stderr,
+        )
     print(args.prompt + tok.decode(result.new_ids, skip_special_tokens=False))
     print(
         f"\n[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, "
@@ -569,7 +602,27 @@ def generate_handler(args) -> int:
                 "continuous_cot": args.continuous_cot,
                 "temperature": args.temperature,
                 "top_p": args.top_p,
+                "compile": args.compile,
             },
         }
+        if speculation is not None:
+            out["speculation"] = speculation[1]
         atomic_write_json(Path(args.json), out)
     return 0
+
+
+def _speculate(text: str, model, prompt: list[int], cfg) -> tuple[list[int], dict]:
+    """Run `--speculate DRAFT_R:N`; returns (its token ids, its JSON record)."""
+    from pipeline.eval.speculative import Speculation, generate_speculative
+
+    try:
+        spec = Speculation.parse(text)
+        spec.check(cfg)
+    except ValueError as e:
+        raise RdptConfigError(str(e)) from None
+    res = generate_speculative(model, prompt, cfg, spec)
+    return res.new_ids, {
+        **res.stats.to_dict(len(res.new_ids)),
+        "tokens_per_s": res.tokens_per_s,
+        "seconds": res.seconds,
+    }

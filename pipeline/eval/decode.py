@@ -97,16 +97,30 @@ class DecodeLoop:
     def _coda(self, s_SBH):
         return self.lean.coda(s_SBH, self._rope_now, self.coda_view)
 
-    def step(self, ids_BS: torch.Tensor, offset: int, warm_SBH, adaptive: bool):
+    def step(
+        self,
+        ids_BS: torch.Tensor,
+        offset: int,
+        warm_SBH,
+        adaptive: bool,
+        *,
+        r: int | None = None,
+        all_positions: bool = False,
+    ):
         """Prelude + core iterations + coda for positions [offset, offset + S).
 
         Returns (logits of the last position [B, V], final state of the last position
-        [1, B, H], iterations spent)."""
+        [1, B, H], iterations spent). `r`: fewer iterations than cfg.r for this step (a
+        speculative draft; slots as usual). `all_positions`: logits of every new position
+        [B, S, V] instead of the last one's (a speculative verification pass)."""
         cfg, lean = self.cfg, self.lean
         S = ids_BS.shape[1]
+        r = cfg.r if r is None else r
+        if not 1 <= r <= cfg.r:
+            raise ValueError(f"r: a step runs 1..{cfg.r} iterations, got {r}")
         if S == 1 and self.static is not None:
             self.static.set_position(offset)
-            if self.graph is not None:
+            if self.graph is not None and r == cfg.r:
                 self.graph_replays += 1
                 return (*self.graph.run(ids_BS, warm_SBH), cfg.r)
             rope, core, coda = self.static.rope_1, self.static.core, self.static.coda
@@ -126,13 +140,13 @@ class DecodeLoop:
         if needs_logits:
             prev_logp = F.log_softmax(coda(s_SBH).float(), -1)
         changes = [] if self.telemetry is not None else None
-        depth, logits_BSV = cfg.r, None
-        for i in range(1, cfg.r + 1):
+        depth, logits_BSV = r, None
+        for i in range(1, r + 1):
             prev_SBH = s_SBH
             s_SBH = core(s_SBH, adapter_in, i - 1)
             if changes is not None:
                 changes.append(float(rel_change(s_SBH, prev_SBH).mean()))
-            if rule is None or i == cfg.r:
+            if rule is None or i == r:
                 continue
             logp = None
             if needs_logits:
@@ -154,7 +168,7 @@ class DecodeLoop:
             logits_BSV = coda(s_SBH)
         if changes is not None:
             self.telemetry.append(changes)
-        return logits_BSV[:, -1], s_SBH[-1:], depth
+        return (logits_BSV if all_positions else logits_BSV[:, -1]), s_SBH[-1:], depth
 
 
 class StaticShapeSteps:

@@ -79,6 +79,7 @@ class GenerationResult:
     depths: list[int] = field(default_factory=list)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    graph_replays: int = 0  # decode steps run as a CUDA graph replay
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,6 +100,7 @@ class GenerationResult:
             "seconds": self.seconds,
             "prefill_seconds": self.prefill_seconds,
             "tokens_per_s": self.tokens_per_s,
+            "graph_replays": self.graph_replays,
         }
 
 
@@ -225,6 +227,7 @@ def generate(
         depths=out.depths,
         seconds=out.seconds,
         prefill_seconds=out.prefill_seconds,
+        graph_replays=out.graph_replays,
     )
 
 
