@@ -58,10 +58,19 @@ def val_tokens(tiny_dataset, tmp_path_factory) -> Path:
     return path
 
 
-def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
+def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking.plots import drawn
+
     out_json = eval_run / "eval-test.json"
+    cats = tmp_path / "cats.jsonl"
+    rows = [
+        {"text": "def main():\n    return 0", "category": "code"},
+        {"text": "import os, sys", "category": "code"},
+        {"text": "The weather is mild today.", "category": "prose/english"},
+    ]
+    cats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rc = main(
         [
             "eval",
@@ -77,6 +86,8 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
             "--adaptive",
             "--max-r",
             "8",
+            "--depth-categories",
+            str(cats),
             "--json",
             str(out_json),
         ]
@@ -100,10 +111,24 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
     assert ad["equal_loss_r"] is None or ad["fixed_loss"][ad["equal_loss_r"] - 1] <= ad["loss"] * (
         1 + 1e-6
     )
+    by_cat = res["adaptive_by_category"]["categories"]
+    assert set(by_cat) == {"code", "prose/english"}
+    for category, per in by_cat.items():
+        png = eval_run / "eval" / f"exit_depth_{category.replace('/', '_')}.png"
+        (panel,) = drawn(png)
+        bars = panel["bars"]
+        for k, cond in enumerate(("plain", "cot")):
+            depths = per[cond]["depths"]
+            assert per[cond]["tokens"] == len(depths) > 0
+            # the plotted bars are the per-token exit depths counted, depth 1..max_r
+            assert bars[8 * k : 8 * (k + 1)] == [float(depths.count(d)) for d in range(1, 9)]
+            assert f"mean depth {sum(depths) / len(depths):.2f}" in panel["legend"][k]
     pngs = {Path(p).name for p in res["plots"]}
     assert pngs == {
         "loss_vs_r.png",
         "exit_histogram.png",
+        "exit_depth_code.png",
+        "exit_depth_prose_english.png",
         "state_convergence.png",
         "loss_vs_tokens.png",
     }

@@ -171,6 +171,23 @@ def register(subparsers) -> None:
         "training r-bar; --max-r with --adaptive)",
     )
     p.add_argument(
+        "--depth-categories",
+        metavar="FILE.jsonl",
+        default=None,
+        help="with --adaptive: exit-depth histogram per category of a JSON Lines file of "
+        "texts ({'text': ..., 'category': ...}), with and without continuous CoT",
+    )
+    p.add_argument("--text-field", default="text", help="text field of --depth-categories")
+    p.add_argument(
+        "--category-field", default="category", help="category field of --depth-categories"
+    )
+    p.add_argument(
+        "--category-max-tokens",
+        type=_positive_int,
+        default=256,
+        help="read at most this many tokens of each --depth-categories text (default 256)",
+    )
+    p.add_argument(
         "--nproc",
         type=_positive_int,
         default=1,
@@ -246,6 +263,10 @@ def _check_eval_args(args) -> list[int]:
         raise RdptConfigError(f"--lm-eval-include: no such file or folder {args.lm_eval_include}")
     if args.max_sequences < 0:
         raise RdptConfigError(f"--max-sequences: must be >= 0 (0 = all), got {args.max_sequences}")
+    if args.depth_categories and not args.adaptive:
+        raise RdptConfigError("--depth-categories: exit depths need --adaptive")
+    if args.depth_categories and not Path(args.depth_categories).is_file():
+        raise RdptDataError(f"--depth-categories: no such file {args.depth_categories}")
     # lm-eval scores one request at a time in padded batches: deterministic zeros unless asked
     args.lm_eval_state_init = args.state_init or "zero"
     if args.state_init is None:
@@ -481,6 +502,8 @@ def run_eval(args) -> dict | None:
     # NOTE: after the barrier: lm-eval runs on rank 0 alone and may outlast a collective timeout.
     if args.lm_eval_tasks:
         results["lm_eval"] = _run_lm_eval(args, loaded, rs, rule)
+    if args.depth_categories:
+        results["adaptive_by_category"] = _depths_by_category(args, loaded, rule)
     results["seconds"] = time.monotonic() - t0
     from pipeline.eval.report import print_table, write_outputs
 
@@ -520,6 +543,33 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
         "state_init": args.lm_eval_state_init,
         "mean_depth": lm.mean_depth,
         "tasks": scores,
+    }
+
+
+def _depths_by_category(args, loaded, rule) -> dict:
+    from pipeline.eval.depth_by_category import depths_by_category, read_category_jsonl
+
+    if loaded.tokenizer is None:
+        raise RdptDataError(
+            f"--depth-categories needs the tokenizer; {loaded.tokenizer_path} is missing"
+        )
+    texts = read_category_jsonl(args.depth_categories, args.text_field, args.category_field)
+    tok = loaded.tokenizer
+    return {
+        "file": str(Path(args.depth_categories).resolve()),
+        "criterion": rule.criterion,
+        "threshold": rule.threshold,
+        "max_r": args.max_r,
+        "categories": depths_by_category(
+            loaded.model,
+            lambda text: tok.encode(text, add_special_tokens=False).ids,
+            texts,
+            rule,
+            args.max_r,
+            max_tokens=min(args.category_max_tokens, loaded.max_length),
+            state_init=args.state_init,
+            seed=args.seed,
+        ),
     }
 
 

@@ -47,6 +47,14 @@ def print_table(results: dict) -> None:
         )
         hist = " ".join(f"{d}:{c}" for d, c in ad["histogram"].items())
         print(f"exit-depth histogram (depth:tokens): {hist}")
+    by_cat = results.get("adaptive_by_category")
+    if by_cat:
+        print("\nmean exit depth per category (fresh state / continuous CoT):")
+        for category, per in by_cat["categories"].items():
+            print(
+                f"  {category}: {per['plain']['mean_depth']:.2f} / {per['cot']['mean_depth']:.2f}"
+                f" ({per['plain']['tokens']} tokens)"
+            )
     lm = results.get("lm_eval")
     if lm:
         print(f"\nlm-eval at r={lm['r']}{' (adaptive)' if lm['adaptive'] else ''}:")
@@ -81,7 +89,8 @@ def training_curve(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def make_plots(results: dict, out_dir: Path, run_dir: Path | None) -> list[Path]:
-    """PNG files: loss_vs_r, exit_histogram, state_convergence, loss_vs_tokens."""
+    """PNG files: loss_vs_r, exit_histogram, exit_depth_<category> (one per category, fresh
+    state and continuous CoT side by side), state_convergence, loss_vs_tokens."""
     from pipeline.tracking import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +103,22 @@ def make_plots(results: dict, out_dir: Path, run_dir: Path | None) -> list[Path]
     if ad:
         hist = {int(d): c for d, c in ad["histogram"].items()}
         paths.append(plots.plot_exit_histogram(hist, out_dir / "exit_histogram.png"))
+    by_cat = results.get("adaptive_by_category")
+    if by_cat:
+        for category, per in by_cat["categories"].items():
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", category).strip("_") or "category"
+            hists = {
+                label: {int(d): c for d, c in per[cond]["histogram"].items()}
+                for cond, label in (("plain", "fresh state"), ("cot", "continuous CoT"))
+            }
+            paths.append(
+                plots.plot_exit_histograms(
+                    hists,
+                    by_cat["max_r"],
+                    out_dir / f"exit_depth_{slug}.png",
+                    f"exit depth: {category} ({by_cat['criterion']} < {by_cat['threshold']:g})",
+                )
+            )
     tel = results.get("telemetry") or {}
     curves = {
         name: tel[key]
