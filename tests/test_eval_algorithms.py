@@ -257,3 +257,47 @@ def test_cuda_sweep_and_generation_match_cpu(tiny_model, batches):
     for r in (1, 4):
         assert gpu[r] == pytest.approx(cpu[r], rel=1e-4)
     assert res.new_ids == ref
+
+
+def test_exit_curves_one_point_per_threshold_and_plot(tiny_model, batches, tmp_path):
+    from pipeline.eval.adaptive import exit_curves
+    from pipeline.tracking.plots import drawn, plot_loss_vs_mean_depth
+
+    fixed = sweep_depths(tiny_model, batches, [6], "zero", loss_every_iteration=True)
+    fixed_curve = fixed.telemetry["loss"]
+    thresholds = {"kl": (1e-1, 3e-2, 1e-4), "entropy": (5.0, 4.4, 0.1), "state": (0.5, 0.3, 1e-3)}
+    curves = exit_curves(
+        tiny_model,
+        batches,
+        max_r=6,
+        fixed_curve=fixed_curve,
+        state_init="zero",
+        thresholds=thresholds,
+    )
+    assert set(curves) == {"kl", "entropy", "state"}
+    for criterion, points in curves.items():
+        assert [p["threshold"] for p in points] == list(thresholds[criterion])
+        depths = [p["mean_depth"] for p in points]
+        # a lower threshold never exits earlier: mean depth grows as the threshold falls
+        assert depths == sorted(depths) and depths[0] < depths[-1]
+        for p in points:
+            single = evaluate_adaptive(
+                tiny_model,
+                batches,
+                rule=ExitRule(criterion, p["threshold"]),
+                max_r=6,
+                state_init="zero",
+                fixed_curve=fixed_curve,
+            )
+            assert p["loss"] == single.loss and p["mean_depth"] == single.mean_depth
+            if p["equal_loss_r"] is not None:
+                assert p["compute_saved"] == pytest.approx(1 - p["mean_depth"] / p["equal_loss_r"])
+    png = plot_loss_vs_mean_depth(
+        {c: [(p["mean_depth"], p["loss"]) for p in pts] for c, pts in curves.items()},
+        dict(enumerate(fixed_curve, start=1)),
+        tmp_path / "curve.png",
+    )
+    (panel,) = drawn(png)
+    lines = {ln["label"]: ln for ln in panel["lines"]}
+    assert lines["fixed r"]["y"] == pytest.approx(fixed_curve)
+    assert lines["kl"]["x"] == sorted(p["mean_depth"] for p in curves["kl"])

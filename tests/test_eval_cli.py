@@ -88,6 +88,7 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys, tmp_path
             "8",
             "--depth-categories",
             str(cats),
+            "--exit-curve",
             "--json",
             str(out_json),
         ]
@@ -111,6 +112,12 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys, tmp_path
     assert ad["equal_loss_r"] is None or ad["fixed_loss"][ad["equal_loss_r"] - 1] <= ad["loss"] * (
         1 + 1e-6
     )
+    curve = res["adaptive_curve"]
+    assert set(curve) == {"kl", "entropy", "state"}
+    assert all(len(points) == 5 for points in curve.values())
+    (panel,) = drawn(eval_run / "eval" / "loss_vs_mean_depth.png")
+    assert {ln["label"] for ln in panel["lines"]} == {"fixed r", "kl", "entropy", "state"}
+    assert "loss against mean depth" in printed
     by_cat = res["adaptive_by_category"]["categories"]
     assert set(by_cat) == {"code", "prose/english"}
     for category, per in by_cat.items():
@@ -127,6 +134,7 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys, tmp_path
     assert pngs == {
         "loss_vs_r.png",
         "exit_histogram.png",
+        "loss_vs_mean_depth.png",
         "exit_depth_code.png",
         "exit_depth_prose_english.png",
         "state_convergence.png",

@@ -171,6 +171,12 @@ def register(subparsers) -> None:
         "training r-bar; --max-r with --adaptive)",
     )
     p.add_argument(
+        "--exit-curve",
+        action="store_true",
+        help="with --adaptive: loss against mean depth for the kl, entropy and state criteria, "
+        "one point per threshold, with the compute saved at equal loss",
+    )
+    p.add_argument(
         "--depth-categories",
         metavar="FILE.jsonl",
         default=None,
@@ -263,6 +269,8 @@ def _check_eval_args(args) -> list[int]:
         raise RdptConfigError(f"--lm-eval-include: no such file or folder {args.lm_eval_include}")
     if args.max_sequences < 0:
         raise RdptConfigError(f"--max-sequences: must be >= 0 (0 = all), got {args.max_sequences}")
+    if args.exit_curve and not args.adaptive:
+        raise RdptConfigError("--exit-curve: exit curves need --adaptive")
     if args.depth_categories and not args.adaptive:
         raise RdptConfigError("--depth-categories: exit depths need --adaptive")
     if args.depth_categories and not Path(args.depth_categories).is_file():
@@ -495,6 +503,17 @@ def run_eval(args) -> dict | None:
             progress=progress,
         )
         results["adaptive"] = adaptive.to_dict()
+        if args.exit_curve:
+            from pipeline.eval.adaptive import exit_curves
+
+            results["adaptive_curve"] = exit_curves(
+                model,
+                batches,
+                max_r=args.max_r,
+                fixed_curve=sweep.telemetry["loss"][: args.max_r],
+                state_init=args.state_init,
+                seed=args.seed,
+            )
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:

@@ -261,3 +261,46 @@ def evaluate_adaptive(
         compute_saved=(1.0 - mean_depth / r_eq) if r_eq else None,
         compute_saved_vs_max_r=1.0 - mean_depth / max_r,
     )
+
+
+# thresholds of the loss-against-mean-depth curve, per criterion (kl and entropy in nats)
+CURVE_THRESHOLDS = {
+    "kl": (1e-1, 3e-2, 1e-2, 1e-3, 1e-4),
+    "entropy": (4.0, 2.0, 1.0, 0.5, 0.1),
+    "state": (3e-1, 1e-1, 3e-2, 1e-2, 1e-3),
+}
+
+
+def exit_curves(
+    model,
+    batches,
+    *,
+    max_r: int,
+    fixed_curve: list[float],
+    state_init: str = "random",
+    seed: int = 0,
+    thresholds: dict[str, tuple[float, ...]] | None = None,
+    group=None,
+) -> dict[str, list[dict]]:
+    """Loss against mean exit depth for every criterion, one point per threshold:
+    {criterion: [{threshold, loss, mean_depth, equal_loss_r, compute_saved, ...}]}, each point
+    an `evaluate_adaptive` on the same batches against the same fixed-r curve. `batches` must be
+    re-iterable (a list)."""
+    out: dict[str, list[dict]] = {}
+    for criterion, values in (thresholds or CURVE_THRESHOLDS).items():
+        points = []
+        for threshold in values:
+            res = evaluate_adaptive(
+                model,
+                batches,
+                rule=ExitRule(criterion, threshold),
+                max_r=max_r,
+                state_init=state_init,
+                seed=seed,
+                fixed_curve=fixed_curve,
+                group=group,
+            )
+            d = res.to_dict()
+            points.append({k: d[k] for k in d if k not in ("fixed_loss", "histogram")})
+        out[criterion] = points
+    return out

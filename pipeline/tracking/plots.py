@@ -146,6 +146,29 @@ def plot_exit_histograms(
     return _save(fig, path)
 
 
+def plot_loss_vs_mean_depth(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    fixed: Mapping[int, float],
+    path: str | os.PathLike,
+) -> Path:
+    """Loss against mean iterations per token: one line per exit criterion (one point per
+    threshold, `curves`: {criterion: [(mean_depth, loss), ...]}) and the fixed-r curve
+    (`fixed`: {r: loss}) as the reference every criterion should beat."""
+    fig, axes = _figure()
+    ax = axes[0][0]
+    rs = sorted(fixed)
+    ax.plot(rs, [fixed[r] for r in rs], color="black", linestyle="--", label="fixed r")
+    for name, points in curves.items():
+        pts = sorted((float(d), float(loss)) for d, loss in points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("mean iterations per token")
+    ax.set_ylabel("loss")
+    ax.set_title("adaptive exit: loss against mean depth")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_state_convergence(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
     """One panel per curve against iteration 1..n, e.g. `{"relative state change": [...],
     "state cosine": [...], "loss": [...]}` (a positive curve spanning >2 decades gets a log axis).
