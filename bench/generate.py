@@ -12,11 +12,14 @@ Decoders (bench/decode_baselines.py holds the two baselines):
 - `rdpt`: `generate_batch` as it runs by default on this device (CPU: eager lean loop);
 - `rdpt_compiled`: `generate_batch` with compile=True (static-shape steps, torch.compile of a
   core iteration and the coda); on CUDA also the CUDA graph of the fixed-r step.
-Greedy, fixed r, zero initial state, prompts of `--prompt-len` random ids, `--new-tokens` new
-tokens per sequence. Every round runs every decoder once for every (r, batch), so machine load
-hits them alike; the report is the tokens/s (prefill included) of each decoder's fastest round
-(the least disturbed on a shared machine) and of its median round, and the ratios. Every
-decoder's tokens are asserted identical to the reference style's before anything is timed.
+Then, at batch 1, self-speculative decoding (`--speculate-n N` drafts at DRAFT_R = r / 4)
+against plain rdpt, interleaved the same way: acceptance rate and speedup, identical tokens
+asserted. Greedy, fixed r, zero initial state, prompts of `--prompt-len` random ids,
+`--new-tokens` new tokens per sequence. Every round runs every decoder once for every
+(r, batch), so machine load hits them alike; the report is the tokens/s (prefill included)
+of each decoder's fastest round (the least disturbed on a shared machine) and of its median
+round, and the ratios. Every decoder's tokens are asserted identical to the reference
+style's before anything is timed.
 JSON goes to bench/results/generate-<device>-<time>.json.
 """
 
@@ -72,6 +75,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip rdpt_compiled")
+    p.add_argument(
+        "--speculate-n",
+        type=int,
+        default=3,
+        help="self-speculative decoding at batch 1: N drafts of DRAFT_R = r / 4 (0 = skip)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -162,6 +171,33 @@ def main(argv=None) -> int:
                 k: tps[k] / tps["rdpt_before"] for k in tps if k != "rdpt_before"
             }
         rows.append(row)
+    speculative = []
+    if args.speculate_n > 0:
+        from pipeline.eval.speculative import Speculation, generate_speculative
+
+        for r in _ints(args.rs):
+            spec = Speculation(max(1, r // 4), args.speculate_n)
+            prompt = prompts[min(prompts)][0].tolist()
+            gcfg = GenerationConfig(max_new_tokens=n_new, r=r)
+            res = generate_speculative(model, prompt, gcfg, spec)
+            plain = generate_batch(model, prompts[min(prompts)][:1], gcfg)
+            assert res.new_ids == plain.new_ids[0], f"speculative at r={r} differs from greedy"
+            t_spec, t_plain = [], []
+            for _ in range(args.rounds):
+                t_spec.append(generate_speculative(model, prompt, gcfg, spec).seconds)
+                t_plain.append(generate_batch(model, prompts[min(prompts)][:1], gcfg).seconds)
+            speculative.append(
+                {
+                    "r": r,
+                    "draft_r": spec.draft_r,
+                    "n": spec.n,
+                    **res.stats.to_dict(len(res.new_ids)),
+                    "tokens_per_s_best": n_new / min(t_spec),
+                    "plain_tokens_per_s_best": n_new / min(t_plain),
+                    "speedup_best": min(t_plain) / min(t_spec),
+                    "speedup_median": statistics.median(t_plain) / statistics.median(t_spec),
+                }
+            )
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu: {_cpu_name()}",
         "machine": platform.node(),
@@ -176,6 +212,7 @@ def main(argv=None) -> int:
         "identical_greedy_outputs": True,
         "first_call_seconds": warm_s,
         "results": rows,
+        "speculative_batch1": speculative,
     }
     head = " ".join(f"{n:>16}" for n in decoders)
     print(f"{'r':>3} {'B':>2} {head}  rdpt/ref  rdpt/before")
@@ -188,6 +225,12 @@ def main(argv=None) -> int:
             + " ".join(f"{tps[n]:>16.1f}" for n in decoders)
             + f"  {row['ratio_to_reference_style_best'][best]:>7.2f}x"
             + f"  {row['ratio_to_rdpt_before_best'][best]:>9.2f}x  ({best})"
+        )
+    for row in speculative:
+        print(
+            f"speculative r={row['r']} draft {row['draft_r']}:{row['n']}: acceptance "
+            f"{row['acceptance_rate']:.2f}, {row['tokens_per_s_best']:.1f} tokens/s, "
+            f"{row['speedup_best']:.2f}x plain rdpt (identical tokens)"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
