@@ -188,22 +188,19 @@ def test_kv_sharing_with_budget_at_least_r_equals_no_sharing(tiny_model):
         assert shared.new_ids == base.new_ids
 
 
-def test_kv_budget_bounds_cache_slots(tiny_model):
-    from pipeline.eval import generate as gen_mod
+def test_kv_budget_bounds_cache_slots(tiny_model, monkeypatch):
+    from pipeline.eval import decode
 
     caches = []
-    orig = gen_mod.new_kv_cache
+    orig = decode.StaticKVCache.for_model
 
-    def spy():
-        caches.append(orig())
+    def spy(*args, **kwargs):
+        caches.append(orig(*args, **kwargs))
         return caches[-1]
 
-    gen_mod.new_kv_cache = spy
-    try:
-        generate(tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, r=12, kv_budget=3))
-    finally:
-        gen_mod.new_kv_cache = orig
-    core_slots = {slot for block, slot, _ in caches[0].keys() if block == "core"}
+    monkeypatch.setattr(decode.StaticKVCache, "for_model", spy)
+    generate(tiny_model, [1, 2, 3], GenerationConfig(max_new_tokens=4, r=12, kv_budget=3))
+    core_slots = {slot for block, slot in caches[0]._views if block == "core"}
     assert core_slots == {0, 1, 2}
 
 
@@ -260,3 +257,47 @@ def test_cuda_sweep_and_generation_match_cpu(tiny_model, batches):
     for r in (1, 4):
         assert gpu[r] == pytest.approx(cpu[r], rel=1e-4)
     assert res.new_ids == ref
+
+
+def test_exit_curves_one_point_per_threshold_and_plot(tiny_model, batches, tmp_path):
+    from pipeline.eval.adaptive import exit_curves
+    from pipeline.tracking.plots import drawn, plot_loss_vs_mean_depth
+
+    fixed = sweep_depths(tiny_model, batches, [6], "zero", loss_every_iteration=True)
+    fixed_curve = fixed.telemetry["loss"]
+    thresholds = {"kl": (1e-1, 3e-2, 1e-4), "entropy": (5.0, 4.4, 0.1), "state": (0.5, 0.3, 1e-3)}
+    curves = exit_curves(
+        tiny_model,
+        batches,
+        max_r=6,
+        fixed_curve=fixed_curve,
+        state_init="zero",
+        thresholds=thresholds,
+    )
+    assert set(curves) == {"kl", "entropy", "state"}
+    for criterion, points in curves.items():
+        assert [p["threshold"] for p in points] == list(thresholds[criterion])
+        depths = [p["mean_depth"] for p in points]
+        # a lower threshold never exits earlier: mean depth grows as the threshold falls
+        assert depths == sorted(depths) and depths[0] < depths[-1]
+        for p in points:
+            single = evaluate_adaptive(
+                tiny_model,
+                batches,
+                rule=ExitRule(criterion, p["threshold"]),
+                max_r=6,
+                state_init="zero",
+                fixed_curve=fixed_curve,
+            )
+            assert p["loss"] == single.loss and p["mean_depth"] == single.mean_depth
+            if p["equal_loss_r"] is not None:
+                assert p["compute_saved"] == pytest.approx(1 - p["mean_depth"] / p["equal_loss_r"])
+    png = plot_loss_vs_mean_depth(
+        {c: [(p["mean_depth"], p["loss"]) for p in pts] for c, pts in curves.items()},
+        dict(enumerate(fixed_curve, start=1)),
+        tmp_path / "curve.png",
+    )
+    (panel,) = drawn(png)
+    lines = {ln["label"]: ln for ln in panel["lines"]}
+    assert lines["fixed r"]["y"] == pytest.approx(fixed_curve)
+    assert lines["kl"]["x"] == sorted(p["mean_depth"] for p in curves["kl"])

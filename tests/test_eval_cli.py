@@ -58,10 +58,19 @@ def val_tokens(tiny_dataset, tmp_path_factory) -> Path:
     return path
 
 
-def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
+def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking.plots import drawn
+
     out_json = eval_run / "eval-test.json"
+    cats = tmp_path / "cats.jsonl"
+    rows = [
+        {"text": "def main():\n    return 0", "category": "code"},
+        {"text": "import os, sys", "category": "code"},
+        {"text": "The weather is mild today.", "category": "prose/english"},
+    ]
+    cats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rc = main(
         [
             "eval",
@@ -77,6 +86,9 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
             "--adaptive",
             "--max-r",
             "8",
+            "--depth-categories",
+            str(cats),
+            "--exit-curve",
             "--json",
             str(out_json),
         ]
@@ -100,10 +112,31 @@ def test_eval_depth_curve_adaptive_outputs_and_mlflow(eval_run, capsys):
     assert ad["equal_loss_r"] is None or ad["fixed_loss"][ad["equal_loss_r"] - 1] <= ad["loss"] * (
         1 + 1e-6
     )
+    curve = res["adaptive_curve"]
+    assert set(curve) == {"kl", "entropy", "state"}
+    assert all(len(points) == 5 for points in curve.values())
+    (panel,) = drawn(eval_run / "eval" / "loss_vs_mean_depth.png")
+    assert {ln["label"] for ln in panel["lines"]} == {"fixed r", "kl", "entropy", "state"}
+    assert "loss against mean depth" in printed
+    by_cat = res["adaptive_by_category"]["categories"]
+    assert set(by_cat) == {"code", "prose/english"}
+    for category, per in by_cat.items():
+        png = eval_run / "eval" / f"exit_depth_{category.replace('/', '_')}.png"
+        (panel,) = drawn(png)
+        bars = panel["bars"]
+        for k, cond in enumerate(("plain", "cot")):
+            depths = per[cond]["depths"]
+            assert per[cond]["tokens"] == len(depths) > 0
+            # the plotted bars are the per-token exit depths counted, depth 1..max_r
+            assert bars[8 * k : 8 * (k + 1)] == [float(depths.count(d)) for d in range(1, 9)]
+            assert f"mean depth {sum(depths) / len(depths):.2f}" in panel["legend"][k]
     pngs = {Path(p).name for p in res["plots"]}
     assert pngs == {
         "loss_vs_r.png",
         "exit_histogram.png",
+        "loss_vs_mean_depth.png",
+        "exit_depth_code.png",
+        "exit_depth_prose_english.png",
         "state_convergence.png",
         "loss_vs_tokens.png",
     }
@@ -374,6 +407,19 @@ def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
     assert res2["depths"][0] == 16  # the prompt is prefilled at the full depth
     assert all(1 <= d <= 16 for d in res2["depths"])
     assert res2["config"]["kv_budget"] == 4 and res2["config"]["adaptive"]
+    out3 = tmp_path / "gen-speculative.json"
+    argv = ["generate", str(eval_run), "--prompt", "def load(self", "--max-new-tokens", "12"]
+    assert main([*argv, "--recurrences", "4", "--speculate", "2:3", "--json", str(out3)]) == 0
+    res3 = json.loads(out3.read_text())
+    spec = res3["speculation"]
+    assert res3["new_ids"] == res["new_ids"]  # the fixed-r greedy run above
+    assert spec["identical_to_plain"] and spec["draft_r"] == 2 and spec["n"] == 3
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["speedup"] > 0
+    assert "acceptance" in capsys.readouterr().err
+    for bad, message in (("4:2", "DRAFT_R must be in 1..r-1 = 1..3"), ("2:0", "must be >= 1")):
+        assert main([*argv, "--recurrences", "4", "--speculate", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_bad_input_gives_clear_errors(eval_run, mlflow_server, tmp_path, capsys, monkeypatch):

@@ -37,6 +37,7 @@ examples:
   rdpt generate runs/tiny --prompt "import os" --temperature 0.8 --top-p 0.95 --seed 3
   rdpt generate runs/tiny --prompt "class A" --adaptive --threshold 5e-4 --max-r 64 \\
       --kv-budget 4 --continuous-cot
+  rdpt generate runs/tiny --prompt "def f(" --recurrences 32 --speculate 4:3 --json out.json
 
 Prints the text, then tokens/s and the mean number of iterations per token."""
 
@@ -170,6 +171,29 @@ def register(subparsers) -> None:
         "training r-bar; --max-r with --adaptive)",
     )
     p.add_argument(
+        "--exit-curve",
+        action="store_true",
+        help="with --adaptive: loss against mean depth for the kl, entropy and state criteria, "
+        "one point per threshold, with the compute saved at equal loss",
+    )
+    p.add_argument(
+        "--depth-categories",
+        metavar="FILE.jsonl",
+        default=None,
+        help="with --adaptive: exit-depth histogram per category of a JSON Lines file of "
+        "texts ({'text': ..., 'category': ...}), with and without continuous CoT",
+    )
+    p.add_argument("--text-field", default="text", help="text field of --depth-categories")
+    p.add_argument(
+        "--category-field", default="category", help="category field of --depth-categories"
+    )
+    p.add_argument(
+        "--category-max-tokens",
+        type=_positive_int,
+        default=256,
+        help="read at most this many tokens of each --depth-categories text (default 256)",
+    )
+    p.add_argument(
         "--nproc",
         type=_positive_int,
         default=1,
@@ -212,6 +236,21 @@ def register(subparsers) -> None:
         action="store_true",
         help="warm-start each position's state from the previous final state",
     )
+    g.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile of a core iteration and, for fixed r, a CUDA graph of the decode "
+        "step (auto: on with CUDA; on: also on CPU, after a one-off compile)",
+    )
+    g.add_argument(
+        "--speculate",
+        metavar="DRAFT_R:N",
+        default=None,
+        help="self-speculative greedy decoding: draft N tokens with DRAFT_R iterations, verify "
+        "them at the full r in one pass (the output equals plain greedy; plain greedy also runs "
+        "once to measure the speedup)",
+    )
     g.add_argument("--json", default=None, help="write the result (ids, depths, timing) here")
     _add_depth_args(g)
     g.set_defaults(func=generate_handler)
@@ -230,6 +269,12 @@ def _check_eval_args(args) -> list[int]:
         raise RdptConfigError(f"--lm-eval-include: no such file or folder {args.lm_eval_include}")
     if args.max_sequences < 0:
         raise RdptConfigError(f"--max-sequences: must be >= 0 (0 = all), got {args.max_sequences}")
+    if args.exit_curve and not args.adaptive:
+        raise RdptConfigError("--exit-curve: exit curves need --adaptive")
+    if args.depth_categories and not args.adaptive:
+        raise RdptConfigError("--depth-categories: exit depths need --adaptive")
+    if args.depth_categories and not Path(args.depth_categories).is_file():
+        raise RdptDataError(f"--depth-categories: no such file {args.depth_categories}")
     # lm-eval scores one request at a time in padded batches: deterministic zeros unless asked
     args.lm_eval_state_init = args.state_init or "zero"
     if args.state_init is None:
@@ -458,6 +503,17 @@ def run_eval(args) -> dict | None:
             progress=progress,
         )
         results["adaptive"] = adaptive.to_dict()
+        if args.exit_curve:
+            from pipeline.eval.adaptive import exit_curves
+
+            results["adaptive_curve"] = exit_curves(
+                model,
+                batches,
+                max_r=args.max_r,
+                fixed_curve=sweep.telemetry["loss"][: args.max_r],
+                state_init=args.state_init,
+                seed=args.seed,
+            )
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
@@ -465,6 +521,8 @@ def run_eval(args) -> dict | None:
     # NOTE: after the barrier: lm-eval runs on rank 0 alone and may outlast a collective timeout.
     if args.lm_eval_tasks:
         results["lm_eval"] = _run_lm_eval(args, loaded, rs, rule)
+    if args.depth_categories:
+        results["adaptive_by_category"] = _depths_by_category(args, loaded, rule)
     results["seconds"] = time.monotonic() - t0
     from pipeline.eval.report import print_table, write_outputs
 
@@ -507,6 +565,33 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
     }
 
 
+def _depths_by_category(args, loaded, rule) -> dict:
+    from pipeline.eval.depth_by_category import depths_by_category, read_category_jsonl
+
+    if loaded.tokenizer is None:
+        raise RdptDataError(
+            f"--depth-categories needs the tokenizer; {loaded.tokenizer_path} is missing"
+        )
+    texts = read_category_jsonl(args.depth_categories, args.text_field, args.category_field)
+    tok = loaded.tokenizer
+    return {
+        "file": str(Path(args.depth_categories).resolve()),
+        "criterion": rule.criterion,
+        "threshold": rule.threshold,
+        "max_r": args.max_r,
+        "categories": depths_by_category(
+            loaded.model,
+            lambda text: tok.encode(text, add_special_tokens=False).ids,
+            texts,
+            rule,
+            args.max_r,
+            max_tokens=min(args.category_max_tokens, loaded.max_length),
+            state_init=args.state_init,
+            seed=args.seed,
+        ),
+    }
+
+
 # ---------------------------------------------------------------------------------- generate
 def generate_handler(args) -> int:
     from pipeline.eval.adaptive import ExitRule
@@ -544,8 +629,25 @@ def generate_handler(args) -> int:
         state_init=args.state_init or "zero",
         seed=args.seed,
         stop_ids=[loaded.eot_id],
+        compile={"auto": None, "on": True, "off": False}[args.compile],
+        cuda_graph=False if args.compile == "off" else None,
     )
+    speculation = None
+    if args.speculate:
+        speculation = _speculate(args.speculate, loaded.model, prompt, cfg)
     result = generate(loaded.model, prompt, cfg)
+    if speculation is not None:
+        ids, spec_out = speculation
+        spec_out["plain_tokens_per_s"] = result.tokens_per_s
+        spec_out["speedup"] = spec_out["tokens_per_s"] / max(result.tokens_per_s, 1e-12)
+        spec_out["identical_to_plain"] = ids == result.new_ids
+        if ids != result.new_ids:  # never expected: the verification pass makes them equal
+            print("warning: speculative output differs from plain greedy", file=sys.stderr)
+        print(
+            f"[speculative {args.speculate}: acceptance {spec_out['acceptance_rate']:.2f}, "
+            f"{spec_out['tokens_per_s']:.1f} tokens/s, {spec_out['speedup']:.2f}x plain greedy]",
+            file=sys.stderr,
+        )
     print(args.prompt + tok.decode(result.new_ids, skip_special_tokens=False))
     print(
         f"\n[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, "
@@ -569,7 +671,27 @@ def generate_handler(args) -> int:
                 "continuous_cot": args.continuous_cot,
                 "temperature": args.temperature,
                 "top_p": args.top_p,
+                "compile": args.compile,
             },
         }
+        if speculation is not None:
+            out["speculation"] = speculation[1]
         atomic_write_json(Path(args.json), out)
     return 0
+
+
+def _speculate(text: str, model, prompt: list[int], cfg) -> tuple[list[int], dict]:
+    """Run `--speculate DRAFT_R:N`; returns (its token ids, its JSON record)."""
+    from pipeline.eval.speculative import Speculation, generate_speculative
+
+    try:
+        spec = Speculation.parse(text)
+        spec.check(cfg)
+    except ValueError as e:
+        raise RdptConfigError(str(e)) from None
+    res = generate_speculative(model, prompt, cfg, spec)
+    return res.new_ids, {
+        **res.stats.to_dict(len(res.new_ids)),
+        "tokens_per_s": res.tokens_per_s,
+        "seconds": res.seconds,
+    }

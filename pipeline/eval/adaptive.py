@@ -91,30 +91,37 @@ def score_tokens(
     """
     if max_r < 1:
         raise ValueError(f"max_r: must be >= 1, got {max_r}")
+    from pipeline.model.lean_forward import LeanForward
+    from pipeline.model.rope_table import RopeTable
+
     targets_safe_BS = targets_BS.clamp_min(0)
-    e_SBH = model.prelude(inputs_BS)
-    s_SBH = model.initial_state(e_SBH, state_init, seed, sample_ids_B)
     B, S = inputs_BS.shape
+    # the decode loop's lean pieces (decode.py), without a cache: RoPE once, layers directly
+    lean = LeanForward(model)
+    rope = RopeTable.for_model(model, S, inputs_BS.device).slice(0, S)
+    e_SBH = lean.prelude(inputs_BS, rope)
+    s_SBH = model.initial_state(e_SBH, state_init, seed, sample_ids_B)
+    adapter_in = lean.adapter_input(e_SBH)
     if rule is None:
-        for i in range(max_r):
-            s_SBH = model.core_step(s_SBH, e_SBH, cache_slot=i)
-        logp_BSV = F.log_softmax(model.coda(s_SBH).float(), dim=-1)
+        for _ in range(max_r):
+            s_SBH = lean.core(s_SBH, adapter_in, rope)
+        logp_BSV = F.log_softmax(lean.coda(s_SBH, rope).float(), dim=-1)
         logprob = logp_BSV.gather(-1, targets_safe_BS[..., None])[..., 0]
         greedy = logp_BSV.argmax(-1) == targets_BS
         depth = torch.full((B, S), max_r, dtype=torch.long, device=inputs_BS.device)
     else:
         need_logits = rule.criterion != "state"
-        prev_logp = F.log_softmax(model.coda(s_SBH).float(), dim=-1) if need_logits else None
+        prev_logp = F.log_softmax(lean.coda(s_SBH, rope).float(), dim=-1) if need_logits else None
         active_BS = torch.ones(B, S, dtype=torch.bool, device=inputs_BS.device)
         logprob = torch.zeros(B, S, dtype=torch.float32, device=inputs_BS.device)
         greedy = torch.zeros(B, S, dtype=torch.bool, device=inputs_BS.device)
         depth = torch.full((B, S), max_r, dtype=torch.long, device=inputs_BS.device)
         for i in range(1, max_r + 1):
             prev_SBH = s_SBH
-            new_SBH = model.core_step(s_SBH, e_SBH, cache_slot=i - 1)
+            new_SBH = lean.core(s_SBH, adapter_in, rope)
             # NOTE: exited positions keep their state; layout is [S, B, H] vs mask [B, S].
             s_SBH = torch.where(active_BS.transpose(0, 1)[..., None], new_SBH, prev_SBH)
-            logp = F.log_softmax(model.coda(s_SBH).float(), dim=-1)
+            logp = F.log_softmax(lean.coda(s_SBH, rope).float(), dim=-1)
             val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH)
             exit_BS = active_BS & ((val < rule.threshold) | (i == max_r))
             if exit_BS.any():
@@ -254,3 +261,46 @@ def evaluate_adaptive(
         compute_saved=(1.0 - mean_depth / r_eq) if r_eq else None,
         compute_saved_vs_max_r=1.0 - mean_depth / max_r,
     )
+
+
+# thresholds of the loss-against-mean-depth curve, per criterion (kl and entropy in nats)
+CURVE_THRESHOLDS = {
+    "kl": (1e-1, 3e-2, 1e-2, 1e-3, 1e-4),
+    "entropy": (4.0, 2.0, 1.0, 0.5, 0.1),
+    "state": (3e-1, 1e-1, 3e-2, 1e-2, 1e-3),
+}
+
+
+def exit_curves(
+    model,
+    batches,
+    *,
+    max_r: int,
+    fixed_curve: list[float],
+    state_init: str = "random",
+    seed: int = 0,
+    thresholds: dict[str, tuple[float, ...]] | None = None,
+    group=None,
+) -> dict[str, list[dict]]:
+    """Loss against mean exit depth for every criterion, one point per threshold:
+    {criterion: [{threshold, loss, mean_depth, equal_loss_r, compute_saved, ...}]}, each point
+    an `evaluate_adaptive` on the same batches against the same fixed-r curve. `batches` must be
+    re-iterable (a list)."""
+    out: dict[str, list[dict]] = {}
+    for criterion, values in (thresholds or CURVE_THRESHOLDS).items():
+        points = []
+        for threshold in values:
+            res = evaluate_adaptive(
+                model,
+                batches,
+                rule=ExitRule(criterion, threshold),
+                max_r=max_r,
+                state_init=state_init,
+                seed=seed,
+                fixed_curve=fixed_curve,
+                group=group,
+            )
+            d = res.to_dict()
+            points.append({k: d[k] for k in d if k not in ("fixed_loss", "histogram")})
+        out[criterion] = points
+    return out

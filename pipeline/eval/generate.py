@@ -12,6 +12,12 @@ The prompt is prefilled in one chunk at the full r; adaptive exit applies to gen
 When a token exits after i < kv_budget iterations, its entries in the slots it never wrote are
 filled with its last written entry, so later tokens always find a key/value for every earlier
 position (the reference implementation's "latest entry" fallback).
+
+`generate` (one prompt) and `generate_batch` (B prompts of equal length) run the lean decode
+loop of decode.py (static KV cache, RoPE once per position, layers called directly).
+
+    res = generate(model, prompt_ids, GenerationConfig(max_new_tokens=64, r=32))
+    res.new_ids, res.depths, res.tokens_per_s
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.adaptive import ExitRule, criterion_value
+from pipeline.eval.adaptive import ExitRule
 from pipeline.eval.depth import _EvalMode, check_state_init, model_device
 
 
@@ -41,6 +47,10 @@ class GenerationConfig:
     state_init: str = "zero"
     seed: int = 0
     stop_ids: Sequence[int] = ()
+    # decode.py: None = on with CUDA (compile; graphs for fixed r with a deterministic state)
+    compile: bool | None = None
+    cuda_graph: bool | None = None
+    static_shapes: bool = False  # static-shape decode steps without compile (what they run)
 
     def __post_init__(self):
         if self.r < 1:
@@ -69,6 +79,7 @@ class GenerationResult:
     depths: list[int] = field(default_factory=list)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    graph_replays: int = 0  # decode steps run as a CUDA graph replay
 
     @property
     def tokens_per_s(self) -> float:
@@ -89,6 +100,7 @@ class GenerationResult:
             "seconds": self.seconds,
             "prefill_seconds": self.prefill_seconds,
             "tokens_per_s": self.tokens_per_s,
+            "graph_replays": self.graph_replays,
         }
 
 
@@ -113,67 +125,88 @@ def sample_next(
     return idx.to(logits_BV.device)
 
 
-def new_kv_cache():
-    """An empty KV cache (keyed by (block, slot, layer); slots are created on first write)."""
-    from pipeline.model.kv_cache import KVCache
+@dataclass
+class BatchGenerationResult:
+    """Generated ids of B equal-length prompts decoded together; `depths[t]` is the number of
+    iterations step t spent (one per step: adaptive exit waits for every sequence)."""
 
-    return KVCache()
+    new_ids: list[list[int]]
+    depths: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    telemetry: list[list[float]] | None = None
+    graph_replays: int = 0  # decode steps run as a CUDA graph replay
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens (all sequences) per second of the whole call (prefill included)."""
+        n = sum(len(ids) for ids in self.new_ids)
+        return n / self.seconds if self.seconds > 0 else 0.0
 
 
-def fill_unwritten_slots(cache, offset: int, written: int, last_slot: int) -> None:
-    """A token at `offset` exited after writing core slots 0..written-1: give it an entry in
-    slots written..last_slot-1 too, a copy of its last one (slot written-1), so later tokens
-    find a key/value for every earlier position in every slot."""
-    for block, slot, layer in list(cache.keys()):
-        if block != "core" or slot != written - 1:
-            continue
-        k_all, v_all = cache.get((block, slot, layer))
-        k_SBNh, v_SBNh = k_all[offset : offset + 1], v_all[offset : offset + 1]
-        for dst_slot in range(written, last_slot):
-            cache.update((block, dst_slot, layer), k_SBNh, v_SBNh, offset)
+def generate_batch(
+    model, prompts_BP: torch.Tensor, cfg: GenerationConfig, on_token=None, telemetry=False
+) -> BatchGenerationResult:
+    """Decode B prompts of equal length [B, P] together with the lean decode loop (decode.py).
 
+    A sequence that emits one of cfg.stop_ids stops there (its list ends with that id); the
+    call ends when every sequence stopped or has cfg.max_new_tokens. `on_token(ids, depth)`
+    gets the B new ids of every step. `telemetry`: record the per-iteration relative state
+    change of every decoded position (result.telemetry[t][i - 1])."""
+    from pipeline.eval.decode import DecodeLoop
 
-def _run_chunk(model, ids_BS, cache, offset: int, cfg: GenerationConfig, warm_SBH, adaptive: bool):
-    """Prelude + core iterations + coda for new positions at `offset`.
+    device = model_device(model)
+    prompts_BP = torch.as_tensor(prompts_BP, dtype=torch.long).to(device)
+    if prompts_BP.dim() != 2 or prompts_BP.shape[1] < 1:
+        raise ValueError("prompt: at least one token is needed (e.g. the end-of-text id)")
+    B, P = prompts_BP.shape
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    result = BatchGenerationResult(new_ids=[[] for _ in range(B)])
+    stop = set(int(t) for t in cfg.stop_ids)
+    done = [False] * B
+    with _EvalMode(model):
+        t0 = time.perf_counter()
+        cuda = device.type == "cuda"
+        graph = cfg.cuda_graph
+        if graph is None:
+            from pipeline.eval.decode import FixedDepthGraph
 
-    Returns (logits of the last position [B, V], final state of the last position [1, B, H],
-    iterations spent)."""
-    e_SBH = model.prelude(ids_BS, kv_cache=cache, position_offset=offset)
-    if warm_SBH is not None:
-        s_SBH = warm_SBH.expand_as(e_SBH).contiguous() if e_SBH.shape[0] == 1 else warm_SBH
-    else:
-        s_SBH = model.initial_state(e_SBH, cfg.state_init, cfg.seed + offset, None)
-    rule = cfg.exit_rule if adaptive else None
-    prev_logp = None
-    if rule is not None and rule.criterion != "state":
-        prev_logp = F.log_softmax(
-            model.coda(s_SBH, kv_cache=cache, position_offset=offset).float(), -1
+            graph = cuda and not telemetry and FixedDepthGraph.applies(cfg)
+        loop = DecodeLoop(
+            model,
+            cfg,
+            batch=B,
+            capacity=P + cfg.max_new_tokens,
+            device=device,
+            telemetry=telemetry,
+            static_shapes=cfg.static_shapes,
+            compile=cuda if cfg.compile is None else cfg.compile,
+            cuda_graph=graph,
         )
-    depth = cfg.r
-    logits_BSV = None
-    for i in range(1, cfg.r + 1):
-        prev_SBH = s_SBH
-        s_SBH = model.core_step(
-            s_SBH, e_SBH, kv_cache=cache, cache_slot=(i - 1) % cfg.slots, position_offset=offset
-        )
-        if rule is None or i == cfg.r:
-            continue
-        # NOTE: the coda attends to earlier positions through the cache; a second decode at the
-        # same offset overwrites this position's coda entries (the cache is position-indexed).
-        logp = None
-        if rule.criterion != "state":
-            logits_BSV = model.coda(s_SBH, kv_cache=cache, position_offset=offset)
-            logp = F.log_softmax(logits_BSV.float(), -1)
-        val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH)
-        prev_logp = logp
-        if bool((val < rule.threshold).all()):
-            depth = i
-            fill_unwritten_slots(cache, offset, i, min(cfg.slots, cfg.r))
-            break
-        logits_BSV = None
-    if logits_BSV is None:
-        logits_BSV = model.coda(s_SBH, kv_cache=cache, position_offset=offset)
-    return logits_BSV[:, -1], s_SBH[-1:], depth
+        logits_BV, last_SBH, depth = loop.step(prompts_BP, 0, None, adaptive=False)
+        result.prefill_seconds = time.perf_counter() - t0
+        offset = P
+        for t in range(cfg.max_new_tokens):
+            tok_B = sample_next(logits_BV, cfg.temperature, cfg.top_p, gen)
+            toks = tok_B.tolist()
+            result.depths.append(depth)
+            for b, tok in enumerate(toks):
+                if not done[b]:
+                    result.new_ids[b].append(tok)
+                    done[b] = tok in stop
+            if on_token is not None:
+                on_token(toks, depth)
+            if all(done) or t + 1 == cfg.max_new_tokens:
+                break
+            warm = last_SBH if cfg.continuous_cot else None
+            logits_BV, last_SBH, depth = loop.step(tok_B[:, None], offset, warm, adaptive=True)
+            offset += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.seconds = time.perf_counter() - t0
+        result.telemetry = loop.telemetry
+        result.graph_replays = loop.graph_replays
+    return result
 
 
 def generate(
@@ -183,38 +216,19 @@ def generate(
 
     `on_token(token_id, depth)` is called after each new token (for streaming output).
     """
-    device = model_device(model)
     prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
     if not prompt:
         raise ValueError("prompt: at least one token is needed (e.g. the end-of-text id)")
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    result = GenerationResult(prompt_ids=prompt, new_ids=[])
-    stop = set(int(t) for t in cfg.stop_ids)
-    with _EvalMode(model):
-        t0 = time.perf_counter()
-        cache = new_kv_cache()
-        ids_BS = torch.tensor([prompt], dtype=torch.long, device=device)
-        logits_BV, last_SBH, depth = _run_chunk(model, ids_BS, cache, 0, cfg, None, adaptive=False)
-        result.prefill_seconds = time.perf_counter() - t0
-        offset = len(prompt)
-        for _ in range(cfg.max_new_tokens):
-            tok = int(sample_next(logits_BV, cfg.temperature, cfg.top_p, gen)[0])
-            result.new_ids.append(tok)
-            result.depths.append(depth)
-            if on_token is not None:
-                on_token(tok, depth)
-            if tok in stop or len(result.new_ids) == cfg.max_new_tokens:
-                break
-            ids_BS = torch.tensor([[tok]], dtype=torch.long, device=device)
-            warm = last_SBH if cfg.continuous_cot else None
-            logits_BV, last_SBH, depth = _run_chunk(
-                model, ids_BS, cache, offset, cfg, warm, adaptive=True
-            )
-            offset += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        result.seconds = time.perf_counter() - t0
-    return result
+    each = None if on_token is None else (lambda toks, depth: on_token(toks[0], depth))
+    out = generate_batch(model, torch.tensor([prompt]), cfg, on_token=each)
+    return GenerationResult(
+        prompt_ids=prompt,
+        new_ids=out.new_ids[0],
+        depths=out.depths,
+        seconds=out.seconds,
+        prefill_seconds=out.prefill_seconds,
+        graph_replays=out.graph_replays,
+    )
 
 
 def generate_uncached(

@@ -47,6 +47,26 @@ def print_table(results: dict) -> None:
         )
         hist = " ".join(f"{d}:{c}" for d, c in ad["histogram"].items())
         print(f"exit-depth histogram (depth:tokens): {hist}")
+    curve = results.get("adaptive_curve")
+    if curve:
+        print(
+            "\nloss against mean depth (threshold: loss / mean depth / compute saved at equal loss)"
+        )
+        for criterion, points in curve.items():
+            cells = [
+                f"{p['threshold']:g}: {p['loss']:.4f}/{p['mean_depth']:.2f}/"
+                + ("-" if p["compute_saved"] is None else f"{100 * p['compute_saved']:.0f}%")
+                for p in points
+            ]
+            print(f"  {criterion}: " + ", ".join(cells))
+    by_cat = results.get("adaptive_by_category")
+    if by_cat:
+        print("\nmean exit depth per category (fresh state / continuous CoT):")
+        for category, per in by_cat["categories"].items():
+            print(
+                f"  {category}: {per['plain']['mean_depth']:.2f} / {per['cot']['mean_depth']:.2f}"
+                f" ({per['plain']['tokens']} tokens)"
+            )
     lm = results.get("lm_eval")
     if lm:
         print(f"\nlm-eval at r={lm['r']}{' (adaptive)' if lm['adaptive'] else ''}:")
@@ -81,7 +101,9 @@ def training_curve(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def make_plots(results: dict, out_dir: Path, run_dir: Path | None) -> list[Path]:
-    """PNG files: loss_vs_r, exit_histogram, state_convergence, loss_vs_tokens."""
+    """PNG files: loss_vs_r, exit_histogram, loss_vs_mean_depth, exit_depth_<category> (one
+    per category, fresh state and continuous CoT side by side), state_convergence,
+    loss_vs_tokens."""
     from pipeline.tracking import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +116,31 @@ def make_plots(results: dict, out_dir: Path, run_dir: Path | None) -> list[Path]
     if ad:
         hist = {int(d): c for d, c in ad["histogram"].items()}
         paths.append(plots.plot_exit_histogram(hist, out_dir / "exit_histogram.png"))
+    curve = results.get("adaptive_curve")
+    if curve and ad:
+        paths.append(
+            plots.plot_loss_vs_mean_depth(
+                {c: [(p["mean_depth"], p["loss"]) for p in pts] for c, pts in curve.items()},
+                {r: loss for r, loss in enumerate(ad["fixed_loss"], start=1)},
+                out_dir / "loss_vs_mean_depth.png",
+            )
+        )
+    by_cat = results.get("adaptive_by_category")
+    if by_cat:
+        for category, per in by_cat["categories"].items():
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", category).strip("_") or "category"
+            hists = {
+                label: {int(d): c for d, c in per[cond]["histogram"].items()}
+                for cond, label in (("plain", "fresh state"), ("cot", "continuous CoT"))
+            }
+            paths.append(
+                plots.plot_exit_histograms(
+                    hists,
+                    by_cat["max_r"],
+                    out_dir / f"exit_depth_{slug}.png",
+                    f"exit depth: {category} ({by_cat['criterion']} < {by_cat['threshold']:g})",
+                )
+            )
     tel = results.get("telemetry") or {}
     curves = {
         name: tel[key]

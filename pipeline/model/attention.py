@@ -186,10 +186,14 @@ class CoreAttention(MegatronModule):
             self._resolve(device, dtype)
         return self.resolved
 
-    def forward(self, q_SBNh, k_SBNh, v_SBNh) -> torch.Tensor:
+    def forward(self, q_SBNh, k_SBNh, v_SBNh, key_mask_K=None) -> torch.Tensor:
+        """key_mask_K: None (causal, queries are the last positions) or a boolean [sk]: the
+        keys every query may see (a decode step over a fixed-size cache: static shapes)."""
         sq, sk = q_SBNh.shape[0], k_SBNh.shape[0]
         backend = self.backend(q_SBNh.device, q_SBNh.dtype)
         scale = 1.0 / math.sqrt(q_SBNh.shape[-1])
+        if key_mask_K is not None:
+            return self._masked(q_SBNh, k_SBNh, v_SBNh, key_mask_K, scale, backend)
         if backend == "flash":
             # flash_attn aligns the causal mask bottom-right when sq != sk (>= 2.1).
             q, k, v = (t.transpose(0, 1) for t in (q_SBNh, k_SBNh, v_SBNh))  # [B, S, N, h]
@@ -213,9 +217,21 @@ class CoreAttention(MegatronModule):
                     o = F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
         else:  # math
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-            scores = scores.masked_fill(~_causal_mask(sq, sk, q.device), float("-inf"))
+            if sq > 1:  # one query (a decode step) sees every key: its mask is all True
+                scores = scores.masked_fill(~_causal_mask(sq, sk, q.device), float("-inf"))
             o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         return o.permute(2, 0, 1, 3)  # [S, B, N, h]
+
+    @staticmethod
+    def _masked(q_SBNh, k_SBNh, v_SBNh, key_mask_K, scale, backend):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBNh, k_SBNh, v_SBNh))  # [B, N, S, h]
+        if backend == "math":
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+            scores = scores.masked_fill(~key_mask_K, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        else:  # flash_attn takes no mask: SDPA (same math)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask_K, scale=scale)
+        return o.permute(2, 0, 1, 3)
 
 
 @dataclass
@@ -276,7 +292,9 @@ class HuginnSelfAttention(MegatronModule):
             self.qk_bias = None
 
     def forward(self, x_SBH, rope_SB1h, cache_view=None, layer_index: int = 0):
-        """cache_view: None or a `kv_cache.CacheView` (this layer's keys/values are cached under
+        """rope_SB1h: the RoPE angle table [S, 1, 1, head_dim] or a `rope_table.RopeSlice`
+        (the same rotation, bitwise). cache_view: None, a `kv_cache.CacheView` or a
+        `static_cache.StaticCacheView` (this layer's keys/values are cached under
         (block, slot, layer_index) and the attention sees all cached positions)."""
         S, B = x_SBH.shape[:2]
         qkv, _ = self.linear_qkv(x_SBH)
@@ -285,10 +303,19 @@ class HuginnSelfAttention(MegatronModule):
         if self.qk_bias is not None:
             q = q + self.qk_bias[0]
             k = k + self.qk_bias[1]
-        q = compat.apply_rope(q, rope_SB1h, self.config)
-        k = compat.apply_rope(k, rope_SB1h, self.config)
+        if isinstance(rope_SB1h, torch.Tensor):
+            q = compat.apply_rope(q, rope_SB1h, self.config)
+            k = compat.apply_rope(k, rope_SB1h, self.config)
+        else:  # a rope_table.RopeSlice: cos/sin computed once per token, not per layer call
+            q, k = rope_SB1h.apply(q), rope_SB1h.apply(k)
+        key_mask = None
         if cache_view is not None:
             k, v = cache_view.update(layer_index, k, v)
-        o = self.core_attention(q, k, v)
+            key_mask = getattr(cache_view, "key_mask_K", None)  # static-shape decode steps
+        o = (
+            self.core_attention(q, k, v)
+            if key_mask is None
+            else self.core_attention(q, k, v, key_mask)
+        )
         out, _ = self.linear_proj(o.reshape(S, B, -1))
         return out

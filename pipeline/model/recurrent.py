@@ -167,11 +167,16 @@ class RecurrentDepthLM(MegatronModule):
             hidden_states=x_SBH, attention_mask=None, rotary_pos_emb=rope, inference_context=view
         )
 
-    def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
-        """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
+    def embed(self, input_ids_BS) -> torch.Tensor:
+        """Token embeddings (times sqrt(h) when configured) in layout [S, B, H]."""
         x_SBH = self.embedding(input_ids_BS).transpose(0, 1).contiguous()
         if self.cfg.scale_embedding:
             x_SBH = x_SBH * math.sqrt(self.cfg.hidden_size)
+        return x_SBH
+
+    def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
+        x_SBH = self.embed(input_ids_BS)
         rope = self._rope(x_SBH.shape[0], position_offset, x_SBH.device)
         return self._run(self.prelude_block, "prelude", 0, x_SBH, rope, kv_cache, position_offset)
 
@@ -241,11 +246,14 @@ class RecurrentDepthLM(MegatronModule):
         x = self._run(self.coda_block, "coda", 0, x, rope, kv_cache, position_offset)
         return self.ln_f(x)  # NOTE: the same ln_f again, after the coda (Huginn).
 
+    def head(self, x_SBH) -> torch.Tensor:
+        """The LM head on the final hidden states: full-vocabulary logits [B, S, V]."""
+        logits = compat.gather_last_dim(self._logits_parallel(x_SBH))
+        return logits.transpose(0, 1)
+
     def coda(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """ln_f -> coda -> ln_f -> head: full-vocabulary logits [B, S, V]."""
-        x = self._coda_hidden(s_SBH, kv_cache, position_offset)
-        logits = compat.gather_last_dim(self._logits_parallel(x))
-        return logits.transpose(0, 1)
+        return self.head(self._coda_hidden(s_SBH, kv_cache, position_offset))
 
     # ------------------------------------------------------------------ forward
     def forward(

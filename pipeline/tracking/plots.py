@@ -3,8 +3,8 @@
 
 Every PNG carries what it draws as a text chunk `rdpt:drawn` (JSON, read back from the
 figure's artists when it is saved: per panel its title, its lines' labels and points, its bars'
-heights), so a reader or a test can check a plot's content without looking at pixels:
-`drawn(path)`."""
+heights, its legend's texts), so a reader or a test can check a plot's content without looking
+at pixels: `drawn(path)`."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ def _drawn_in(ax) -> dict:
         for ln in ax.get_lines()
     ]
     bars = [float(p.get_height()) for p in ax.patches]
-    return {"title": ax.get_title(), "lines": lines, "bars": bars}
+    legend = ax.get_legend()
+    texts = [t.get_text() for t in legend.get_texts()] if legend is not None else []
+    return {"title": ax.get_title(), "lines": lines, "bars": bars, "legend": texts}
 
 
 def drawn(path: str | os.PathLike) -> list[dict]:
@@ -118,6 +120,52 @@ def plot_exit_histogram(hist, path: str | os.PathLike, title: str = "adaptive ex
     ax.set_xlabel("exit depth (iterations)")
     ax.set_ylabel("tokens")
     ax.set_title(f"{title} ({total} tokens)")
+    return _save(fig, path)
+
+
+def plot_exit_histograms(
+    hists: Mapping[str, Mapping[int, int]], max_r: int, path: str | os.PathLike, title: str
+) -> Path:
+    """Exit-depth histograms of several conditions side by side in one panel, each bar series
+    labelled with its mean depth. `hists`: {label: {depth: tokens}}; every series draws one bar
+    per depth 1..max_r (zero where no token exited), in the order given."""
+    fig, axes = _figure()
+    ax = axes[0][0]
+    n = max(len(hists), 1)
+    width = 0.8 / n
+    for k, (label, hist) in enumerate(hists.items()):
+        counts = [int(hist.get(d, 0)) for d in range(1, max_r + 1)]
+        total = sum(counts)
+        mean = sum(d * c for d, c in zip(range(1, max_r + 1), counts)) / total if total else 0.0
+        xs = [d - 0.4 + width * (k + 0.5) for d in range(1, max_r + 1)]
+        ax.bar(xs, counts, width=width, label=f"{label}: mean depth {mean:.2f} ({total} tokens)")
+    ax.legend()
+    ax.set_xlabel("exit depth (iterations)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_loss_vs_mean_depth(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    fixed: Mapping[int, float],
+    path: str | os.PathLike,
+) -> Path:
+    """Loss against mean iterations per token: one line per exit criterion (one point per
+    threshold, `curves`: {criterion: [(mean_depth, loss), ...]}) and the fixed-r curve
+    (`fixed`: {r: loss}) as the reference every criterion should beat."""
+    fig, axes = _figure()
+    ax = axes[0][0]
+    rs = sorted(fixed)
+    ax.plot(rs, [fixed[r] for r in rs], color="black", linestyle="--", label="fixed r")
+    for name, points in curves.items():
+        pts = sorted((float(d), float(loss)) for d, loss in points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("mean iterations per token")
+    ax.set_ylabel("loss")
+    ax.set_title("adaptive exit: loss against mean depth")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
     return _save(fig, path)
 
 
