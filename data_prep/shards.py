@@ -69,7 +69,13 @@ class _TarfileIndex:
         self._f = open(path, "rb")
         try:
             with tarfile.open(fileobj=self._f, mode="r:") as tar:
-                self._index = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+                # NOTE: one entry per key: a task dataset's member also holds `{key}.mask.npy`
+                # etc. (data_prep/task_prep.py); the rows are `{key}.npy`, as wids reads them.
+                self._index = [
+                    (m.name, m.offset_data, m.size)
+                    for m in tar
+                    if m.isfile() and m.name.split(".", 1)[-1] == "npy"
+                ]
         except BaseException:
             self._f.close()
             raise
