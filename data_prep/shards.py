@@ -155,5 +155,17 @@ class ShardReader:
             )
         return arr
 
+    def member_fields(self, m: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The other arrays stored under member `m`'s key (`mask.npy`, ... of a task dataset:
+        data_prep/task_prep.py), wids backend only."""
+        try:
+            sample = self._tar[m]
+            return {f: np.load(sample["." + f], allow_pickle=False) for f in fields}
+        except Exception as e:
+            raise RdptDataError(
+                f"shard {self.path} member {m}: fields {list(fields)} missing or corrupted "
+                f"({type(e).__name__}: {e})"
+            ) from None
+
     def close(self) -> None:
         self._tar.close()

@@ -212,6 +212,13 @@ def register(subparsers) -> None:
         action="store_true",
         help="warm-start each position's state from the previous final state",
     )
+    g.add_argument(
+        "--pause",
+        type=int,
+        default=0,
+        metavar="N",
+        help="append N <|pause|> tokens to the prompt (a model fine-tuned with data.pause)",
+    )
     g.add_argument("--json", default=None, help="write the result (ids, depths, timing) here")
     _add_depth_args(g)
     g.set_defaults(func=generate_handler)
@@ -508,6 +515,20 @@ def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
 
 
 # ---------------------------------------------------------------------------------- generate
+def pause_count(n: int) -> int:
+    if n < 0:
+        raise RdptConfigError(f"--pause: the number of pause tokens must be >= 0, got {n}")
+    return n
+
+
+def pause_id(tok) -> int:
+    """The id of `<|pause|>` in `tok` (an error when the tokenizer has none)."""
+    i = tok.token_to_id("<|pause|>")
+    if i is None:
+        raise RdptDataError("--pause: the model's tokenizer has no <|pause|> token")
+    return int(i)
+
+
 def generate_handler(args) -> int:
     from pipeline.eval.adaptive import ExitRule
     from pipeline.eval.generate import GenerationConfig, generate
@@ -526,6 +547,7 @@ def generate_handler(args) -> int:
         raise RdptDataError(f"generate needs the tokenizer; {loaded.tokenizer_path} is missing")
     tok = loaded.tokenizer
     prompt = tok.encode(args.prompt, add_special_tokens=False).ids or [loaded.eot_id]
+    prompt = prompt + [pause_id(tok)] * pause_count(args.pause)
     room = loaded.max_length - len(prompt)
     if room <= 0:
         raise RdptConfigError(
@@ -569,6 +591,7 @@ def generate_handler(args) -> int:
                 "continuous_cot": args.continuous_cot,
                 "temperature": args.temperature,
                 "top_p": args.top_p,
+                "pause": args.pause,
             },
         }
         atomic_write_json(Path(args.json), out)

@@ -32,11 +32,28 @@ class RunSection(ConfigModel):
     """Seed of parameter init, data order and the initial latent state."""
 
 
+class PauseSection(ConfigModel):
+    """Pause tokens inserted into task examples at load time (pipeline/data/task_loader.py):
+    extra input positions before the answer; no loss on predicting them."""
+
+    count: int = Field(0, ge=0)
+    """Pause tokens per example (0 = none)."""
+    placement: Literal["before_answer", "random"] = "before_answer"
+    """before_answer: right before `=>`; random: anywhere after the first question token and
+    before `=>`, drawn from (seed, sample id)."""
+    seed: int = 0
+
+
 class DataSection(ConfigModel):
     path: str = "data/corpus"
     """A dataset written by `rdpt prep` (holds manifest.json, train/ and val/ shards)."""
     shuffle: bool = True
     """Shuffle the training sequences (deterministically, by run.seed and epoch)."""
+    pause: PauseSection = PauseSection()
+    """Task datasets only (train.stage task or coconut)."""
+    reasoning_steps: Literal["keep", "drop"] = "keep"
+    """Task datasets, train.stage task: keep the language reasoning steps (chain of thought),
+    or drop them (question => answer directly: the depth and pause-token baselines)."""
 
 
 class TrainSection(ConfigModel):
@@ -49,8 +66,10 @@ class TrainSection(ConfigModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on GPU, fp32 on CPU."""
     stage: str = "pretrain"
-    """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences).
-    Fine-tuning stages are modules of pipeline/training/stages/."""
+    """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences),
+    `task` (fine-tuning on a task dataset: loss on reasoning steps and answer only, pause
+    tokens per data.pause) or `coconut` (continuous-thought curriculum, see `coconut`).
+    Stages are modules of pipeline/training/stages/."""
     compile: Literal["auto"] | bool = "auto"
     """torch.compile one core iteration (the region that runs r times): true (on), false (off),
     or auto = on where CUDA is present. YAML reads on/off as true/false too."""

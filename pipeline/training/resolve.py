@@ -75,6 +75,18 @@ def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
     """The dataset fits the model and the evaluation settings."""
     manifest_path = Path(cfg.data.path) / "manifest.json"
     splits = manifest.get("splits", {})
+    if cfg.train.stage in ("task", "coconut") and manifest.get("kind") != "task":
+        raise RdptConfigError(
+            f"train.stage={cfg.train.stage} needs a task dataset (rdpt prep --task); "
+            f"{manifest_path} is a pretraining dataset"
+        )
+    if cfg.train.stage not in ("task", "coconut") and (
+        cfg.data.pause.count or cfg.data.reasoning_steps != "keep"
+    ):
+        raise RdptConfigError(
+            f"data.pause / data.reasoning_steps apply to train.stage task or coconut, not "
+            f"{cfg.train.stage}"
+        )
     if not splits.get("train", {}).get("shards"):
         raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")
     vocab = manifest.get("vocab_size")
