@@ -50,6 +50,7 @@ class TaskBatch(NamedTuple):
     segments: torch.Tensor  # LongTensor [B, seq_len + 1]
     mask: torch.Tensor  # BoolTensor [B, seq_len + 1]
     difficulty: torch.Tensor  # LongTensor [B]
+    epoch: int = 0  # the data epoch the batch belongs to (curricula: coconut stages)
 
 
 class TaskExample(NamedTuple):
@@ -239,7 +240,8 @@ class TaskLoader(ResumableLoader):
         examples = [self.transform(ex) for ex in self.task_reader.examples(ids)]
         width, pad = self.info.seq_len + 1, int(self.info.pad_id)
         batches = [
-            collate(examples[i * self.mb : (i + 1) * self.mb], width, pad) for i in range(self.ga)
+            collate(examples[i * self.mb : (i + 1) * self.mb], width, pad)._replace(epoch=epoch)
+            for i in range(self.ga)
         ]
         return batches, epoch, position + self.global_batch
 

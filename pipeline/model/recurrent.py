@@ -161,11 +161,20 @@ class RecurrentDepthLM(MegatronModule):
             hidden_states=x_SBH, attention_mask=None, rotary_pos_emb=rope, inference_context=view
         )
 
-    def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
-        """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
+    def embed(self, input_ids_BS) -> torch.Tensor:
+        """The prelude's input for token ids: wte[ids] (times sqrt(h)) as [S, B, H]."""
         x_SBH = self.embedding(input_ids_BS).transpose(0, 1).contiguous()
         if self.cfg.scale_embedding:
             x_SBH = x_SBH * math.sqrt(self.cfg.hidden_size)
+        return x_SBH
+
+    def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
+        return self.prelude_embedded(self.embed(input_ids_BS), kv_cache, position_offset)
+
+    def prelude_embedded(self, x_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """The prelude on given input vectors [S, B, H] (embedded tokens, or continuous
+        thoughts: model/continuous_thought.py): returns e [S, B, H]."""
         rope = self._rope(x_SBH.shape[0], position_offset, x_SBH.device)
         return self._run(self.prelude_block, "prelude", 0, x_SBH, rope, kv_cache, position_offset)
 
@@ -229,6 +238,14 @@ class RecurrentDepthLM(MegatronModule):
         x = self.ln_f(s_SBH)
         x = self._run(self.coda_block, "coda", 0, x, rope, kv_cache, position_offset)
         return self.ln_f(x)  # NOTE: the same ln_f again, after the coda (Huginn).
+
+    def coda_hidden(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """ln_f -> coda -> ln_f: the hidden state the head reads [S, B, H]."""
+        return self._coda_hidden(s_SBH, kv_cache, position_offset)
+
+    def head(self, x_SBH) -> torch.Tensor:
+        """Full-vocabulary logits [B, S, V] of coda hidden states [S, B, H]."""
+        return compat.gather_last_dim(self._logits_parallel(x_SBH)).transpose(0, 1)
 
     def coda(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """ln_f -> coda -> ln_f -> head: full-vocabulary logits [B, S, V]."""

@@ -156,6 +156,41 @@ class EvalSection(ConfigModel):
     batch_size: int = Field(4, ge=1)
 
 
+class CoconutSection(ConfigModel):
+    """train.stage coconut: the continuous-thought curriculum (training/stages/coconut.py).
+    At stage k the first k reasoning steps of every example are replaced by k x
+    thoughts_per_step continuous thoughts between <|begin_thought|> and <|end_thought|>."""
+
+    thoughts_per_step: int = 1
+    """c: continuous thoughts per replaced reasoning step (>= 0; 0 removes the steps)."""
+    max_stages: int = 3
+    """The last stage (stage 0 is plain chain of thought); at most the dataset's largest
+    number of reasoning steps."""
+    epochs_per_stage: int = 1
+    """Data epochs per stage: stage = min(epoch // epochs_per_stage, max_stages)."""
+    feedback: Literal["coda", "core"] = "coda"
+    """The state fed back as the next thought's input vector: `coda` (the coda's normed
+    output, what the head reads; Coconut's last hidden state) or `core` (the latent state
+    after the last core iteration, before the coda)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> CoconutSection:
+        if self.thoughts_per_step < 0:
+            raise ValueError(
+                f"coconut.thoughts_per_step: the number of continuous thoughts per reasoning "
+                f"step must be >= 0, got {self.thoughts_per_step}"
+            )
+        if self.max_stages < 0:
+            raise ValueError(f"coconut.max_stages: must be >= 0, got {self.max_stages}")
+        if self.epochs_per_stage < 1:
+            raise ValueError(f"coconut.epochs_per_stage: must be >= 1, got {self.epochs_per_stage}")
+        return self
+
+    def stage_at(self, epoch: int) -> int:
+        """The curriculum stage of data epoch `epoch`."""
+        return min(epoch // self.epochs_per_stage, self.max_stages)
+
+
 class TelemetrySection(ConfigModel):
     """Model and optimizer telemetry (the published run's): latent-state norm and token
     correlation, per-iteration state change, per-block gradient norms, update RMS, effective
@@ -198,6 +233,7 @@ class TrainConfig(ConfigModel):
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
     telemetry: TelemetrySection = TelemetrySection()
+    coconut: CoconutSection = CoconutSection()
     debug: DebugSection = DebugSection()
 
     @model_validator(mode="after")

@@ -20,10 +20,11 @@ from pipeline.training.stages.base import Stage
 
 def get_stage(name: str) -> Stage:
     """The stage called `name` (RdptConfigError naming train.stage when there is none)."""
+    from pipeline.training.stages.coconut import COCONUT
     from pipeline.training.stages.pretraining import PRETRAIN
     from pipeline.training.stages.task import TASK
 
-    stages = {s.name: s for s in (PRETRAIN, TASK)}
+    stages = {s.name: s for s in (PRETRAIN, TASK, COCONUT)}
     if name not in stages:
         raise RdptConfigError(f"train.stage: unknown stage {name!r} (one of {sorted(stages)})")
     return stages[name]
