@@ -184,3 +184,39 @@ def test_bad_task_eval_arguments_are_clear_errors(export_and_data, tiny_dataset)
     ]:
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+
+
+def test_runs_compare_draws_the_task_curves_of_several_runs(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.plots import drawn
+    from pipeline.tracking.runs import compare_runs
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp = client.create_experiment(f"task-compare-{tmp_path.name}")
+    logged = {
+        "a": {"depth": {1: (0.2, 1e6), 4: (0.5, 4e6)}},
+        "b": {"depth": {1: (0.1, 1e6)}, "pause": {0: (0.1, 1e6), 8: (0.3, 2e6)}},
+    }
+    ids = []
+    for name, methods in logged.items():
+        run = client.create_run(exp, run_name=name)
+        for method, pts in methods.items():  # as rdpt eval --task logs them: step = knob
+            for knob, (acc, flops) in pts.items():
+                client.log_metric(run.info.run_id, f"task/{method}/accuracy", acc, step=knob)
+                client.log_metric(
+                    run.info.run_id, f"task/{method}/flops_per_answer", flops, step=knob
+                )
+        client.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    res = compare_runs(ids, tracking_uri=mlflow_server.url, out_dir=tmp_path, log_to_runs=False)
+    png = tmp_path / "task_accuracy.png"
+    assert str(png) in res["plots"]
+    lines = {ln["label"]: (ln["x"], ln["y"]) for ln in drawn(png)[0]["lines"]}
+    assert lines == {
+        "a depth": ([1e6, 4e6], [0.2, 0.5]),
+        "b depth": ([1e6], [0.1]),
+        "b pause": ([1e6, 2e6], [0.1, 0.3]),
+    }
+    assert res["metrics"]["task_depth_best_accuracy"] == [0.5, 0.1]
+    assert res["metrics"]["task_pause_best_accuracy"] == [None, 0.3]

@@ -7,6 +7,8 @@
 - `generate`: sampling with a KV cache, fixed r or adaptive exit, Huginn KV-cache sharing and
   continuous chain of thought.
 - `lm_eval_adapter`: an lm-evaluation-harness `LM` at a chosen r or with adaptive exit.
+- `task_eval`: exact-match accuracy on a reasoning task against r, pause tokens, continuous
+  thoughts and adaptive exit, by difficulty, with FLOPs per answer (`rdpt eval --task`).
 - `cli`: `rdpt eval` and `rdpt generate`.
 
 All algorithms use the model's decomposed API (prelude / initial_state / core_step / coda).
