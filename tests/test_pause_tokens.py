@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_model_reference import tp1  # noqa: F401  (fixture)
 
 from data_prep.task_prep import TaskPrepConfig, prepare_task
 from pipeline.common.errors import RdptConfigError, RdptDataError
@@ -127,3 +128,78 @@ def test_bad_pause_settings_are_clear_errors(arith):
 def test_a_pretraining_dataset_is_refused_by_the_task_loader(tiny_dataset):
     with pytest.raises(RdptConfigError, match="not a task dataset"):
         TaskLoader(tiny_dataset, micro_batch_size=2)
+
+
+def test_task_loss_is_the_mean_over_trained_targets_only(arith, tp1):
+    import json
+
+    from test_model import build, small_cfg
+
+    from pipeline.training.stages.task import masked_loss
+
+    vocab = json.loads((arith / "manifest.json").read_text())["vocab_size"]
+    model = build(small_cfg(vocab_size=vocab, max_seq_len=128))
+    examples = list(task_examples(arith, "train", max_examples=4))
+    tb = collate([insert_pauses(ex, 3, "random", PAUSE_ID, 1) for ex in examples], 96, 1)
+
+    class Cfg:  # the two settings masked_loss reads
+        class run:
+            seed = 0
+
+    loss = masked_loss(model, tb, r=2, n_grad=2, cfg=Cfg, device=torch.device("cpu"))
+    logits = model(tb.inputs, r=2, state_init="random", state_seed=0,
+                   sample_ids_B=tb.sample_ids).logits_BSV  # fmt: skip
+    trained = tb.targets >= 0
+    want = torch.nn.functional.cross_entropy(logits[trained].float(), tb.targets[trained])
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert trained.sum() < tb.targets.numel() / 2  # question, pauses and padding left out
+
+
+def test_stage_and_dataset_mismatches_are_refused_before_start(arith, tiny_dataset, tmp_path):
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.resolve import resolve
+
+    def cfg(path, **kw):
+        return TrainConfig(
+            data={"path": str(path), **kw.pop("data", {})}, run={"dir": str(tmp_path)},
+            eval={"interval": 0}, train={"global_batch_size": 4, **kw.pop("train", {})},
+        )  # fmt: skip
+
+    with pytest.raises(RdptConfigError, match="needs a task dataset"):
+        resolve(cfg(tiny_dataset, train={"stage": "task"}), 1)
+    with pytest.raises(RdptConfigError, match="data.pause"):
+        resolve(cfg(arith, data={"pause": {"count": 2}}), 1)  # pretrain stage
+    resolve(cfg(arith, train={"stage": "task"}, data={"pause": {"count": 2}}), 1)
+
+
+def test_task_stage_trains_with_pauses_and_generate_appends_them(arith, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from fixtures_training import REPO, training_env
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "pipeline", "train", str(REPO / "configs/train/task-tiny.yaml"),
+        f"data.path={arith}", f"run.dir={run_dir}", "tracking.enabled=false",
+        "train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "data.reasoning_steps=drop", "data.pause.count=3", "data.pause.placement=random",
+        "train.log_interval=1", "--nproc", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=training_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(ln).get("train/loss") for ln in (run_dir / "metrics.jsonl").open()]
+    assert len([x for x in losses if x is not None]) == 3
+    out = tmp_path / "gen.json"
+    gen = [
+        sys.executable, "-m", "pipeline", "generate", str(run_dir), "--prompt",
+        "a = 3 ; b = a + 4 ? b", "--pause", "3", "-r", "2", "--max-new-tokens", "4",
+        "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(gen, cwd=REPO, env=training_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["prompt_tokens"] == 11 + 3 and res["config"]["pause"] == 3
