@@ -6,7 +6,7 @@
 The loss is the mean cross entropy over the targets the dataset marks (reasoning steps and
 answer; with data.reasoning_steps=drop the answer only); the question, the padding and every
 pause token (data.pause) carry none. r is drawn per step as in pretraining, so the same stage
-trains a recurrent model and an r = 1 model (recurrence.mode / mean set to 1).
+trains a recurrent model and an r = 1 model (recurrence.mode=fixed, recurrence.fixed=1).
 """
 
 from __future__ import annotations
