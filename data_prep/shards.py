@@ -69,7 +69,13 @@ class _TarfileIndex:
         self._f = open(path, "rb")
         try:
             with tarfile.open(fileobj=self._f, mode="r:") as tar:
-                self._index = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+                # NOTE: one entry per key: a task dataset's member also holds `{key}.mask.npy`
+                # etc. (data_prep/task_prep.py); the rows are `{key}.npy`, as wids reads them.
+                self._index = [
+                    (m.name, m.offset_data, m.size)
+                    for m in tar
+                    if m.isfile() and m.name.split(".", 1)[-1] == "npy"
+                ]
         except BaseException:
             self._f.close()
             raise
@@ -148,6 +154,18 @@ class ShardReader:
                 f"says {self.dtype}{list(want)}"
             )
         return arr
+
+    def member_fields(self, m: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The other arrays stored under member `m`'s key (`mask.npy`, ... of a task dataset:
+        data_prep/task_prep.py), wids backend only."""
+        try:
+            sample = self._tar[m]
+            return {f: np.load(sample["." + f], allow_pickle=False) for f in fields}
+        except Exception as e:
+            raise RdptDataError(
+                f"shard {self.path} member {m}: fields {list(fields)} missing or corrupted "
+                f"({type(e).__name__}: {e})"
+            ) from None
 
     def close(self) -> None:
         self._tar.close()

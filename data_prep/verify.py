@@ -13,7 +13,7 @@ from data_prep.shards import ShardReader
 from pipeline.common.atomic import sha256_file
 from pipeline.common.errors import RdptDataError
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: task datasets (data_prep/task_prep.py)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -175,13 +175,14 @@ def inspect_dataset(path: str | Path, top: int = 20) -> dict:
     if hist:
         h = Table(title="document length (tokens, incl. end-of-text)")
         h.add_column("tokens")
-        for split in SPLITS:
+        present = [s for s in SPLITS if s in manifest["splits"]]
+        for split in present:
             h.add_column(split, justify="right")
         h.add_column("")
         edges = hist["edges"]
         peak = max(max(hist.get("train", [0]) or [0]), 1)
         for i in range(len(edges) - 1):
-            counts = [hist.get(s, [0] * (len(edges) - 1))[i] for s in SPLITS]
+            counts = [hist.get(s, [0] * (len(edges) - 1))[i] for s in present]
             if not any(counts):
                 continue
             bar = "#" * max(1, round(40 * counts[0] / peak)) if counts[0] else ""

@@ -18,10 +18,13 @@ CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")
 
 def schema_for(path: Path):
     from data_prep.config import PrepConfig
+    from data_prep.task_prep import TaskPrepConfig
     from launch.site import SiteConfig
     from pipeline.model.config import ModelConfig
     from pipeline.training.config import TrainConfig
 
+    if path.parts[1] == "data" and "task" in yaml.safe_load((REPO / path).read_text()):
+        return TaskPrepConfig  # a reasoning task suite (rdpt prep --task)
     return {"data": PrepConfig, "model": ModelConfig, "train": TrainConfig, "site": SiteConfig}[
         path.parts[1]
     ]
@@ -43,7 +46,18 @@ def test_config_loads_into_its_schema(path):
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.parts[1] == "train"], ids=str)
-def test_train_config_dry_runs(path, tiny_dataset, tmp_path, capsys):
+def test_train_config_dry_runs(path, tiny_dataset, tmp_path_factory, tmp_path, capsys):
+    stage = yaml.safe_load((REPO / path).read_text()).get("train", {}).get("stage", "pretrain")
+    if stage in ("task", "coconut"):  # fine-tuning stages read a task dataset
+        from data_prep.task_prep import TaskPrepConfig, prepare_task
+
+        tiny_dataset = tmp_path_factory.mktemp("task") / "arith"
+        prepare_task(
+            TaskPrepConfig(
+                task="arithmetic", output=str(tiny_dataset),
+                sizes={"train": 64, "val": 8, "test": 8},
+            )
+        )  # fmt: skip
     code = rdpt(
         ["train", str(REPO / path), f"data.path={tiny_dataset}", f"run.dir={tmp_path}", "--dry-run"]
     )

@@ -132,7 +132,7 @@ def register(subparsers) -> None:
         default=None,
         help="a [batch, seq] integer .npy array; next-token loss within each row",
     )
-    p.add_argument("--split", default="val", help="dataset split (default val)")
+    p.add_argument("--split", default=None, help="dataset split (default val; test with --task)")
     p.add_argument(
         "--max-sequences",
         type=int,
@@ -200,6 +200,34 @@ def register(subparsers) -> None:
         help="processes (data-parallel ranks) on this machine (default 1)",
     )
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    t = p.add_argument_group("reasoning tasks (--task)")
+    t.add_argument(
+        "--task",
+        action="store_true",
+        help="exact-match accuracy on a task dataset (rdpt prep --task) against r, pause "
+        "count, thought count and adaptive exit, by difficulty",
+    )
+    t.add_argument("--pause", default=None, help="pause counts, comma-separated (e.g. 0,4,8)")
+    t.add_argument("--thoughts", default=None, help="continuous-thought counts (e.g. 0,2,4)")
+    t.add_argument(
+        "--task-r",
+        type=_positive_int,
+        default=None,
+        help="r of the pause and thought points (default: the training r-bar)",
+    )
+    t.add_argument(
+        "--feedback",
+        choices=["coda", "core"],
+        default=None,
+        help="state fed back as a thought (default: the run's coconut.feedback)",
+    )
+    t.add_argument(
+        "--max-examples",
+        type=int,
+        default=200,
+        help="examples of the split (default 200; 0 = all)",
+    )
+    t.add_argument("--max-new-tokens", type=_positive_int, default=64)
     _add_depth_args(p)
     p.set_defaults(func=eval_handler)
 
@@ -251,6 +279,13 @@ def register(subparsers) -> None:
         "them at the full r in one pass (the output equals plain greedy; plain greedy also runs "
         "once to measure the speedup)",
     )
+    g.add_argument(
+        "--pause",
+        type=int,
+        default=0,
+        metavar="N",
+        help="append N <|pause|> tokens to the prompt (a model fine-tuned with data.pause)",
+    )
     g.add_argument("--json", default=None, help="write the result (ids, depths, timing) here")
     _add_depth_args(g)
     g.set_defaults(func=generate_handler)
@@ -285,6 +320,16 @@ def _check_eval_args(args) -> list[int]:
 def eval_handler(args) -> int:
     from pipeline.eval.loading import resolve_target
 
+    args.split = args.split or ("test" if args.task else "val")
+    if args.task:
+        if args.tokens or args.lm_eval_tasks or args.nproc > 1:
+            raise RdptConfigError("--task runs alone: without --tokens, --lm-eval-tasks, --nproc")
+        args.target = str(resolve_target(args.target, args.tracking_uri))
+        run_task_eval(args)
+        return 0
+    for flag in ("pause", "thoughts", "task_r", "feedback"):
+        if getattr(args, flag) is not None:
+            raise RdptConfigError(f"--{flag.replace('_', '-')} applies to --task only")
     _check_eval_args(args)
     args.target = str(resolve_target(args.target, args.tracking_uri))
     from pipeline.common.distributed import env_rank
@@ -531,6 +576,110 @@ def run_eval(args) -> dict | None:
     return results
 
 
+def parse_counts(text: str | None, flag: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RdptConfigError(f"{flag}: comma-separated integers, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise RdptConfigError(f"{flag}: every count must be >= 0, got {text!r}")
+    return sorted(set(counts))
+
+
+def run_task_eval(args) -> dict:
+    """`rdpt eval --task`: pipeline/eval/task_eval.py on the split, then table, JSON, PNGs
+    and MLflow (task/<method>/accuracy with step = r, pause or thought count)."""
+    from pipeline.common.atomic import atomic_write_json
+    from pipeline.data.loader import open_dataset
+    from pipeline.data.task_loader import check_task_dataset, task_examples
+    from pipeline.eval.adaptive import ExitRule
+    from pipeline.eval.loading import default_r, load_model_and_tokenizer
+    from pipeline.eval.report import finish_tracker, open_tracker
+    from pipeline.eval.task_eval import (
+        TaskEvalPlan,
+        evaluate_task,
+        plot_task,
+        print_task_table,
+        task_metrics,
+    )
+
+    t0 = time.monotonic()
+    pauses = parse_counts(args.pause, "--pause")
+    thoughts = parse_counts(args.thoughts, "--thoughts")
+    if args.max_examples < 0:
+        raise RdptConfigError(f"--max-examples: must be >= 0, got {args.max_examples}")
+    loaded = load_model_and_tokenizer(
+        args.target, args.tracking_uri, device=str(_device(args.device))
+    )
+    data = args.data or (str(loaded.data_path) if loaded.data_path else None)
+    if not data:
+        raise RdptDataError("--task: the run's dataset is not on this machine; pass --data DIR")
+    info = open_dataset(data)
+    manifest = check_task_dataset(info, "--task")
+    rs = parse_recurrences(args.recurrences or DEFAULT_RECURRENCES)
+    rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
+    plan = TaskEvalPlan(
+        recurrences=rs,
+        pauses=pauses,
+        thoughts=thoughts,
+        r=args.task_r or default_r(loaded),
+        exit_rule=rule,
+        max_r=args.max_r,
+        feedback=args.feedback or loaded.cfg.coconut.feedback,
+        max_new_tokens=args.max_new_tokens,
+        state_init=args.state_init or "zero",
+        seed=args.seed,
+    )
+    ids = dict(manifest["special_ids"])
+    examples = list(task_examples(data, args.split, args.max_examples or None))
+    results = {
+        "task": manifest["task"]["name"],
+        "target": args.target,
+        "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
+        "step": loaded.meta.get("step"),
+        "data": str(Path(data).resolve()),
+        "split": args.split,
+        "plan": {
+            "recurrences": rs,
+            "pauses": pauses,
+            "thoughts": thoughts,
+            "r": plan.r,
+            "adaptive": None
+            if rule is None
+            else {"criterion": rule.criterion, "threshold": rule.threshold, "max_r": plan.max_r},
+            "feedback": plan.feedback,
+            "state_init": plan.state_init,
+        },
+        **evaluate_task(loaded.model, examples, plan, ids, loaded.cfg.model),
+    }
+    results["seconds"] = time.monotonic() - t0
+    print_task_table(results)
+    ckpt = Path(loaded.meta.get("checkpoint") or args.target)
+    base = loaded.run_dir or ckpt.resolve().parent
+    step = results["step"]
+    json_path = Path(args.json) if args.json else base / f"task-eval-step{step}.json"
+    out_dir = Path(args.out_dir) if args.out_dir else base / "eval"
+    pngs = plot_task(results, out_dir)
+    results["plots"] = [str(p) for p in pngs]
+    tracker, prev_status = (
+        (None, None)
+        if args.no_mlflow
+        else open_tracker(loaded.run_dir, args.tracking_uri, loaded.cfg, args.target)
+    )
+    results["mlflow_run_id"] = tracker.run_id if tracker else None
+    atomic_write_json(json_path, results)
+    if tracker is not None:
+        for metrics, knob in task_metrics(results):
+            tracker.log_metrics(metrics, knob)
+        for path in [json_path, *pngs]:
+            tracker.log_artifact(path, "eval")
+        finish_tracker(tracker, prev_status)
+    print(f"\nresults: {json_path}\nplots:   {out_dir}")
+    return results
+
+
 def _run_lm_eval(args, loaded, rs: list[int], rule) -> dict:
     from pipeline.eval.lm_eval_adapter import RdptLM, run_lm_eval
     from pipeline.eval.loading import default_r
@@ -593,6 +742,20 @@ def _depths_by_category(args, loaded, rule) -> dict:
 
 
 # ---------------------------------------------------------------------------------- generate
+def pause_count(n: int) -> int:
+    if n < 0:
+        raise RdptConfigError(f"--pause: the number of pause tokens must be >= 0, got {n}")
+    return n
+
+
+def pause_id(tok) -> int:
+    """The id of `<|pause|>` in `tok` (an error when the tokenizer has none)."""
+    i = tok.token_to_id("<|pause|>")
+    if i is None:
+        raise RdptDataError("--pause: the model's tokenizer has no <|pause|> token")
+    return int(i)
+
+
 def generate_handler(args) -> int:
     from pipeline.eval.adaptive import ExitRule
     from pipeline.eval.generate import GenerationConfig, generate
@@ -611,6 +774,7 @@ def generate_handler(args) -> int:
         raise RdptDataError(f"generate needs the tokenizer; {loaded.tokenizer_path} is missing")
     tok = loaded.tokenizer
     prompt = tok.encode(args.prompt, add_special_tokens=False).ids or [loaded.eot_id]
+    prompt = prompt + [pause_id(tok)] * pause_count(args.pause)
     room = loaded.max_length - len(prompt)
     if room <= 0:
         raise RdptConfigError(
@@ -672,6 +836,7 @@ def generate_handler(args) -> int:
                 "temperature": args.temperature,
                 "top_p": args.top_p,
                 "compile": args.compile,
+                "pause": args.pause,
             },
         }
         if speculation is not None:

@@ -23,6 +23,8 @@ forms:
   rdpt prep --input PATH [PATH ...] --output DIR [options]
   rdpt prep verify DIR [--decode N]              re-check every shard against the manifest
   rdpt prep inspect DIR                          statistics: lengths, top tokens, bytes/token
+  rdpt prep --task NAME --output DIR [key=value ...]   a reasoning task suite (arithmetic,
+                                                 reachability): train/val/test from a seed
 
 Slurm job arrays (or any set of machines sharing the output directory):
   rdpt prep CONFIG --task-index I --num-tasks M  encode the chunks c with c % M == I
@@ -38,7 +40,10 @@ examples:
   rdpt prep --input released/*.parquet --output data/huginn --tokenizer huginn/tokenizer.json \
       --seq-len 4096 tokenizer.begin_token='<|begin_text|>' tokenizer.end_token='<|end_text|>'
   rdpt prep verify data/corpus --decode 2
-  rdpt prep inspect data/corpus"""
+  rdpt prep inspect data/corpus
+  rdpt prep --task arithmetic --output data/arith seed=0 sizes.train=20000 arithmetic.steps=[1,6]
+  rdpt prep --task reachability --output data/reach reachability.hops=[2,6]
+  rdpt prep configs/data/task-arithmetic.yaml      # a YAML with a top-level `task:` key"""
 
 
 def register(subparsers) -> None:
@@ -69,6 +74,12 @@ def register(subparsers) -> None:
         help="input files, directories, globs or @stdlib (sets `inputs`)",
     )
     p.add_argument("--output", metavar="DIR", help="dataset directory (sets `output`)")
+    p.add_argument(
+        "--task",
+        metavar="NAME",
+        help="generate a reasoning task suite instead of reading text (arithmetic, "
+        "reachability; settings as key=value, see data_prep/task_prep.py)",
+    )
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="tokenizer.json", help="use this tokenizer")
     tok.add_argument("--vocab-size", type=int, metavar="N", help="train a BPE of N tokens")
@@ -197,6 +208,8 @@ def handler(args) -> int:
     from data_prep.prep import prepare
     from pipeline.common.config_io import load_config
 
+    if args.task is not None or _is_task_config(args.config):
+        return _prep_task(args)
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.config is None and not args.input:
         raise RdptConfigError(
@@ -213,6 +226,44 @@ def handler(args) -> int:
     manifest = prepare(cfg, task=task, finalize=args.finalize)
     if manifest is not None:
         print_summary(cfg.output, manifest, time.monotonic() - t0)
+    return 0
+
+
+def _is_task_config(path: str | None) -> bool:
+    from pipeline.common.config_io import read_yaml
+
+    if path is None or "=" in path or not path.endswith((".yaml", ".yml")):
+        return False
+    return "task" in read_yaml(path)
+
+
+def _prep_task(args) -> int:
+    """`rdpt prep --task NAME`: the reasoning task suite (data_prep/task_prep.py)."""
+    from data_prep.task_prep import TaskPrepConfig, prepare_task
+    from pipeline.common.config_io import load_config
+
+    if args.input or args.tokenizer or args.vocab_size or args.task_index or args.finalize:
+        raise RdptConfigError(
+            "--task generates its examples and its word-level tokenizer: --input, --tokenizer, "
+            "--vocab-size, --task-index and --finalize do not apply"
+        )
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    if args.task is not None:
+        overrides.append(f"task={json_str(args.task)}")
+    if args.output:
+        overrides.append(f"output={json_str(args.output)}")
+    if args.seq_len is not None:
+        overrides.append(f"seq_len={args.seq_len}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    t0 = time.monotonic()
+    cfg = load_config(TaskPrepConfig, config, overrides)
+    manifest = prepare_task(cfg)
+    print_summary(cfg.output, manifest, time.monotonic() - t0)
     return 0
 
 

@@ -13,6 +13,8 @@
 - `depth_by_category`: exit-depth histograms per input category, with and without continuous
   chain of thought.
 - `lm_eval_adapter`: an lm-evaluation-harness `LM` at a chosen r or with adaptive exit.
+- `task_eval`: exact-match accuracy on a reasoning task against r, pause tokens, continuous
+  thoughts and adaptive exit, by difficulty, with FLOPs per answer (`rdpt eval --task`).
 - `cli`: `rdpt eval` and `rdpt generate`.
 
 The decode loop and scoring run the model's lean pieces (pipeline/model/lean_forward.py), whose

@@ -17,6 +17,7 @@ only the shared basics; no DeepSpeed, no training code).
   depth.py         r iterations -> (no-grad, graded) under truncated backprop
   init.py          weight initialisation
   kv_cache.py      KV cache keyed by (block, slot, layer)
+  continuous_thought.py  Coconut: fed-back states as inputs, pass by pass, differentiable cache
   runtime.py       megatron parallel_state (TP groups, model-parallel RNG)
   compat.py        megatron-core's CUDA assumptions bridged on CPU; version differences
   consolidated.py  rdpt's TP-unsharded safetensors checkpoint format

@@ -176,7 +176,11 @@ class RecurrentDepthLM(MegatronModule):
 
     def prelude(self, input_ids_BS, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """Embed (times sqrt(h)) and run the prelude: returns e [S, B, H]."""
-        x_SBH = self.embed(input_ids_BS)
+        return self.prelude_embedded(self.embed(input_ids_BS), kv_cache, position_offset)
+
+    def prelude_embedded(self, x_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """The prelude on given input vectors [S, B, H] (embedded tokens, or continuous
+        thoughts: model/continuous_thought.py): returns e [S, B, H]."""
         rope = self._rope(x_SBH.shape[0], position_offset, x_SBH.device)
         return self._run(self.prelude_block, "prelude", 0, x_SBH, rope, kv_cache, position_offset)
 
@@ -246,10 +250,13 @@ class RecurrentDepthLM(MegatronModule):
         x = self._run(self.coda_block, "coda", 0, x, rope, kv_cache, position_offset)
         return self.ln_f(x)  # NOTE: the same ln_f again, after the coda (Huginn).
 
+    def coda_hidden(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
+        """ln_f -> coda -> ln_f: the hidden state the head reads [S, B, H]."""
+        return self._coda_hidden(s_SBH, kv_cache, position_offset)
+
     def head(self, x_SBH) -> torch.Tensor:
-        """The LM head on the final hidden states: full-vocabulary logits [B, S, V]."""
-        logits = compat.gather_last_dim(self._logits_parallel(x_SBH))
-        return logits.transpose(0, 1)
+        """Full-vocabulary logits [B, S, V] of coda hidden states [S, B, H]."""
+        return compat.gather_last_dim(self._logits_parallel(x_SBH)).transpose(0, 1)
 
     def coda(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """ln_f -> coda -> ln_f -> head: full-vocabulary logits [B, S, V]."""

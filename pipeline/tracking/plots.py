@@ -236,3 +236,26 @@ def plot_telemetry(series_by_run: Mapping[str, Mapping[str, object]], path) -> P
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float))
+
+
+def plot_task_accuracy(
+    curves: Mapping[str, Sequence[tuple[float, float, int]]], path: str | os.PathLike
+) -> Path:
+    """Task exact-match accuracy against forward FLOPs per answer, one line per curve
+    (`curves[label]` = [(flops, accuracy, knob)], e.g. "run-a depth"); points labelled by knob
+    (r, pause or thought count)."""
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for label, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for x, y, knob in pts:
+            ax.annotate(str(knob), (x, y), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("forward FLOPs per answer")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title("task accuracy against compute")
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    return _save(fig, path)

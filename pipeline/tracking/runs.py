@@ -112,6 +112,22 @@ def loss_by_r(client, run) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def task_curves(client, run) -> dict[str, list[tuple[float, float, int]]]:
+    """{method: [(flops per answer, accuracy, knob)]} from `rdpt eval --task`'s metrics
+    task/<method>/accuracy and task/<method>/flops_per_answer (step = knob)."""
+    out = {}
+    for key in sorted(run.data.metrics):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "task" or parts[2] != "accuracy":
+            continue
+        acc = {m.step: m.value for m in _history(client, run, key)}
+        flops = {
+            m.step: m.value for m in _history(client, run, f"task/{parts[1]}/flops_per_answer")
+        }
+        out[parts[1]] = [(flops.get(k, float("nan")), v, k) for k, v in sorted(acc.items())]
+    return out
+
+
 def _history(client, run, key: str) -> list:
     if key not in run.data.metrics:
         return []
@@ -188,7 +204,9 @@ def compare_runs(
     """Params that differ, metrics side by side and comparison plots for two or more runs.
 
     Plots (`loss_vs_tokens.png`, `loss_vs_r.png` when any run has depth metrics,
-    `telemetry.png` when any run has training telemetry) and
+    `telemetry.png` when any run has training telemetry, `task_accuracy.png` when any run has
+    `rdpt eval --task` results: accuracy against FLOPs per answer, one line per run and
+    method) and
     `comparison.json` are written to `out_dir` (default `comparisons/<id>`), and, with
     `log_to_runs`, logged as artifacts `comparisons/<id>/...` to EACH compared run, where
     `<id>` is `vs-` + the first 8 characters of every run id.
@@ -197,6 +215,7 @@ def compare_runs(
         TELEMETRY_PANELS,
         plot_loss_vs_r,
         plot_loss_vs_tokens,
+        plot_task_accuracy,
         plot_telemetry,
     )
 
@@ -252,6 +271,14 @@ def compare_runs(
     }
     if any(pts for by_key in telemetry.values() for pts in by_key.values()):
         plots.append(str(plot_telemetry(telemetry, out / "telemetry.png")))
+    per_run = [task_curves(client, run) for run in runs]
+    task = {f"{lb} {m}": pts for lb, curves in zip(labels, per_run) for m, pts in curves.items()}
+    if task:
+        plots.append(str(plot_task_accuracy(task, out / "task_accuracy.png")))
+        for method in sorted({m for curves in per_run for m in curves}):
+            metrics[f"task_{method}_best_accuracy"] = [
+                max((p[1] for p in curves.get(method, [])), default=None) for curves in per_run
+            ]
     result = {
         "id": comp_id,
         "runs": [

@@ -32,11 +32,28 @@ class RunSection(ConfigModel):
     """Seed of parameter init, data order and the initial latent state."""
 
 
+class PauseSection(ConfigModel):
+    """Pause tokens inserted into task examples at load time (pipeline/data/task_loader.py):
+    extra input positions before the answer; no loss on predicting them."""
+
+    count: int = Field(0, ge=0)
+    """Pause tokens per example (0 = none)."""
+    placement: Literal["before_answer", "random"] = "before_answer"
+    """before_answer: right before `=>`; random: anywhere after the first question token and
+    before `=>`, drawn from (seed, sample id)."""
+    seed: int = 0
+
+
 class DataSection(ConfigModel):
     path: str = "data/corpus"
     """A dataset written by `rdpt prep` (holds manifest.json, train/ and val/ shards)."""
     shuffle: bool = True
     """Shuffle the training sequences (deterministically, by run.seed and epoch)."""
+    pause: PauseSection = PauseSection()
+    """Task datasets only (train.stage task or coconut)."""
+    reasoning_steps: Literal["keep", "drop"] = "keep"
+    """Task datasets, train.stage task: keep the language reasoning steps (chain of thought),
+    or drop them (question => answer directly: the depth and pause-token baselines)."""
 
 
 class TrainSection(ConfigModel):
@@ -49,8 +66,10 @@ class TrainSection(ConfigModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on GPU, fp32 on CPU."""
     stage: str = "pretrain"
-    """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences).
-    Fine-tuning stages are modules of pipeline/training/stages/."""
+    """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences),
+    `task` (fine-tuning on a task dataset: loss on reasoning steps and answer only, pause
+    tokens per data.pause) or `coconut` (continuous-thought curriculum, see `coconut`).
+    Stages are modules of pipeline/training/stages/."""
     compile: Literal["auto"] | bool = "auto"
     """torch.compile the core iteration (the region that runs r times), the prelude and the
     coda (training/parallel.py::compile_model): on (true), off (false), or auto = on where CUDA
@@ -156,6 +175,41 @@ class EvalSection(ConfigModel):
     batch_size: int = Field(4, ge=1)
 
 
+class CoconutSection(ConfigModel):
+    """train.stage coconut: the continuous-thought curriculum (training/stages/coconut.py).
+    At stage k the first k reasoning steps of every example are replaced by k x
+    thoughts_per_step continuous thoughts between <|begin_thought|> and <|end_thought|>."""
+
+    thoughts_per_step: int = 1
+    """c: continuous thoughts per replaced reasoning step (>= 0; 0 removes the steps)."""
+    max_stages: int = 3
+    """The last stage (stage 0 is plain chain of thought); at most the dataset's largest
+    number of reasoning steps."""
+    epochs_per_stage: int = 1
+    """Data epochs per stage: stage = min(epoch // epochs_per_stage, max_stages)."""
+    feedback: Literal["coda", "core"] = "coda"
+    """The state fed back as the next thought's input vector: `coda` (the coda's normed
+    output, what the head reads; Coconut's last hidden state) or `core` (the latent state
+    after the last core iteration, before the coda)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> CoconutSection:
+        if self.thoughts_per_step < 0:
+            raise ValueError(
+                f"coconut.thoughts_per_step: the number of continuous thoughts per reasoning "
+                f"step must be >= 0, got {self.thoughts_per_step}"
+            )
+        if self.max_stages < 0:
+            raise ValueError(f"coconut.max_stages: must be >= 0, got {self.max_stages}")
+        if self.epochs_per_stage < 1:
+            raise ValueError(f"coconut.epochs_per_stage: must be >= 1, got {self.epochs_per_stage}")
+        return self
+
+    def stage_at(self, epoch: int) -> int:
+        """The curriculum stage of data epoch `epoch`."""
+        return min(epoch // self.epochs_per_stage, self.max_stages)
+
+
 class TelemetrySection(ConfigModel):
     """Model and optimizer telemetry (the published run's): latent-state norm and token
     correlation, per-iteration state change, per-block gradient norms, update RMS, effective
@@ -198,6 +252,7 @@ class TrainConfig(ConfigModel):
     tracking: TrackingSection = TrackingSection()
     eval: EvalSection = EvalSection()
     telemetry: TelemetrySection = TelemetrySection()
+    coconut: CoconutSection = CoconutSection()
     debug: DebugSection = DebugSection()
 
     @model_validator(mode="after")

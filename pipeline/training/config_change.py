@@ -56,7 +56,13 @@ CONSENT = {
     "run.seed": "later data epochs and initial states follow the new seed",
     "data.shuffle": "later epochs are read in the new order",
     "train.precision": "later steps compute in the new precision",
+    "coconut.": "later steps follow the new continuous-thought curriculum",
+    "data.pause.": "later rows get the new pause tokens",
+    "data.reasoning_steps": "later rows keep or drop the language steps differently",
 }
+# Sections added to the schema after runs existed: a run resolved before them continues when
+# the new config leaves them at their defaults.
+ADDED_LATER = ("coconut.", "data.pause.", "data.reasoning_steps")
 
 
 def _match(key: str, patterns) -> str | None:
@@ -74,6 +80,8 @@ def check_continuation(old: dict, new: dict, allow=()) -> list[str]:
     for key in sorted(a.keys() | b.keys()):
         was, now = a.get(key), b.get(key)
         if was == now or _match(key, FREE):
+            continue
+        if key not in a and _match(key, ADDED_LATER) and now == _defaults().get(key):
             continue
         if key in ("parallel.nproc", "parallel.zero_stage"):
             stage = b.get("parallel.zero_stage")
@@ -94,3 +102,9 @@ def check_continuation(old: dict, new: dict, allow=()) -> list[str]:
             continue
         problems.append(f"{key}: {was!r} -> {now!r}: {why}; accept with --allow-change {key}")
     return problems
+
+
+def _defaults() -> dict:
+    from pipeline.training.config import TrainConfig
+
+    return flatten(TrainConfig().model_dump(mode="json"))

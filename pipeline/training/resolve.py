@@ -75,6 +75,20 @@ def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
     """The dataset fits the model and the evaluation settings."""
     manifest_path = Path(cfg.data.path) / "manifest.json"
     splits = manifest.get("splits", {})
+    if cfg.train.stage in ("task", "coconut") and manifest.get("kind") != "task":
+        raise RdptConfigError(
+            f"train.stage={cfg.train.stage} needs a task dataset (rdpt prep --task); "
+            f"{manifest_path} is a pretraining dataset"
+        )
+    if cfg.train.stage == "coconut":
+        check_coconut(cfg, manifest, manifest_path)
+    if cfg.train.stage not in ("task", "coconut") and (
+        cfg.data.pause.count or cfg.data.reasoning_steps != "keep"
+    ):
+        raise RdptConfigError(
+            f"data.pause / data.reasoning_steps apply to train.stage task or coconut, not "
+            f"{cfg.train.stage}"
+        )
     if not splits.get("train", {}).get("shards"):
         raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")
     vocab = manifest.get("vocab_size")
@@ -95,4 +109,25 @@ def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
         raise RdptConfigError(
             f"eval.interval={cfg.eval.interval} but {manifest_path} lists no val shards "
             f"(set eval.interval=0 to train without validation)"
+        )
+
+
+def check_coconut(cfg: TrainConfig, manifest: dict, manifest_path) -> None:
+    """The curriculum fits the data and the DeepSpeed layout."""
+    levels = [int(d) for d in manifest["splits"]["train"].get("difficulty", {})]
+    most = max(levels, default=0)
+    if cfg.coconut.max_stages > most:
+        raise RdptConfigError(
+            f"coconut.max_stages={cfg.coconut.max_stages}: stage k replaces the first k "
+            f"reasoning steps, but the examples of {manifest_path} have at most {most} steps"
+        )
+    if cfg.parallel.zero_stage == 3:
+        raise RdptConfigError(
+            "train.stage=coconut runs the model pass by pass outside the engine's forward, "
+            "which ZeRO-3 needs to gather parameters: use parallel.zero_stage 0, 1 or 2"
+        )
+    if cfg.data.pause.count or cfg.data.reasoning_steps != "keep":
+        raise RdptConfigError(
+            "train.stage=coconut replaces the reasoning steps itself: leave data.pause.count=0 "
+            "and data.reasoning_steps=keep"
         )

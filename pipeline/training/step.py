@@ -34,24 +34,33 @@ class StepResult:
     """Global gradient norm before clipping (nan when unknown or non-finite)."""
 
 
-def train_step(engine, batches, step: int, *, r: int, n_grad: int, ctx, hooks) -> StepResult:
+def lm_loss(engine, mb, *, r: int, n_grad: int, cfg, device) -> torch.Tensor:
+    """The pretraining loss of one micro-batch: mean next-token cross entropy."""
+    out = engine(
+        mb.inputs.to(device),
+        mb.targets.to(device),
+        r=r,
+        backprop_depth=n_grad,
+        state_init="random",
+        state_seed=cfg.run.seed,
+        sample_ids_B=mb.sample_ids,
+    )
+    return out.loss_BS.float().mean()
+
+
+def train_step(
+    engine, batches, step: int, *, r: int, n_grad: int, ctx, hooks, loss_fn=lm_loss
+) -> StepResult:
     """Forward/backward every micro-batch of `batches`, then one optimizer step (skipped by
-    every rank alike when the loss or the gradients are not finite)."""
+    every rank alike when the loss or the gradients are not finite). `loss_fn(engine, mb, r=,
+    n_grad=, cfg=, device=)` is the micro-batch's scalar loss (a fine-tuning stage's own)."""
     cfg, device = ctx.cfg, ctx.device
     zero0 = cfg.parallel.zero_stage == 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     last = len(batches) - 1
     for i, mb in enumerate(batches):
-        out = engine(
-            mb.inputs.to(device),
-            mb.targets.to(device),
-            r=r,
-            backprop_depth=n_grad,
-            state_init="random",
-            state_seed=cfg.run.seed,
-            sample_ids_B=mb.sample_ids,
-        )
-        loss = hooks.loss(step, out.loss_BS.float().mean())
+        loss = loss_fn(engine, mb, r=r, n_grad=n_grad, cfg=cfg, device=device)
+        loss = hooks.loss(step, loss)
         engine.backward(loss)
         loss_sum += loss.detach().double()
         if i == last:

@@ -1,0 +1,258 @@
+"""The latent-reasoning experiment: depth vs a same-compute r = 1 model vs pause tokens vs
+continuous thought (and the language chain of thought), on the arithmetic task, on CPU.
+
+    .venv/bin/python bench/latent_reasoning.py --quick     # a few steps each: checks the pipeline
+    .venv/bin/python bench/latent_reasoning.py             # the experiment (see the budget below)
+    .venv/bin/python bench/latent_reasoning.py --methods recurrent,r1 --max-steps 4000
+
+Every method is an ordinary `rdpt train` run of configs/train/task-tiny.yaml on one
+`rdpt prep --task arithmetic` dataset, then `rdpt eval --task` on its test split:
+
+- recurrent: tiny, r drawn around r-bar 4 (k = 2); question => answer; evaluated at
+  r = 1, 2, 4, 8, 16;
+- r1: tiny with 4x the core layers at r = 1 (the FLOPs per token of the recurrent model at
+  r = 4, with more parameters); question => answer;
+- pause: tiny at r = 1 trained with 8 pause tokens before `=>`; evaluated with 0 and 8;
+- coconut: tiny at r = 1, curriculum with c = 1 thought per replaced step; evaluated with 0 to
+  the largest number of thoughts;
+- cot: tiny at r = 1 with the language reasoning steps (the text baseline).
+
+The JSON (every eval point, the settings, the machine and date), a markdown table of
+accuracy per difficulty, and accuracy_vs_flops.png (one line per method) go to
+bench/results/latent-reasoning-<cpu|gpu>-<time>.{json,md,png}. Budget: the default run sizes
+each method for at most ~30 min on 2 CPU cores (train.max_steps = --max-steps); --quick is a
+smoke run of the same pipeline at a tiny size, whose accuracies mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/train/task-tiny.yaml"
+
+METHODS = {
+    # name: (train overrides, eval flags)
+    "recurrent": (
+        ["data.reasoning_steps=drop", "recurrence.mode=random", "recurrence.mean=4"],
+        ["--recurrences", "1,2,4,8,16"],
+    ),
+    "r1": (
+        [
+            "data.reasoning_steps=drop",
+            "recurrence.mode=fixed",
+            "recurrence.fixed=1",
+            "recurrence.mean=1",
+            "recurrence.backprop_depth=1",
+            "model.n_core=8",
+        ],
+        ["--recurrences", "1"],
+    ),
+    "pause": (
+        [
+            "data.reasoning_steps=drop",
+            "data.pause.count=8",
+            "recurrence.mode=fixed",
+            "recurrence.fixed=1",
+            "recurrence.mean=1",
+            "recurrence.backprop_depth=1",
+        ],
+        ["--recurrences", "1", "--pause", "0,8", "--task-r", "1"],
+    ),
+    "coconut": (
+        [
+            "train.stage=coconut",
+            "coconut.thoughts_per_step=1",
+            "recurrence.mode=fixed",
+            "recurrence.fixed=1",
+            "recurrence.mean=1",
+            "recurrence.backprop_depth=1",
+        ],
+        ["--recurrences", "1", "--task-r", "1"],
+    ),
+    "cot": (
+        [
+            "recurrence.mode=fixed",
+            "recurrence.fixed=1",
+            "recurrence.mean=1",
+            "recurrence.backprop_depth=1",
+        ],
+        ["--recurrences", "1"],
+    ),
+}
+
+
+def run(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--max-steps", type=int, default=3000, help="optimizer steps per method")
+    p.add_argument("--steps", default="1,6", help="reasoning steps range of the task")
+    p.add_argument("--train-examples", type=int, default=20000)
+    p.add_argument("--test-examples", type=int, default=500)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--work", default=None, help="folder for data and runs (default: a temp dir)")
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_steps, args.train_examples, args.test_examples = 6, 256, 24
+        args.steps, args.nproc = "1,3", 1
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown} (one of {sorted(METHODS)})")
+    lo, hi = (int(x) for x in args.steps.split(","))
+    work = Path(args.work or tempfile.mkdtemp(prefix="rdpt-latent-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    py = [sys.executable, "-m", "pipeline"]
+    data = work / "arith"
+    run(
+        [
+            *py, "prep", "--task", "arithmetic", "--output", str(data),
+            f"arithmetic.steps=[{lo},{hi}]", f"sizes.train={args.train_examples}",
+            "sizes.val=64", f"sizes.test={args.test_examples}",
+        ],
+        log,
+    )  # fmt: skip
+    batch = ["train.global_batch_size=16", "train.micro_batch_size=8"] if args.quick else []
+    results, timings = {}, {}
+    for method in methods:
+        train_overrides, eval_flags = METHODS[method]
+        run_dir = work / "runs" / method
+        extra = []
+        if method == "coconut":
+            extra = [f"coconut.max_stages={hi}", "coconut.epochs_per_stage=1"]
+            n_max = hi  # c = 1 thought per replaced step
+            eval_flags = [*eval_flags, "--thoughts", ",".join(str(n) for n in range(n_max + 1))]
+        t0 = time.monotonic()
+        run(
+            [
+                *py, "train", str(CONFIG), f"data.path={data}", f"run.dir={run_dir}",
+                f"run.name=latent-{method}", f"train.max_steps={args.max_steps}",
+                "tracking.enabled=false", "checkpoint.interval=1000000", *batch,
+                *train_overrides, *extra, "--nproc", str(args.nproc),
+            ],
+            log,
+        )  # fmt: skip
+        timings[f"{method}/train_s"] = round(time.monotonic() - t0, 1)
+        out_json = work / f"eval-{method}.json"
+        t0 = time.monotonic()
+        run(
+            [
+                *py, "eval", str(run_dir), "--task", "--data", str(data), "--no-mlflow",
+                "--max-examples", "0", "--max-new-tokens", "48", "--json", str(out_json),
+                "--out-dir", str(work / "plots" / method), *eval_flags,
+            ],
+            log,
+        )  # fmt: skip
+        timings[f"{method}/eval_s"] = round(time.monotonic() - t0, 1)
+        results[method] = json.loads(out_json.read_text())["methods"]
+
+    device = "cpu"
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"latent-reasoning-{device}-{'quick-' if args.quick else ''}{stamp}"
+    record = {
+        "bench": "latent_reasoning",
+        "quick": args.quick,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"host_cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "python": platform.python_version()},
+        "settings": {"max_steps": args.max_steps, "steps": [lo, hi],
+                     "train_examples": args.train_examples,
+                     "test_examples": args.test_examples, "nproc": args.nproc,
+                     "methods": {m: METHODS[m][0] for m in methods}},
+        "timings_s": timings,
+        "results": results,
+    }  # fmt: skip
+    table = markdown_table(results, lo, hi)
+    record["table"] = table
+    from pipeline.common.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_json(base.with_suffix(".json"), record)
+    atomic_write_text(base.with_suffix(".md"), table + "\n")
+    plot(results, base.with_suffix(".png"))
+    print(table)
+    print(f"\n{base}.json / .md / .png  (work folder {work})")
+    return 0
+
+
+def curves(results: dict) -> dict[str, list[dict]]:
+    """One curve per trained model and evaluated knob family: recurrent/depth, pause/pause, ..."""
+    out = {}
+    for method, per in results.items():
+        for kind, pts in per.items():
+            if method == "pause" and kind == "depth":
+                continue  # the same points as pause 0
+            out[method if len(per) == 1 or kind != "depth" else f"{method}/{kind}"] = pts
+    return out
+
+
+def markdown_table(results: dict, lo: int, hi: int) -> str:
+    rows = ["| method | knob | accuracy | " + " | ".join(f"d={d}" for d in range(lo, hi + 1))
+            + " | GFLOP/answer | vs r1 |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(lo, hi + 1))
+            + " | ---: | ---: |"]  # fmt: skip
+    base = None
+    if "r1" in results:
+        base = results["r1"]["depth"][0]["accuracy"]
+    for name, pts in curves(results).items():
+        for pt in pts:
+            by = [pt["by_difficulty"].get(str(d)) for d in range(lo, hi + 1)]
+            ratio = f"{pt['accuracy'] / base:.2f}x" if base else "-"
+            rows.append(
+                f"| {name} | {pt['knob']} | {pt['accuracy']:.3f} | "
+                + " | ".join("-" if v is None else f"{v:.3f}" for v in by)
+                + f" | {pt['flops_per_answer'] / 1e9:.4f} | {ratio} |"
+            )
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.common.atomic import atomic_open
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, pts in curves(results).items():
+        ax.plot([p["flops_per_answer"] for p in pts], [p["accuracy"] for p in pts], marker="o",
+                label=name)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("forward FLOPs per answer")
+    ax.set_ylabel("exact-match accuracy (test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main())
