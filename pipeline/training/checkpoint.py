@@ -211,9 +211,9 @@ class CheckpointManager:
         """Write checkpoint `step` (collective): temp dir -> files -> sha256 list -> rename ->
         `latest` -> prune. Returns the final directory.
 
-        A full disk (or quota, or a write cut short) on any rank raises RdptCheckpointError
-        naming the file and the checkpoint that stays in use; the temporary directory is
-        removed. `phase_hook(phase,
+        A full disk (or quota, or a write cut short) on any rank raises RdptCheckpointError on
+        every rank that was writing, naming the file and the checkpoint that stays in use; the
+        temporary directory is removed. `phase_hook(phase,
         engine)` is called at "engine" (before DeepSpeed writes), "files" (everything written,
         nothing hashed) and "renamed" (the directory has its final name, `latest` not yet
         moved): where the tests kill a rank."""
@@ -223,16 +223,22 @@ class CheckpointManager:
             return self._save(engine, step, trainer_state, config_yaml, tokenizer_path,
                               phase_hook or (lambda phase, engine: None))  # fmt: skip
         except Exception as e:
+            # NOTE: the first rank to fail sees the full disk; a later one may find the space
+            # already given back (its torch.save write cut short), or the temporary directory
+            # gone under its feet (only this path removes it during a save).
             full = is_disk_full(e, where=self.root)
-            if not (full or is_short_write(e)):
+            short = is_short_write(e)
+            gone = not tmp.is_dir()
+            if not (full or short or gone):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back
             previous = self.latest()
-            why = (
-                "No space left on device"
-                if full
-                else f"a write was cut short ({e}; a full disk or quota, or an I/O error)"
-            )
+            if full:
+                why = "No space left on device"
+            elif short:
+                why = f"a write was cut short ({e}; a full disk or quota, or an I/O error)"
+            else:
+                why = f"another rank failed writing it and removed {tmp.name}"
             raise RdptCheckpointError(
                 f"checkpoint step {step} could not be written: {why} "
                 f"({getattr(e, 'filename', None) or tmp}); free space under {self.root}. "
