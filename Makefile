@@ -34,9 +34,22 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m pipeline.cli.demo
 
-# lint first: a formatting slip fails in seconds instead of after the whole suite
+# lint first: a formatting slip fails in seconds instead of after the whole suite.
+# Two pytest sessions side by side: the Slurm tests spend much of their time waiting on the
+# cluster (requeue delays, node timeouts, paced steps), which the rest of the suite fills.
+# Each has its own temp root; the cluster session's output is printed after the main one's.
+CLUSTER_TESTS := tests/test_slurm_*.py tests/test_submit_*.py
 test: lint
-	$(PY) -m pytest tests --durations=15
+	@tmp=$$(mktemp -d /tmp/rdpt-tests.XXXXXX); \
+	$(PY) -m pytest $(CLUSTER_TESTS) --basetemp=$$tmp/cluster --durations=8 \
+		> $$tmp/cluster.log 2>&1 & cluster=$$!; \
+	$(PY) -m pytest tests --ignore-glob='tests/test_slurm_*.py' \
+		--ignore-glob='tests/test_submit_*.py' --basetemp=$$tmp/main \
+		--durations=15; main_rc=$$?; \
+	wait $$cluster; cluster_rc=$$?; \
+	echo "==== Slurm and submit tests (run beside the others)"; cat $$tmp/cluster.log; \
+	echo "==== main session exit $$main_rc, Slurm session exit $$cluster_rc"; \
+	rm -rf $$tmp; test $$main_rc -eq 0 -a $$cluster_rc -eq 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
