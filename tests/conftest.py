@@ -11,6 +11,7 @@ import pytest
 pytest_plugins = [
     "fixtures_data",  # tiny prepared datasets (rdpt prep on real text)
     "fixtures_mlflow",  # a real MLflow tracking server on 127.0.0.1 (sqlite)
+    "fixtures_model",  # a small random model for decode/evaluation tests
     "fixtures_slurm",  # a real Slurm cluster (munged, slurmctld, slurmd) in a temp dir
     "fixtures_training",  # tiny trained runs/checkpoints (real DeepSpeed)
 ]

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_model import SMALL_VOCAB
 
 from pipeline.common.errors import RdptDataError
 from pipeline.eval.adaptive import ExitRule
 from pipeline.eval.depth_by_category import depths_by_category, read_category_jsonl
 from pipeline.eval.generate import GenerationConfig
 
-VOCAB = 97
+VOCAB = SMALL_VOCAB  # the vocabulary of small_eval_model
 
 
 def _baselines():
@@ -29,23 +30,8 @@ def _baselines():
 
 
 @pytest.fixture(scope="module")
-def model():
-    from pipeline.model import ModelConfig, build_model
-    from pipeline.model.runtime import init_model_parallel
-
-    init_model_parallel(tp=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_heads=4,
-        ffn_hidden_size=128,
-        n_prelude=1,
-        n_core=2,
-        n_coda=1,
-        max_seq_len=64,
-    )
-    return build_model(cfg).eval()
+def model(small_eval_model):  # tests/fixtures_model.py
+    return small_eval_model
 
 
 def encode(text: str) -> list[int]:

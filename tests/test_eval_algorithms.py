@@ -8,32 +8,18 @@ import math
 
 import pytest
 import torch
+from fixtures_model import SMALL_VOCAB
 
 from pipeline.eval.adaptive import ExitRule, evaluate_adaptive, score_tokens
 from pipeline.eval.depth import evaluate_depths, sweep_depths
 from pipeline.eval.generate import GenerationConfig, generate, generate_uncached, sample_next
 
-VOCAB = 97
+VOCAB = SMALL_VOCAB  # the vocabulary of small_eval_model
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from pipeline.model import ModelConfig, build_model
-    from pipeline.model.runtime import init_model_parallel
-
-    init_model_parallel(tp=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_heads=4,
-        ffn_hidden_size=128,
-        n_prelude=1,
-        n_core=2,
-        n_coda=1,
-        max_seq_len=64,
-    )
-    return build_model(cfg).eval()
+def tiny_model(small_eval_model):  # tests/fixtures_model.py
+    return small_eval_model
 
 
 @pytest.fixture(scope="module")

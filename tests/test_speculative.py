@@ -5,34 +5,19 @@ honour."""
 from __future__ import annotations
 
 import pytest
-import torch
+from fixtures_model import SMALL_VOCAB
 
 from pipeline.eval.adaptive import ExitRule
 from pipeline.eval.generate import GenerationConfig, generate
 from pipeline.eval.speculative import Speculation, generate_speculative
 
-VOCAB = 97
+VOCAB = SMALL_VOCAB  # the vocabulary of small_eval_model
 PROMPT = [3, 14, 15, 9, 26, 5]
 
 
 @pytest.fixture(scope="module")
-def model():
-    from pipeline.model import ModelConfig, build_model
-    from pipeline.model.runtime import init_model_parallel
-
-    init_model_parallel(tp=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_heads=4,
-        ffn_hidden_size=128,
-        n_prelude=1,
-        n_core=2,
-        n_coda=1,
-        max_seq_len=64,
-    )
-    return build_model(cfg).eval()
+def model(small_eval_model):  # tests/fixtures_model.py
+    return small_eval_model
 
 
 @pytest.mark.parametrize("r,spec", [(6, "1:1"), (6, "2:3"), (8, "4:2"), (8, "7:5"), (12, "3:4")])

@@ -591,12 +591,11 @@ def parse_counts(text: str | None, flag: str) -> list[int]:
 def run_task_eval(args) -> dict:
     """`rdpt eval --task`: pipeline/eval/task_eval.py on the split, then table, JSON, PNGs
     and MLflow (task/<method>/accuracy with step = r, pause or thought count)."""
-    from pipeline.common.atomic import atomic_write_json
     from pipeline.data.loader import open_dataset
     from pipeline.data.task_loader import check_task_dataset, task_examples
     from pipeline.eval.adaptive import ExitRule
     from pipeline.eval.loading import default_r, load_model_and_tokenizer
-    from pipeline.eval.report import finish_tracker, open_tracker
+    from pipeline.eval.report import publish
     from pipeline.eval.task_eval import (
         TaskEvalPlan,
         evaluate_task,
@@ -662,20 +661,7 @@ def run_task_eval(args) -> dict:
     json_path = Path(args.json) if args.json else base / f"task-eval-step{step}.json"
     out_dir = Path(args.out_dir) if args.out_dir else base / "eval"
     pngs = plot_task(results, out_dir)
-    results["plots"] = [str(p) for p in pngs]
-    tracker, prev_status = (
-        (None, None)
-        if args.no_mlflow
-        else open_tracker(loaded.run_dir, args.tracking_uri, loaded.cfg, args.target)
-    )
-    results["mlflow_run_id"] = tracker.run_id if tracker else None
-    atomic_write_json(json_path, results)
-    if tracker is not None:
-        for metrics, knob in task_metrics(results):
-            tracker.log_metrics(metrics, knob)
-        for path in [json_path, *pngs]:
-            tracker.log_artifact(path, "eval")
-        finish_tracker(tracker, prev_status)
+    publish(results, json_path, pngs, loaded, args, task_metrics)  # step = the method's knob
     print(f"\nresults: {json_path}\nplots:   {out_dir}")
     return results
 

@@ -255,13 +255,24 @@ def finish_tracker(tracker, prev_status) -> None:
 
 def write_outputs(results: dict, args, loaded) -> Path:
     """JSON file, PNG plots and MLflow logging (rank 0). Returns the JSON path."""
-    from pipeline.common.atomic import atomic_write_json
 
     ckpt = Path(loaded.meta.get("checkpoint") or args.target)
     base = loaded.run_dir or ckpt.resolve().parent
     json_path = Path(args.json) if args.json else default_json_path(results, base)
     out_dir = Path(args.out_dir) if args.out_dir else base / "eval"
     pngs = make_plots(results, out_dir, loaded.run_dir)
+    publish(results, json_path, pngs, loaded, args, eval_metrics)
+    print(f"\nresults: {json_path}\nplots:   {out_dir}")
+    if results["mlflow_run_id"]:
+        print(f"MLflow:  run {results['mlflow_run_id']}")
+    return json_path
+
+
+def publish(results: dict, json_path: Path, pngs: list[Path], loaded, args, metrics_of) -> None:
+    """Record the plots in `results`, write it to `json_path`, and (unless --no-mlflow) log
+    `metrics_of(results)` ([(metrics, step)]) and the files to the run's MLflow run."""
+    from pipeline.common.atomic import atomic_write_json
+
     results["plots"] = [str(p) for p in pngs]
     tracker, prev_status = (
         (None, None)
@@ -271,12 +282,8 @@ def write_outputs(results: dict, args, loaded) -> Path:
     results["mlflow_run_id"] = tracker.run_id if tracker else None
     atomic_write_json(json_path, results)
     if tracker is not None:
-        for metrics, step in eval_metrics(results):
+        for metrics, step in metrics_of(results):
             tracker.log_metrics(metrics, step)
         for path in [json_path, *pngs]:
             tracker.log_artifact(path, "eval")
         finish_tracker(tracker, prev_status)
-    print(f"\nresults: {json_path}\nplots:   {out_dir}")
-    if results["mlflow_run_id"]:
-        print(f"MLflow:  run {results['mlflow_run_id']}")
-    return json_path

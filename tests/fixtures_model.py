@@ -1,0 +1,33 @@
+"""Model fixtures shared by the decode and evaluation tests (registered in conftest.py).
+
+`small_eval_model`: a small random recurrent-depth model (vocabulary `SMALL_VOCAB`, hidden 64,
+prelude 1, core 2, coda 1 layers, context 64) in eval mode, seeded, TP=1; built once per test
+module. Treat it as read-only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SMALL_VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def small_eval_model():
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.model.runtime import init_model_parallel
+
+    init_model_parallel(tp=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=SMALL_VOCAB,
+        hidden_size=64,
+        num_heads=4,
+        ffn_hidden_size=128,
+        n_prelude=1,
+        n_core=2,
+        n_coda=1,
+        max_seq_len=64,
+    )
+    return build_model(cfg).eval()
