@@ -15,27 +15,10 @@ from flops_by_hand import hand_flops_from_model_yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_train_bench_reports_hand_counted_flops_and_mfu_side_by_side(tiny_dataset, tmp_path):
-    peak_tflops = 0.5
+def run_bench(tmp_path, result_glob: str, *args: str) -> dict:
+    """bench/train.py ARGS, one thread; the JSON record it wrote (matching `result_glob`)."""
     out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "train.py"),
-            "--data",
-            str(tiny_dataset),
-            "--r",
-            "5",
-            "--k",
-            "2",
-            "--steps",
-            "3",
-            "--warmup",
-            "1",
-            "--peak-tflops",
-            str(peak_tflops),
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, str(REPO / "bench" / "train.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -43,8 +26,30 @@ def test_train_bench_reports_hand_counted_flops_and_mfu_side_by_side(tiny_datase
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    (result,) = tmp_path.glob("train-cpu-*.json")
-    record = json.loads(result.read_text())
+    (result,) = tmp_path.glob(result_glob)
+    return json.loads(result.read_text())
+
+
+def test_train_bench_reports_hand_counted_flops_and_mfu_side_by_side(tiny_dataset, tmp_path):
+    peak_tflops = 0.5
+    record = run_bench(
+        tmp_path,
+        "train-cpu-*.json",
+        "--data",
+        str(tiny_dataset),
+        "--r",
+        "5",
+        "--k",
+        "2",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--peak-tflops",
+        str(peak_tflops),
+        "--out",
+        str(tmp_path),
+    )
     manifest = json.loads((Path(tiny_dataset) / "manifest.json").read_text())
     assert (record["r"], record["k"], record["seq_len"]) == (5, 2, manifest["seq_len"])
     full, bare = record["full_stack"], record["bare"]
@@ -77,39 +82,29 @@ def test_train_bench_reports_hand_counted_flops_and_mfu_side_by_side(tiny_datase
 
 
 def test_train_bench_synthetic_sampled_r_counts_each_steps_flops(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "train.py"),
-            "--synthetic",
-            "--seq-len",
-            "32",
-            "--micro-batch",
-            "2",
-            "--r",
-            "4",
-            "--k",
-            "2",
-            "--sampled-r",
-            "--zero",
-            "1",
-            "--steps",
-            "4",
-            "--warmup",
-            "1",
-            "--profile",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    record = run_bench(
+        tmp_path,
+        "train-cpu-z1-*.json",
+        "--synthetic",
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--r",
+        "4",
+        "--k",
+        "2",
+        "--sampled-r",
+        "--zero",
+        "1",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--profile",
+        "--out",
+        str(tmp_path),
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    (result,) = tmp_path.glob("train-cpu-z1-*.json")
-    record = json.loads(result.read_text())
     assert record["synthetic"] and record["seq_len"] == 32 and record["zero_stage"] == 1
     measured = record["r_drawn"][1:5]  # after the warm-up step
     assert len(set(record["r_drawn"])) > 1  # r really varied
