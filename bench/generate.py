@@ -49,16 +49,6 @@ def _load_baselines():
     return mod
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -198,8 +188,10 @@ def main(argv=None) -> int:
                     "speedup_median": statistics.median(t_plain) / statistics.median(t_spec),
                 }
             )
+    from pipeline.common.machine import cpu_model
+
     result = {
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu: {_cpu_name()}",
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu: {cpu_model()}",
         "machine": platform.node(),
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,

@@ -41,6 +41,7 @@ from data_prep.tokenizer import (  # noqa: E402
     make_encoder,
     train_bpe,
 )
+from pipeline.common.machine import cpu_model  # noqa: E402
 
 
 def build_corpus(dest: Path, target_bytes: int) -> list[Path]:
@@ -195,7 +196,7 @@ def main() -> int:
         result = {
             "date": dt.date.today().isoformat(),
             "machine": {
-                "cpu": _cpu_model(),
+                "cpu": cpu_model(),
                 "cores": os.cpu_count(),
                 "load_average_at_start": load_start,
                 "load_average_at_end": os.getloadavg(),
@@ -252,16 +253,6 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

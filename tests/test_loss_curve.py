@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.common.distributed import free_port
+from pipeline.common.machine import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 ASSET = REPO / "tests" / "assets" / "losses" / "tiny-fp32-cpu.json"
@@ -192,7 +193,7 @@ def measure() -> dict:
         "losses": ref,
         "tolerance": tolerance,
         "measured": {
-            "machine": f"{_cpu_name()}, torch {torch.__version__}",
+            "machine": f"{cpu_model()}, torch {torch.__version__}",
             "max_deviation_per_variant": deviations,
             "max_deviation_per_real_change": changes,
         },
@@ -201,11 +202,6 @@ def measure() -> dict:
     ASSET.write_text(json.dumps(asset, indent=2) + "\n")
     return asset
 
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
     return "unknown CPU"
 
 
