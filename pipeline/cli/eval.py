@@ -23,6 +23,7 @@ examples:
   rdpt eval runs/tiny/checkpoints/step-00000200 --recurrences 1,4,16 --state-init zero
   rdpt eval runs/tiny --tokens batch.npy --json out/eval-batch.json --no-mlflow
   rdpt eval runs/tiny --adaptive --exit-criterion kl --threshold 5e-4 --max-r 64
+  rdpt eval runs/tiny-gate --adaptive --exit-criterion gate --threshold 0.5 --exit-curve
   rdpt eval runs/tiny --lm-eval-tasks my_task --lm-eval-include tasks/ --recurrences 32
   rdpt eval runs/tiny --nproc 2                         # split sequences over 2 processes
 
@@ -82,10 +83,11 @@ def _add_depth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive", action="store_true", help="per-token adaptive exit")
     p.add_argument(
         "--exit-criterion",
-        choices=["kl", "entropy", "state"],
+        choices=["kl", "entropy", "state", "gate"],
         default="kl",
         help="kl: KL of successive next-token distributions; entropy: of the "
-        "prediction; state: relative state change (default kl)",
+        "prediction; state: relative state change; gate: the learned exit gate's probability "
+        "of continuing (model.exit_gate, train.stage=exit_gate) (default kl)",
     )
     p.add_argument(
         "--threshold",
@@ -460,7 +462,7 @@ def run_eval(args) -> dict | None:
     import torch
 
     from pipeline.common.distributed import env_rank, init_process_group
-    from pipeline.eval.adaptive import ExitRule, evaluate_adaptive
+    from pipeline.eval.adaptive import ExitRule, check_rule, evaluate_adaptive
     from pipeline.eval.depth import sweep_depths
     from pipeline.eval.loading import default_r, load_model_and_tokenizer
 
@@ -492,6 +494,7 @@ def run_eval(args) -> dict | None:
             data, args.split, args.batch_size, rank, world, args.max_sequences or None
         )
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
+    check_rule(loaded.model, rule)  # before any work: a gate needs a model with one
     telemetry = not args.no_telemetry
     progress = rank == 0 and sys.stderr.isatty()
     # Adaptive exit is compared against the fixed-r loss at every r up to max_r on the same data,
@@ -593,7 +596,7 @@ def run_task_eval(args) -> dict:
     and MLflow (task/<method>/accuracy with step = r, pause or thought count)."""
     from pipeline.data.loader import open_dataset
     from pipeline.data.task_loader import check_task_dataset, task_examples
-    from pipeline.eval.adaptive import ExitRule
+    from pipeline.eval.adaptive import ExitRule, check_rule
     from pipeline.eval.loading import default_r, load_model_and_tokenizer
     from pipeline.eval.report import publish
     from pipeline.eval.task_eval import (
@@ -619,6 +622,7 @@ def run_task_eval(args) -> dict:
     manifest = check_task_dataset(info, "--task")
     rs = parse_recurrences(args.recurrences or DEFAULT_RECURRENCES)
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
+    check_rule(loaded.model, rule)  # before any work: a gate needs a model with one
     plan = TaskEvalPlan(
         recurrences=rs,
         pauses=pauses,
@@ -743,7 +747,7 @@ def pause_id(tok) -> int:
 
 
 def generate_handler(args) -> int:
-    from pipeline.eval.adaptive import ExitRule
+    from pipeline.eval.adaptive import ExitRule, check_rule
     from pipeline.eval.generate import GenerationConfig, generate
     from pipeline.eval.loading import default_r, load_model_and_tokenizer
 
@@ -768,6 +772,7 @@ def generate_handler(args) -> int:
             f"context of {loaded.max_length}"
         )
     rule = ExitRule(args.exit_criterion, args.threshold) if args.adaptive else None
+    check_rule(loaded.model, rule)  # before any work: a gate needs a model with one
     cfg = GenerationConfig(
         max_new_tokens=min(args.max_new_tokens, room),
         r=args.max_r if rule else (args.recurrences or default_r(loaded)),

@@ -2,8 +2,8 @@
 
 - `depth`: loss / perplexity against the recurrence count r (one pass to max r), recurrence
   telemetry over iterations; `evaluate_depths` is what training calls every N steps.
-- `adaptive`: per-token adaptive exit (KL, entropy or state-change criterion), exit-depth
-  histogram, compute saved against fixed r at equal loss.
+- `adaptive`: per-token adaptive exit (KL, entropy, state-change or learned-gate criterion),
+  exit-depth histogram, compute saved against fixed r at equal loss.
   `exit_curves`: loss against mean depth per criterion, one point per threshold.
 - `generate`: sampling with a KV cache, fixed r or adaptive exit, Huginn KV-cache sharing and
   continuous chain of thought; `generate_batch` for B prompts.

@@ -5,7 +5,10 @@ After every core iteration i (i = 1..max_r) each still-active position computes 
              iterations (p_0 is decoded from the initial state), the paper's rule (5e-4);
 - "entropy": the entropy of p_i (nats): exit once the model is confident;
 - "state":   ||s_i - s_{i-1}|| / ||s_i||: exit once the latent state stops moving (no coda
-             needed for the decision).
+             needed for the decision);
+- "gate":    1 - p_exit(s_i) of the learned exit gate (model.exit_gate, trained by
+             train.stage=exit_gate; pipeline/model/exit_gate.py): exit once the gate's
+             probability of continuing falls below the threshold (0.5: exit is more likely).
 A position exits at the first i where the criterion is strictly below the threshold, or at
 max_r. From then on its state is frozen (other positions still attend to it, as in
 generation) and its prediction is the one made at exit. Threshold 0 therefore never exits early
@@ -35,7 +38,7 @@ from pipeline.eval.depth import (
     unpack_batch,
 )
 
-CRITERIA = ("kl", "entropy", "state")
+CRITERIA = ("kl", "entropy", "state", "gate")
 DEFAULT_THRESHOLD = 5e-4
 
 
@@ -62,12 +65,34 @@ class TokenScores:
     depth: torch.Tensor  # int: iterations spent (exit depth)
 
 
-def criterion_value(rule: ExitRule, logp_BSV, prev_logp_BSV, s_SBH, prev_SBH) -> torch.Tensor:
-    """The exit criterion per position, [B, S], clamped at 0."""
+def needs_logits(rule: ExitRule | None) -> bool:
+    """Whether the rule decides from the next-token distribution (the coda after every
+    iteration) rather than from the state alone."""
+    return rule is not None and rule.criterion in ("kl", "entropy")
+
+
+def check_rule(model, rule: ExitRule | None) -> None:
+    """RdptConfigError when the rule cannot run on this model (criterion gate, no gate)."""
+    if rule is not None and rule.criterion == "gate" and getattr(model, "exit_gate", None) is None:
+        from pipeline.common.errors import RdptConfigError
+
+        raise RdptConfigError(
+            "--exit-criterion gate: this model has no exit gate (model.exit_gate: false); train "
+            "one first: rdpt train CONFIG train.stage=exit_gate model.exit_gate=true "
+            "model.init_from=RUN"
+        )
+
+
+def criterion_value(
+    rule: ExitRule, logp_BSV, prev_logp_BSV, s_SBH, prev_SBH, model=None
+) -> torch.Tensor:
+    """The exit criterion per position, [B, S], clamped at 0 (`model`: for the gate)."""
     if rule.criterion == "kl":
         val = (logp_BSV.exp() * (logp_BSV - prev_logp_BSV)).sum(-1)
     elif rule.criterion == "entropy":
         val = -(logp_BSV.exp() * logp_BSV).sum(-1)
+    elif rule.criterion == "gate":
+        val = torch.sigmoid(-model.exit_logits(s_SBH))  # p_continue = 1 - p_exit
     else:
         val = rel_change(s_SBH, prev_SBH)
     return val.clamp_min(0.0)
@@ -91,6 +116,7 @@ def score_tokens(
     """
     if max_r < 1:
         raise ValueError(f"max_r: must be >= 1, got {max_r}")
+    check_rule(model, rule)
     from pipeline.model.lean_forward import LeanForward
     from pipeline.model.rope_table import RopeTable
 
@@ -110,8 +136,9 @@ def score_tokens(
         greedy = logp_BSV.argmax(-1) == targets_BS
         depth = torch.full((B, S), max_r, dtype=torch.long, device=inputs_BS.device)
     else:
-        need_logits = rule.criterion != "state"
-        prev_logp = F.log_softmax(lean.coda(s_SBH, rope).float(), dim=-1) if need_logits else None
+        prev_logp = None
+        if needs_logits(rule):
+            prev_logp = F.log_softmax(lean.coda(s_SBH, rope).float(), dim=-1)
         active_BS = torch.ones(B, S, dtype=torch.bool, device=inputs_BS.device)
         logprob = torch.zeros(B, S, dtype=torch.float32, device=inputs_BS.device)
         greedy = torch.zeros(B, S, dtype=torch.bool, device=inputs_BS.device)
@@ -122,7 +149,7 @@ def score_tokens(
             # NOTE: exited positions keep their state; layout is [S, B, H] vs mask [B, S].
             s_SBH = torch.where(active_BS.transpose(0, 1)[..., None], new_SBH, prev_SBH)
             logp = F.log_softmax(lean.coda(s_SBH, rope).float(), dim=-1)
-            val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH)
+            val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH, model)
             exit_BS = active_BS & ((val < rule.threshold) | (i == max_r))
             if exit_BS.any():
                 logprob = torch.where(
@@ -200,6 +227,7 @@ def evaluate_adaptive(
     if max_r < 1:
         raise ValueError(f"max_r: must be >= 1, got {max_r}")
     check_state_init(state_init)
+    check_rule(model, rule)
     if fixed_curve is None:
         sweep = sweep_depths(
             model,
@@ -263,12 +291,20 @@ def evaluate_adaptive(
     )
 
 
-# thresholds of the loss-against-mean-depth curve, per criterion (kl and entropy in nats)
+# thresholds of the loss-against-mean-depth curve, per criterion (kl and entropy in nats;
+# gate: the probability of continuing); the gate's only where the model has one
 CURVE_THRESHOLDS = {
     "kl": (1e-1, 3e-2, 1e-2, 1e-3, 1e-4),
     "entropy": (4.0, 2.0, 1.0, 0.5, 0.1),
     "state": (3e-1, 1e-1, 3e-2, 1e-2, 1e-3),
+    "gate": (0.9, 0.7, 0.5, 0.3, 0.1),
 }
+
+
+def curve_thresholds(model) -> dict[str, tuple[float, ...]]:
+    """CURVE_THRESHOLDS for the criteria this model can run."""
+    has_gate = getattr(model, "exit_gate", None) is not None
+    return {c: t for c, t in CURVE_THRESHOLDS.items() if c != "gate" or has_gate}
 
 
 def exit_curves(
@@ -284,10 +320,11 @@ def exit_curves(
 ) -> dict[str, list[dict]]:
     """Loss against mean exit depth for every criterion, one point per threshold:
     {criterion: [{threshold, loss, mean_depth, equal_loss_r, compute_saved, ...}]}, each point
-    an `evaluate_adaptive` on the same batches against the same fixed-r curve. `batches` must be
+    an `evaluate_adaptive` on the same batches against the same fixed-r curve (default
+    thresholds: CURVE_THRESHOLDS, the gate's where the model has one). `batches` must be
     re-iterable (a list)."""
     out: dict[str, list[dict]] = {}
-    for criterion, values in (thresholds or CURVE_THRESHOLDS).items():
+    for criterion, values in (thresholds or curve_thresholds(model)).items():
         points = []
         for threshold in values:
             res = evaluate_adaptive(

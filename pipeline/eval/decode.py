@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.adaptive import criterion_value
+from pipeline.eval.adaptive import check_rule, criterion_value, needs_logits
 from pipeline.eval.depth import rel_change
 from pipeline.model.lean_forward import LeanForward
 from pipeline.model.rope_table import RopeSlice, RopeTable
@@ -56,6 +56,7 @@ class DecodeLoop:
         cuda_graph: bool = False,
     ):
         self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        check_rule(model, cfg.exit_rule)
         self.lean = LeanForward(model)
         self.slots = min(cfg.slots, cfg.r)  # slots >= r are never written
         self.cache = StaticKVCache.for_model(
@@ -135,9 +136,9 @@ class DecodeLoop:
             s_SBH = self.model.initial_state(e_SBH, cfg.state_init, cfg.seed + offset, None)
         adapter_in = lean.adapter_input(e_SBH)
         rule = cfg.exit_rule if adaptive else None
-        needs_logits = rule is not None and rule.criterion != "state"
+        with_logits = needs_logits(rule)
         prev_logp = None
-        if needs_logits:
+        if with_logits:
             prev_logp = F.log_softmax(coda(s_SBH).float(), -1)
         changes = [] if self.telemetry is not None else None
         depth, logits_BSV = r, None
@@ -149,12 +150,12 @@ class DecodeLoop:
             if rule is None or i == r:
                 continue
             logp = None
-            if needs_logits:
+            if with_logits:
                 # NOTE: the coda writes this position's coda cache entries again at every
                 # iteration; the last write (the exit iteration's) is the one kept.
                 logits_BSV = coda(s_SBH)
                 logp = F.log_softmax(logits_BSV.float(), -1)
-            val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH)
+            val = criterion_value(rule, logp, prev_logp, s_SBH, prev_SBH, self.model)
             prev_logp = logp
             if bool((val < rule.threshold).all()):
                 depth = i

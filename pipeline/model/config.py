@@ -90,6 +90,10 @@ class ModelConfig(ConfigModel):
     """Training loss over slices of this many tokens, each recomputed in backward, so the
     full-vocabulary fp32 logits of a micro-batch never exist at once (loss.py); 0 = unfused
     (all logits at once). Does not change the result beyond summation order."""
+    exit_gate: bool = False
+    """Add a learned exit gate on the core state (model/exit_gate.py): the probability that a
+    position may stop after each core iteration, used by `--exit-criterion gate`. Its 2h + 1
+    parameters are trained only by train.stage=exit_gate, on an otherwise frozen model."""
     attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     """Core attention: flash-attn, torch SDPA (cuDNN preferred on Hopper), plain math; auto
     picks flash > sdpa on CUDA, math on CPU."""

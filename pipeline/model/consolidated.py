@@ -85,11 +85,14 @@ def full_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_full_state_dict(model, full_sd: dict[str, torch.Tensor], gather=None) -> None:
+def load_full_state_dict(
+    model, full_sd: dict[str, torch.Tensor], gather=None, may_miss: tuple[str, ...] = ()
+) -> None:
     """Copy TP-unsharded tensors into `model`, taking this TP rank's shard of each.
 
     `gather(param)`: a context manager in which a partitioned parameter is whole (the training
-    area passes DeepSpeed's GatheredParameters under ZeRO-3); default: parameters are whole."""
+    area passes DeepSpeed's GatheredParameters under ZeRO-3); default: parameters are whole.
+    `may_miss`: name prefixes of parameters `full_sd` may lack (they keep their values)."""
     import contextlib
 
     from megatron.core import parallel_state
@@ -97,7 +100,7 @@ def load_full_state_dict(model, full_sd: dict[str, torch.Tensor], gather=None) -
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     params = {consolidated_name(n): p for n, p in model.named_parameters()}
-    missing = sorted(set(params) - set(full_sd))
+    missing = sorted(n for n in set(params) - set(full_sd) if not n.startswith(may_miss))
     unexpected = sorted(set(full_sd) - set(params))
     if missing or unexpected:
         raise RdptCheckpointError(
@@ -107,6 +110,8 @@ def load_full_state_dict(model, full_sd: dict[str, torch.Tensor], gather=None) -
         )
     gather = gather or (lambda p: contextlib.nullcontext())
     for name, p in params.items():
+        if name not in full_sd:
+            continue  # allowed by may_miss
         t = full_sd[name]
         parallel, dim, stride = _tp_info(p)
         if parallel and tp > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline.model.config import ModelConfig
 
-PARTS = ("embedding", "prelude", "adapter", "core", "coda", "final_norm", "head")
+PARTS = ("embedding", "prelude", "adapter", "core", "coda", "final_norm", "head", "exit_gate")
 
 
 def closed_form_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -21,6 +21,7 @@ def closed_form_parameters(cfg: ModelConfig) -> dict[str, int]:
         "coda": cfg.n_coda * layer,
         "final_norm": h,
         "head": 0 if cfg.tie_embeddings else V * h,
+        "exit_gate": 2 * h + 1 if cfg.exit_gate else 0,  # norm, projection and its bias
     }
     counts["total"] = sum(counts[p] for p in PARTS)
     return counts
@@ -36,6 +37,7 @@ def _part_of(name: str) -> str:
         "coda_block": "coda",
         "ln_f": "final_norm",
         "output_layer": "head",
+        "exit_gate": "exit_gate",
     }[head]
 
 

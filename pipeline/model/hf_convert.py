@@ -262,6 +262,14 @@ def convert_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     from pipeline.model.consolidated import load_consolidated, read_recurrence
 
     cfg, sd = load_consolidated(ckpt)
+    if cfg.exit_gate:  # the Huginn layout has no place for it
+        import logging
+
+        logging.getLogger("rdpt.export").warning(
+            "%s: the exit gate (model.exit_gate) is not part of the Hugging Face Huginn layout "
+            "and is left out; --exit-criterion gate needs the rdpt checkpoint",
+            ckpt,
+        )
     trained = read_recurrence(ckpt) or {}
     hf_cfg = config_to_hf(
         cfg,

@@ -150,6 +150,11 @@ class RecurrentDepthLM(MegatronModule):
                 bias=False,
                 gather_output=False,
             )
+        self.exit_gate = None
+        if cfg.exit_gate:  # frozen at creation: only train.stage=exit_gate trains it
+            from pipeline.model.exit_gate import ExitGate
+
+            self.exit_gate = ExitGate(h, cfg.norm_eps, config.params_dtype, cfg.resolved_init_std)
         self.rotary = compat.make_rotary(cfg.head_dim, cfg.rope_base)
         # One core iteration as the forward runs it: (s, e, rope) -> s'. wrap_iteration() may
         # replace it (activation checkpointing, compile); it holds no parameters of its own.
@@ -253,6 +258,17 @@ class RecurrentDepthLM(MegatronModule):
     def coda_hidden(self, s_SBH, kv_cache=None, position_offset: int = 0) -> torch.Tensor:
         """ln_f -> coda -> ln_f: the hidden state the head reads [S, B, H]."""
         return self._coda_hidden(s_SBH, kv_cache, position_offset)
+
+    def exit_logits(self, s_SBH) -> torch.Tensor:
+        """The exit gate's logits [B, S] (fp32) for core states [S, B, H] (model/exit_gate.py);
+        RdptConfigError when the model has no gate."""
+        if self.exit_gate is None:
+            raise RdptConfigError(
+                "exit criterion 'gate': this model has no exit gate (model.exit_gate: false); "
+                "train one with `rdpt train ... train.stage=exit_gate model.exit_gate=true "
+                "model.init_from=RUN`"
+            )
+        return self.exit_gate(s_SBH)
 
     def head(self, x_SBH) -> torch.Tensor:
         """Full-vocabulary logits [B, S, V] of coda hidden states [S, B, H]."""

@@ -68,7 +68,9 @@ class TrainSection(ConfigModel):
     stage: str = "pretrain"
     """What is trained and how one step runs: `pretrain` (next-token loss on packed sequences),
     `task` (fine-tuning on a task dataset: loss on reasoning steps and answer only, pause
-    tokens per data.pause) or `coconut` (continuous-thought curriculum, see `coconut`).
+    tokens per data.pause), `coconut` (continuous-thought curriculum, see `coconut`) or
+    `exit_gate` (fits only the learned exit gate of model.exit_gate on a frozen model loaded
+    by model.init_from, see `exit_gate`).
     Stages are modules of pipeline/training/stages/."""
     compile: Literal["auto"] | bool = "auto"
     """torch.compile the core iteration (the region that runs r times), the prelude and the
@@ -210,6 +212,22 @@ class CoconutSection(ConfigModel):
         return min(epoch // self.epochs_per_stage, self.max_stages)
 
 
+class ExitGateSection(ConfigModel):
+    """train.stage exit_gate: the target the learned exit gate is fitted to
+    (pipeline/model/exit_gate.py). With CE_i the loss after core iteration i, the gain of
+    going on is CE_i - CE_{i+1} (`next`) or CE_i - min over later iterations (`remaining`), and
+    the exit target is sigmoid(sharpness * (min_gain - gain))."""
+
+    target: Literal["next", "remaining"] = "next"
+    """`next`: what the next iteration still gains; `remaining`: what the best later iteration
+    (up to recurrence.fixed) gains, which does not stop at a plateau before a later drop."""
+    min_gain: float = Field(0.01, ge=0)
+    """Gain in nats per token below which stopping is the target (y = 0.5 at exactly this)."""
+    sharpness: float = Field(200.0, gt=0)
+    """Slope of the soft target per nat (200: y goes from 0.88 to 0.12 as the gain moves from
+    min_gain - 0.01 to min_gain + 0.01)."""
+
+
 class TelemetrySection(ConfigModel):
     """Model and optimizer telemetry (the published run's): latent-state norm and token
     correlation, per-iteration state change, per-block gradient norms, update RMS, effective
@@ -253,6 +271,7 @@ class TrainConfig(ConfigModel):
     eval: EvalSection = EvalSection()
     telemetry: TelemetrySection = TelemetrySection()
     coconut: CoconutSection = CoconutSection()
+    exit_gate: ExitGateSection = ExitGateSection()
     debug: DebugSection = DebugSection()
 
     @model_validator(mode="after")

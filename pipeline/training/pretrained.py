@@ -44,6 +44,8 @@ class Pretrained:
         """The weights fit a model of `model_cfg` (same shape), or RdptConfigError."""
         have = self.model_cfg.model_dump(exclude=set(NOT_SHAPE))
         want = model_cfg.model_dump(exclude=set(NOT_SHAPE))
+        if want["exit_gate"] and not have["exit_gate"]:
+            have["exit_gate"] = True  # a gate is added to weights without one (fresh init)
         diffs = [f"{k}: {have[k]!r} there, {want[k]!r} here" for k in want if have[k] != want[k]]
         if diffs:
             raise RdptConfigError(
@@ -119,4 +121,6 @@ def load_pretrained(model, weights: Pretrained, zero_stage: int = 0) -> None:
         def gather(p):
             return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
 
-    load_full_state_dict(model, weights.state_dict, gather=gather)
+    # weights of a model without an exit gate leave a gate model's gate at its fresh init
+    fresh = ("exit_gate.",) if not weights.model_cfg.exit_gate else ()
+    load_full_state_dict(model, weights.state_dict, gather=gather, may_miss=fresh)

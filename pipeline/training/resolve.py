@@ -82,12 +82,15 @@ def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
         )
     if cfg.train.stage == "coconut":
         check_coconut(cfg, manifest, manifest_path)
-    if cfg.train.stage not in ("task", "coconut") and (
-        cfg.data.pause.count or cfg.data.reasoning_steps != "keep"
-    ):
+    if cfg.train.stage == "exit_gate":
+        check_exit_gate(cfg)
+    task_data = cfg.train.stage in ("task", "coconut") or (
+        cfg.train.stage == "exit_gate" and manifest.get("kind") == "task"
+    )
+    if not task_data and (cfg.data.pause.count or cfg.data.reasoning_steps != "keep"):
         raise RdptConfigError(
-            f"data.pause / data.reasoning_steps apply to train.stage task or coconut, not "
-            f"{cfg.train.stage}"
+            f"data.pause / data.reasoning_steps apply to task datasets under train.stage task, "
+            f"coconut or exit_gate, not {cfg.train.stage} on {manifest_path}"
         )
     if not splits.get("train", {}).get("shards"):
         raise RdptConfigError(f"data.path: {manifest_path} lists no train shards")
@@ -109,6 +112,32 @@ def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
         raise RdptConfigError(
             f"eval.interval={cfg.eval.interval} but {manifest_path} lists no val shards "
             f"(set eval.interval=0 to train without validation)"
+        )
+
+
+def check_exit_gate(cfg: TrainConfig) -> None:
+    """The gate stage has a gate to fit, a trained model to fit it on, a fixed horizon of
+    iterations and a layout where the model may be called outside the engine's forward."""
+    if not cfg.model.exit_gate:
+        raise RdptConfigError(
+            "train.stage=exit_gate fits the model's exit gate: set model.exit_gate=true"
+        )
+    if not cfg.model.init_from:
+        raise RdptConfigError(
+            "train.stage=exit_gate fits a gate on a trained, frozen model: set "
+            "model.init_from=RUN_OR_CHECKPOINT (a run directory, a checkpoint or an export)"
+        )
+    rec = cfg.recurrence
+    if rec.mode != "fixed" or rec.fixed < 2:
+        raise RdptConfigError(
+            "train.stage=exit_gate learns where to stop within a fixed number of iterations: "
+            "set recurrence.mode=fixed and recurrence.fixed=R with R >= 2 (e.g. the largest r "
+            f"you will decode with); got mode={rec.mode}, fixed={rec.fixed}"
+        )
+    if cfg.parallel.zero_stage == 3:
+        raise RdptConfigError(
+            "train.stage=exit_gate runs the model piece by piece outside the engine's forward, "
+            "which ZeRO-3 needs to gather parameters: use parallel.zero_stage 0, 1 or 2"
         )
 
 
