@@ -10,8 +10,8 @@
 
 A TaskBatch is a MicroBatch (inputs, targets, sample_ids come first, with the same meaning)
 whose targets are -1 wherever the target token is not trained on: the question, the padding
-and every pause token. `tokens`, `segments` and `mask` are the whole rows [B, seq_len + 1]
-after the transformations below (continuous-thought stages rebuild sequences from them).
+and every pause token. `tokens`, `segments` and `mask` are the whole rows [B, width] after the
+transformations below (continuous-thought stages rebuild sequences from them).
 
 Transformations, per example, in this order (pure functions of the row, the settings and the
 sample id, so a resumed loader gives the same rows):
@@ -20,7 +20,10 @@ sample id, so a resumed loader gives the same rows):
    `before_answer` right before `=>`; `random` at positions drawn from (pause_seed, sample id)
    anywhere after the first question token and before `=>`;
 3. the row is padded back to seq_len + 1 (an example that no longer fits is an error naming it
-   and the prep setting that makes room: `reserve` or `seq_len`).
+   and the prep setting that makes room: `reserve` or `seq_len`); a training micro-batch is
+   then cut to its longest row (`batch_width`): trailing padding changes no trained position
+   under causal attention, but costs compute (without their steps, micro-batches of 1-4 step
+   arithmetic are 32 of 80 positions wide).
 Nothing else changes: the loss mask of every other token is the stored one.
 """
 
@@ -46,9 +49,9 @@ class TaskBatch(NamedTuple):
     inputs: torch.Tensor  # LongTensor [B, seq_len]
     targets: torch.Tensor  # LongTensor [B, seq_len], -1 = no loss
     sample_ids: torch.Tensor  # LongTensor [B]
-    tokens: torch.Tensor  # LongTensor [B, seq_len + 1]
-    segments: torch.Tensor  # LongTensor [B, seq_len + 1]
-    mask: torch.Tensor  # BoolTensor [B, seq_len + 1]
+    tokens: torch.Tensor  # LongTensor [B, width] (width <= seq_len + 1: batch_width)
+    segments: torch.Tensor  # LongTensor [B, width]
+    mask: torch.Tensor  # BoolTensor [B, width]
     difficulty: torch.Tensor  # LongTensor [B]
     epoch: int = 0  # the data epoch the batch belongs to (curricula: coconut stages)
 
@@ -136,6 +139,20 @@ def pad_row(ex: TaskExample, width: int, pad_id: int) -> tuple[np.ndarray, ...]:
     mask = np.zeros(width, dtype=bool)
     tokens[:n], segments[:n], mask[:n] = ex.tokens, ex.segments, ex.mask
     return tokens, segments, mask
+
+
+WIDTH_MULTIPLE = 16
+"""Trimmed micro-batches have inputs of a multiple of this many positions (few shapes: a
+compiled model sees at most seq_len / 16 of them)."""
+
+
+def batch_width(examples: list[TaskExample], full_width: int) -> int:
+    """The row width of a micro-batch: its longest example's, the inputs (width - 1) rounded up
+    to a multiple of WIDTH_MULTIPLE, at most `full_width` (seq_len + 1)."""
+    longest = max(len(ex.tokens) for ex in examples)
+    if longest >= full_width:
+        return full_width  # pad_row names an example that does not fit
+    return min(full_width, -(-(longest - 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE + 1)
 
 
 def collate(examples: list[TaskExample], width: int, pad_id: int) -> TaskBatch:
@@ -238,11 +255,12 @@ class TaskLoader(ResumableLoader):
         start = position + self.dp_rank * per_rank
         ids = order.ids(start, start + per_rank)
         examples = [self.transform(ex) for ex in self.task_reader.examples(ids)]
-        width, pad = self.info.seq_len + 1, int(self.info.pad_id)
-        batches = [
-            collate(examples[i * self.mb : (i + 1) * self.mb], width, pad)._replace(epoch=epoch)
-            for i in range(self.ga)
-        ]
+        full, pad = self.info.seq_len + 1, int(self.info.pad_id)
+        batches = []
+        for i in range(self.ga):
+            micro = examples[i * self.mb : (i + 1) * self.mb]
+            width = batch_width(micro, full)  # = full when an example does not fit: pad_row says so
+            batches.append(collate(micro, width, pad)._replace(epoch=epoch))
         return batches, epoch, position + self.global_batch
 
 
