@@ -20,6 +20,7 @@ only the shared basics; no DeepSpeed, no training code).
   continuous_thought.py  Coconut: fed-back states as inputs, pass by pass, differentiable cache
   runtime.py       megatron parallel_state (TP groups, model-parallel RNG)
   compat.py        megatron-core's CUDA assumptions bridged on CPU; version differences
+  megatron_import.py  megatron-core imported without its import-time torch.compile calls
   consolidated.py  rdpt's TP-unsharded safetensors checkpoint format
   hf_convert.py    conversion to/from the Hugging Face Huginn layout
   counting.py      parameter counts;  flops.py  FLOPs per token
@@ -27,8 +28,12 @@ only the shared basics; no DeepSpeed, no training code).
 
 from __future__ import annotations
 
-from pipeline.model.build import build_model, megatron_config
-from pipeline.model.config import ModelConfig
-from pipeline.model.init import normal_init
+from pipeline.model.megatron_import import import_megatron_core
+
+import_megatron_core()  # first, before any module below imports megatron (see there)
+
+from pipeline.model.build import build_model, megatron_config  # noqa: E402
+from pipeline.model.config import ModelConfig  # noqa: E402
+from pipeline.model.init import normal_init  # noqa: E402
 
 __all__ = ["ModelConfig", "build_model", "megatron_config", "normal_init"]

@@ -124,6 +124,29 @@ class MegatronMpu:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import DeepSpeed's autotuner makes at import time.
+
+    NOTE: deepspeed/autotuning/autotuner.py tries `import mlflow` (with pandas, fastapi,
+    pyarrow...) only to log its own tuning experiments, which rdpt never runs: 2-3 s of CPU in
+    every rank, at every start. While DeepSpeed is imported here, `mlflow` reads as absent; it
+    is importable again afterwards (rdpt's own tracker imports it where tracking is on).
+    """
+    import sys
+
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError meanwhile
+    try:
+        import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def skip_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU (~65 s, cold).
 
@@ -132,6 +155,7 @@ def skip_shm_comm_build() -> None:
     """
     if torch.cuda.is_available():
         return
+    import_deepspeed()
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -143,8 +167,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dims, mpu=None):
     NOTE: the process group is created by pipeline.common.distributed.init_process_group() before
     this call; deepspeed.initialize then finds it and skips its own (slow, JIT) comm set-up.
     """
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     skip_shm_comm_build()
     platform = Platform.detect()
     ds_config = deepspeed_config(cfg, dims, platform)
@@ -171,8 +194,7 @@ def zero3_construction(cfg: TrainConfig, dims):
 
     if cfg.parallel.zero_stage != 3:
         return contextlib.nullcontext()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     skip_shm_comm_build()
     ds = deepspeed_config(cfg, dims)
     # NOTE: zero.Init checks the batch arithmetic against a world size of its own; it needs
