@@ -81,7 +81,10 @@ print('megatron-core', megatron_version(), 'deepspeed', deepspeed.__version__)
 from pipeline.model.attention import FLASH, FLASH_IMPORT_ERRORS
 print('flash attention:', FLASH.version if FLASH else None, FLASH_IMPORT_ERRORS)
 "
-step pytest 80 "$PY" -m pytest -m gpu -q -x tests
+# the files that hold GPU tests (tests/test_gpu_script.py checks this list against the suite)
+GPU_TESTS=(tests/test_attention_backend.py tests/test_decode.py tests/test_eval_algorithms.py
+    tests/test_model_gpu.py)
+step pytest 80 "$PY" -m pytest -m gpu -q -x "${GPU_TESTS[@]}"
 step attention 45 "$PY" bench/attention.py --out "$OUT"
 step model 105 env TORCH_LOGS=recompiles "$PY" bench/model.py --config "$MODEL" --r 32 --k 8 \
     --backends sdpa --compile both --warmup 2 --iters 5 --out "$OUT"
@@ -99,7 +102,7 @@ if [ "$DRY" = 1 ]; then  # what can run without a GPU: every bench's own dry run
     "$PY" bench/model.py --help > /dev/null
     "$PY" "${TRAIN[@]}" --zero 1 --r 32 --sampled-r --profile --dry-run > /dev/null
     "$PY" bench/loss.py --seq 4096 --hidden 2048 --vocab 65536 --dry-run > /dev/null
-    "$PY" -m pytest -m gpu -q --collect-only tests > /dev/null
+    "$PY" -m pytest -m gpu -q --collect-only "${GPU_TESTS[@]}" > /dev/null
     echo "dry run: every step's command is valid"
     exit 0
 fi

@@ -89,7 +89,8 @@ def chromium() -> str:
     return path
 
 
-def run_chromium(chromium: str, url: str, tmp_dir: Path, *args: str, timeout: float = 120):
-    """Run headless chromium on `url` with the standard flags; returns the CompletedProcess."""
+def run_chromium(chromium: str, url: str, tmp_dir: Path, *args: str, timeout: float = 900):
+    """Run headless chromium on `url` with the standard flags; returns the CompletedProcess.
+    The timeout is a hang guard only: at load 5 on 2 cores one render took over 120 s."""
     cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_dir / 'profile'}", *args, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_dir)

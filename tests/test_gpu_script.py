@@ -23,7 +23,17 @@ def test_gpu_script_parses():
         assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.slow  # collects the whole suite (~2 min on 2 cores)
+def test_gpu_script_runs_every_file_that_holds_gpu_tests():
+    listed = re.search(r"GPU_TESTS=\(([^)]*)\)", SCRIPT.read_text()).group(1).split()
+    marked = sorted(
+        f"tests/{p.name}"
+        for p in (REPO / "tests").glob("test_*.py")
+        if re.search(r"pytest\.mark\.gpu\b|\bmark\.gpu\b", p.read_text())
+    )
+    assert sorted(listed) == marked
+
+
+@pytest.mark.slow  # runs each bench's dry run and collects the GPU test files
 def test_gpu_script_dry_run_lists_every_step_under_a_timeout(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
