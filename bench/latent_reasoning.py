@@ -111,8 +111,17 @@ def main(argv=None) -> int:
     p.add_argument("--train-examples", type=int, default=20000)
     p.add_argument("--test-examples", type=int, default=500)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a train override for every method (repeatable), e.g. --set optim.lr=1e-3",
+    )  # fmt: skip
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temp dir)")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument(
+        "--reuse", action="store_true",
+        help="take a method's finished run and evaluation from --work instead of redoing them "
+        "(methods run as separate invocations, then one --reuse call writes the record)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.max_steps, args.train_examples, args.test_examples = 6, 256, 24
@@ -140,6 +149,16 @@ def main(argv=None) -> int:
     for method in methods:
         train_overrides, eval_flags = METHODS[method]
         run_dir = work / "runs" / method
+        out_json = work / f"eval-{method}.json"
+        timing_json = work / f"eval-{method}.timing.json"
+        if args.reuse and out_json.is_file() and (run_dir / "COMPLETED").is_file():
+            results[method] = json.loads(out_json.read_text())["methods"]
+            if timing_json.is_file():
+                timings.update(json.loads(timing_json.read_text()))
+            else:  # the training's own wall time; the evaluation's is not known
+                wall = json.loads((run_dir / "COMPLETED").read_text()).get("wall_s")
+                timings.update({f"{method}/train_s": wall, f"{method}/eval_s": None})
+            continue
         extra = []
         if method == "coconut":
             extra = [f"coconut.max_stages={hi}", "coconut.epochs_per_stage=1"]
@@ -151,12 +170,11 @@ def main(argv=None) -> int:
                 *py, "train", str(CONFIG), f"data.path={data}", f"run.dir={run_dir}",
                 f"run.name=latent-{method}", f"train.max_steps={args.max_steps}",
                 "tracking.enabled=false", "checkpoint.interval=1000000", *batch,
-                *train_overrides, *extra, "--nproc", str(args.nproc),
+                *args.set, *train_overrides, *extra, "--nproc", str(args.nproc),
             ],
             log,
         )  # fmt: skip
         timings[f"{method}/train_s"] = round(time.monotonic() - t0, 1)
-        out_json = work / f"eval-{method}.json"
         t0 = time.monotonic()
         run(
             [
@@ -167,6 +185,8 @@ def main(argv=None) -> int:
             log,
         )  # fmt: skip
         timings[f"{method}/eval_s"] = round(time.monotonic() - t0, 1)
+        timing_json.write_text(json.dumps({k: v for k, v in timings.items() if k.startswith(
+            f"{method}/")}))  # fmt: skip
         results[method] = json.loads(out_json.read_text())["methods"]
 
     device = "cpu"
@@ -183,6 +203,7 @@ def main(argv=None) -> int:
         "settings": {"max_steps": args.max_steps, "steps": [lo, hi],
                      "train_examples": args.train_examples,
                      "test_examples": args.test_examples, "nproc": args.nproc,
+                     "overrides": args.set,
                      "methods": {m: METHODS[m][0] for m in methods}},
         "timings_s": timings,
         "results": results,
