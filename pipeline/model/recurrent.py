@@ -262,12 +262,8 @@ class RecurrentDepthLM(MegatronModule):
     def exit_logits(self, s_SBH) -> torch.Tensor:
         """The exit gate's logits [B, S] (fp32) for core states [S, B, H] (model/exit_gate.py);
         RdptConfigError when the model has no gate."""
-        if self.exit_gate is None:
-            raise RdptConfigError(
-                "exit criterion 'gate': this model has no exit gate (model.exit_gate: false); "
-                "train one with `rdpt train ... train.stage=exit_gate model.exit_gate=true "
-                "model.init_from=RUN`"
-            )
+        if self.exit_gate is None:  # eval/adaptive.py::check_rule says how to get one
+            raise RdptConfigError("exit_logits: this model has no exit gate (model.exit_gate)")
         return self.exit_gate(s_SBH)
 
     def head(self, x_SBH) -> torch.Tensor:
