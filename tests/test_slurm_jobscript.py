@@ -89,14 +89,22 @@ def events(run_dir: Path, rank: int = 0, progress: bool = False) -> list[dict]:
     return [e for e in evs if progress or e["event"] != "progress"]
 
 
-def wait_for_event(run_dir: Path, kind: str, timeout: float = 300, count: int = 1) -> None:
-    """Until the stand-in wrote `count` events of `kind` (a hang guard, not a measurement)."""
+def wait_for_event(
+    run_dir: Path, kind: str, timeout: float = 300, count: int = 1, ranks=(0, 1)
+) -> None:
+    """Until every rank in `ranks` wrote `count` events of `kind` (a hang guard, not a
+    measurement). Every rank, not just rank 0: a signal sent while a rank is still starting
+    (before its handlers are installed) would kill that rank instead of asking it to stop."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sum(e["event"] == kind for e in events(run_dir, progress=True)) >= count:
+        seen = [sum(e["event"] == kind for e in events(run_dir, r, progress=True)) for r in ranks]
+        if min(seen) >= count:
             return
         time.sleep(0.1)
-    raise TimeoutError(f"no {kind!r} event in {run_dir} after {timeout} s: {events(run_dir)}")
+    raise TimeoutError(
+        f"no {kind!r} event from every rank {ranks} in {run_dir} after {timeout} s: "
+        f"{[events(run_dir, r) for r in ranks]}"
+    )
 
 
 def submit_standin(
@@ -153,7 +161,7 @@ def test_usr1_checkpoint_requeue_resume(slurm_cluster, tmp_path, monkeypatch, ti
     run_dir, (job,) = submit_standin(
         tmp_path, monkeypatch, tiny_dataset, "usr1", steps=400, step_s=0.1, fast_after_restart=0.0
     )
-    wait_for_event(run_dir, "progress")  # a few steps in
+    wait_for_event(run_dir, "progress")  # every rank a few steps in
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     info = slurm_cluster.wait_finished(job, timeout=300)
     log = job_log(run_dir, job)
