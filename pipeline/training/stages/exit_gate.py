@@ -1,7 +1,8 @@
 """The `exit_gate` stage: fit the learned exit gate of a trained model, the model frozen.
 
-    rdpt train configs/train/tiny.yaml train.stage=exit_gate model.exit_gate=true \\
-        model.init_from=runs/tiny recurrence.mode=fixed recurrence.fixed=16 optim.lr=1e-2
+    rdpt train configs/train/tiny.yaml run.name=tiny-gate train.stage=exit_gate \\
+        model.exit_gate=true model.init_from=runs/tiny recurrence.mode=fixed \\
+        recurrence.fixed=16 optim.lr=1e-2
 
 For every micro-batch the frozen model runs r = recurrence.fixed core iterations without
 gradients and decodes after each one, which gives each position's cross entropy CE_i after
