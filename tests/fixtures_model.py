@@ -2,7 +2,8 @@
 
 `small_eval_model`: a small random recurrent-depth model (vocabulary `SMALL_VOCAB`, hidden 64,
 prelude 1, core 2, coda 1 layers, context 64) in eval mode, seeded, TP=1; built once per test
-module. Treat it as read-only.
+module. Treat it as read-only. `build_small_model(**changes)` builds the same model with
+config fields changed (e.g. exit_gate=True).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 SMALL_VOCAB = 97
 
 
-@pytest.fixture(scope="module")
-def small_eval_model():
+def build_small_model(**changes):
+    """small_eval_model's model, seeded the same way, with ModelConfig fields changed."""
     from pipeline.model import ModelConfig, build_model
     from pipeline.model.runtime import init_model_parallel
 
@@ -29,5 +30,11 @@ def small_eval_model():
         n_core=2,
         n_coda=1,
         max_seq_len=64,
+        **changes,
     )
     return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def small_eval_model():
+    return build_small_model()

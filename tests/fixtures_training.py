@@ -40,16 +40,19 @@ JOB_ARGS = [
 ]
 
 
+def rdpt_train_command(data: Path, run_dir: Path, *args: str) -> list[str]:
+    """`rdpt train configs/train/tiny.yaml` on `data` into `run_dir`, then `args` (overrides
+    and flags)."""
+    config = str(REPO / "configs/train/tiny.yaml")
+    return [sys.executable, "-m", "pipeline", "train", config, f"data.path={data}",
+            f"run.dir={run_dir}", *args]  # fmt: skip
+
+
 def tiny_run_command(data: Path, run_dir: Path, uri: str | None, *extra: str) -> list[str]:
     """`rdpt train` of the tiny run (extra overrides/flags appended last, so they win)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "train",
-        str(REPO / "configs/train/tiny.yaml"),
-        f"data.path={data}",
-        f"run.dir={run_dir}",
+    cmd = rdpt_train_command(
+        data,
+        run_dir,
         f"run.name={run_dir.name}",
         f"train.max_steps={TINY_RUN_STEPS}",
         "train.log_interval=1",
@@ -63,7 +66,7 @@ def tiny_run_command(data: Path, run_dir: Path, uri: str | None, *extra: str) ->
         f"tracking.experiment={TINY_RUN_EXPERIMENT}",
         "--nproc",
         "2",
-    ]
+    )
     if uri:
         cmd.insert(-2, f"tracking.uri={uri}")
     else:

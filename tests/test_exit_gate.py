@@ -9,42 +9,25 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from fixtures_model import SMALL_VOCAB
+from fixtures_model import SMALL_VOCAB, build_small_model
 
 from pipeline.common.errors import RdptConfigError
 from pipeline.eval.adaptive import ExitRule, evaluate_adaptive, exit_curves, score_tokens
 from pipeline.eval.generate import GenerationConfig, generate
 from pipeline.model.exit_gate import exit_targets
 
-from fixtures_training import REPO, step_losses, training_env
+from fixtures_training import REPO, rdpt_train_command, step_losses, training_env
 
 MAX_R = 6
 
 
 def build_gate_model():
-    """A small random model (small_eval_model's shape) with a gate whose logits spread (std 1
-    weights): some positions exit early, some late."""
-    from pipeline.model import ModelConfig, build_model
-    from pipeline.model.runtime import init_model_parallel
-
-    init_model_parallel(tp=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=SMALL_VOCAB,
-        hidden_size=64,
-        num_heads=4,
-        ffn_hidden_size=128,
-        n_prelude=1,
-        n_core=2,
-        n_coda=1,
-        max_seq_len=64,
-        exit_gate=True,
-    )
-    model = build_model(cfg).eval()
+    """small_eval_model's model with a gate whose logits spread (std 1 weights): some
+    positions exit early, some late."""
+    model = build_small_model(exit_gate=True)
     with torch.no_grad():
         model.exit_gate.proj.weight.normal_(0.0, 1.0)
     return model
@@ -208,14 +191,9 @@ def test_gate_stage_settings_are_checked(tiny_dataset, tmp_path):
 
 
 def _gate_cmd(init_from, data, run_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "train",
-        str(REPO / "configs/train/tiny.yaml"),
-        f"data.path={data}",
-        f"run.dir={run_dir}",
+    return rdpt_train_command(
+        data,
+        run_dir,
         "train.stage=exit_gate",
         "model.exit_gate=true",
         f"model.init_from={init_from}",
@@ -235,7 +213,7 @@ def _gate_cmd(init_from, data, run_dir, *extra):
         "--nproc",
         "1",  # one rank: the stage's code has nothing rank-specific; resume is what is tested
         *extra,
-    ]
+    )
 
 
 @pytest.mark.slow

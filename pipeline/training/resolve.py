@@ -115,6 +115,15 @@ def check_dataset(cfg: TrainConfig, manifest: dict) -> None:
         )
 
 
+def refuse_zero3(cfg: TrainConfig, how: str) -> None:
+    """A stage that calls the model `how` outside the engine's forward cannot run under ZeRO-3."""
+    if cfg.parallel.zero_stage == 3:
+        raise RdptConfigError(
+            f"train.stage={cfg.train.stage} runs the model {how} outside the engine's forward, "
+            "which ZeRO-3 needs to gather parameters: use parallel.zero_stage 0, 1 or 2"
+        )
+
+
 def check_exit_gate(cfg: TrainConfig) -> None:
     """The gate stage has a gate to fit, a trained model to fit it on, a fixed horizon of
     iterations and a layout where the model may be called outside the engine's forward."""
@@ -134,11 +143,7 @@ def check_exit_gate(cfg: TrainConfig) -> None:
             "set recurrence.mode=fixed and recurrence.fixed=R with R >= 2 (e.g. the largest r "
             f"you will decode with); got mode={rec.mode}, fixed={rec.fixed}"
         )
-    if cfg.parallel.zero_stage == 3:
-        raise RdptConfigError(
-            "train.stage=exit_gate runs the model piece by piece outside the engine's forward, "
-            "which ZeRO-3 needs to gather parameters: use parallel.zero_stage 0, 1 or 2"
-        )
+    refuse_zero3(cfg, "piece by piece")
 
 
 def check_coconut(cfg: TrainConfig, manifest: dict, manifest_path) -> None:
@@ -150,11 +155,7 @@ def check_coconut(cfg: TrainConfig, manifest: dict, manifest_path) -> None:
             f"coconut.max_stages={cfg.coconut.max_stages}: stage k replaces the first k "
             f"reasoning steps, but the examples of {manifest_path} have at most {most} steps"
         )
-    if cfg.parallel.zero_stage == 3:
-        raise RdptConfigError(
-            "train.stage=coconut runs the model pass by pass outside the engine's forward, "
-            "which ZeRO-3 needs to gather parameters: use parallel.zero_stage 0, 1 or 2"
-        )
+    refuse_zero3(cfg, "pass by pass")
     if cfg.data.pause.count or cfg.data.reasoning_steps != "keep":
         raise RdptConfigError(
             "train.stage=coconut replaces the reasoning steps itself: leave data.pause.count=0 "
