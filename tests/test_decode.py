@@ -255,3 +255,108 @@ def test_cuda_decode_replays_a_graph_and_gives_the_cpu_tokens(model):
     assert got.graph_replays == 9  # every step after the prefill
     assert got.new_ids == want
     assert len(adaptive.new_ids) == 6  # adaptive exit runs the compiled steps, no graph
+
+
+# ----------------------------------------------------------------- the fast one-position step
+def _perturbed(**changes):
+    """build_small_model with every parameter moved off its init (norm weights 1, qk_bias 0
+    would hide a layout mistake in model/fast_decode.py's packing)."""
+    from fixtures_model import build_small_model
+
+    m = build_small_model(**changes)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * p.abs().mean().clamp_min(0.05) * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(),
+        dict(layer_type="prenorm", qk_bias=False, tie_embeddings=False, scale_embedding=False),
+    ],
+    ids=["sandwich-qkbias-tied", "prenorm-untied"],
+)
+def test_fast_step_pieces_equal_the_layers_pieces(changes):
+    """FastDecodeStep's prelude / core iteration / coda for one or several new positions,
+    against LeanForward's on the same cache contents: equal up to summation order (fp32
+    rounding), and the same keys and values cached."""
+    from pipeline.model.fast_decode import FastDecodeStep
+    from pipeline.model.lean_forward import LeanForward
+    from pipeline.model.rope_table import RopeTable
+    from pipeline.model.static_cache import StaticKVCache
+
+    model = _perturbed(**changes)
+    lean = LeanForward(model)
+    table = RopeTable.for_model(model, 16, torch.device("cpu"))
+    caches = [
+        StaticKVCache.for_model(model, batch=2, capacity=16, core_slots=2, device="cpu")
+        for _ in range(2)
+    ]
+    fast = FastDecodeStep(model, caches[1], table)
+
+    def lean_step(cache, chunk, offset):
+        rope = table.slice(offset, chunk.shape[1])
+        views = [cache.view("prelude"), cache.view("coda"), cache.view("core", 0)]
+        views.append(cache.view("core", 1))
+        for view in views:
+            view.offset = offset
+        e = lean.prelude(chunk, rope, views[0])
+        s, buf, states = torch.randn(e.shape, generator=g), lean.adapter_input(e), []
+        for i in range(3):
+            s = lean.core(s, buf, rope, views[2 + i % 2])
+            states.append(s)
+        return e, states, lean.coda(s, rope, views[1])
+
+    with torch.no_grad():
+        # a 5-position prompt, single positions, a 3-position chunk (a speculative verification)
+        for offset, length in ((0, 5), (5, 1), (6, 1), (7, 3), (10, 1)):
+            chunk = torch.randint(
+                0, VOCAB, (2, length), generator=torch.Generator().manual_seed(offset)
+            )
+            g = torch.Generator().manual_seed(offset)
+            e_want, states_want, logits_want = lean_step(caches[0], chunk, offset)
+            g = torch.Generator().manual_seed(offset)
+            fast.set_position(offset, length)
+            e = fast.prelude(chunk)
+            s, buf = torch.randn(e.shape, generator=g), fast.adapter_input(e)
+            torch.testing.assert_close(e, e_want, rtol=1e-5, atol=1e-5)
+            for i in range(3):
+                s = fast.core(s, buf, i % 2)
+                torch.testing.assert_close(s, states_want[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast.coda(s), logits_want, rtol=1e-5, atol=1e-5)
+        # both wrote the same keys and values for every position
+        for name in ("prelude", "coda", "core"):
+            torch.testing.assert_close(
+                caches[1].view(name).kv_LBN2Ch, caches[0].view(name).kv_LBN2Ch
+            )
+
+
+def test_fast_step_runs_by_default_and_gives_the_layers_tokens(model):
+    from pipeline.eval.decode import DecodeLoop
+
+    loop = DecodeLoop(model, GenerationConfig(r=4), batch=1, capacity=8, device="cpu")
+    assert loop.fast is not None  # an fp32 model at TP 1 on CPU
+    perturbed = _perturbed()
+    prompts_BP = torch.tensor([PROMPT, PROMPT[::-1]])
+    for kw in (dict(r=6), dict(r=8, kv_budget=3, continuous_cot=True)):
+        layers = generate_batch(
+            perturbed, prompts_BP, GenerationConfig(max_new_tokens=12, fast_path=False, **kw)
+        )
+        fast = generate_batch(
+            perturbed, prompts_BP, GenerationConfig(max_new_tokens=12, fast_path=True, **kw)
+        )
+        assert fast.new_ids == layers.new_ids
+
+
+def test_fast_path_settings_that_cannot_work_are_clear_errors(model):
+    from pipeline.model.fast_decode import unsupported_reason
+
+    with pytest.raises(ValueError, match="static-shape steps"):
+        generate(model, PROMPT, GenerationConfig(r=2, static_shapes=True, fast_path=True))
+    bf16 = _perturbed().to(torch.bfloat16)
+    assert "torch.bfloat16" in unsupported_reason(bf16)
+    with pytest.raises(ValueError, match="fp32 models"):
+        generate(bf16, PROMPT, GenerationConfig(max_new_tokens=2, r=2, fast_path=True))

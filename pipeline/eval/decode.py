@@ -10,9 +10,15 @@ What makes it lean (a recurrent-depth model spends its test-time compute in this
 - `LeanForward`: the layers are called directly, the adapter input is a buffer per position
   whose e half is written once;
 - no telemetry unless asked (`telemetry=True` records the per-iteration relative state change
-  of every decoded position).
-The tokens are exactly those of the general path (model.prelude / core_step / coda with a
-growing KVCache): tests/test_decode.py decodes with both.
+  of every decoded position);
+- the steps of an fp32 model at TP 1 run `FastDecodeStep` (model/fast_decode.py: the same
+  layers in ~20 kernels instead of ~40, over weights laid out once per decode); otherwise
+  (bf16, tensor parallelism, static-shape steps for compile and CUDA graphs) the layers
+  themselves run (LeanForward).
+The tokens are those of the general path (model.prelude / core_step / coda with a growing
+KVCache): tests/test_decode.py decodes with both. LeanForward's numbers are bitwise the general
+path's; FastDecodeStep's differ in the last bits (sums in another order), which the tests
+check does not change a token or an exit depth.
 
 On CUDA (GenerationConfig.compile / cuda_graph, both on by default there) decode steps switch
 to static shapes (`StaticShapeSteps`: position tensors, a key mask over the whole cache), one
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 
 from pipeline.eval.adaptive import check_rule, criterion_value, needs_logits
 from pipeline.eval.depth import rel_change
+from pipeline.model.fast_decode import FastDecodeStep, unsupported_reason
 from pipeline.model.lean_forward import LeanForward
 from pipeline.model.rope_table import RopeSlice, RopeTable
 from pipeline.model.static_cache import PositionTensorView, StaticKVCache
@@ -81,23 +88,44 @@ class DecodeLoop:
                 raise ValueError("cuda_graph: CUDA graphs need a CUDA device")
             self.graph = FixedDepthGraph(self, batch)
         self.graph_replays = 0
+        self.fast = self._fast_step(getattr(cfg, "fast_path", None))
+
+    def _fast_step(self, wanted: bool | None) -> FastDecodeStep | None:
+        """FastDecodeStep for the dynamic-shape steps: wanted None = when it applies (not with
+        static-shape steps, which compile and graphs need), True = required, False = off."""
+        if wanted is False:
+            return None
+        reason = (
+            "static-shape steps (compile, CUDA graphs)"
+            if self.static is not None
+            else unsupported_reason(self.model)
+        )
+        if reason is not None:
+            if wanted:
+                raise ValueError(f"fast_path: the fast decode step does not run {reason}")
+            return None
+        return FastDecodeStep(self.model, self.cache, self.rope)
 
     def _set_offset(self, offset: int) -> None:
         self.prelude_view.offset = self.coda_view.offset = offset
         for view in self.core_views[: self.slots]:
             view.offset = offset
 
-    def _prelude_view(self, S: int):
-        return (
-            self.static.prelude_view if (S == 1 and self.static is not None) else self.prelude_view
-        )
-
     def _core(self, s_SBH, adapter_in, i: int):
         return self.lean.core(s_SBH, adapter_in, self._rope_now, self.core_views[i])
+
+    def _fast_core(self, s_SBH, adapter_in, i: int):
+        return self.fast.core(s_SBH, adapter_in, i % self.slots)
 
     def _coda(self, s_SBH):
         return self.lean.coda(s_SBH, self._rope_now, self.coda_view)
 
+    # NOTE: inference mode, not only no_grad: tensors made here carry no version counter or
+    # autograd metadata, which measured ~20% off a one-position step of a small model on CPU
+    # (each of its ~40 operations pays that bookkeeping). What a step returns is therefore an
+    # inference tensor: fine to read, sample from and feed back into step, but not to modify
+    # in place outside inference mode.
+    @torch.inference_mode()
     def step(
         self,
         ids_BS: torch.Tensor,
@@ -119,22 +147,28 @@ class DecodeLoop:
         r = cfg.r if r is None else r
         if not 1 <= r <= cfg.r:
             raise ValueError(f"r: a step runs 1..{cfg.r} iterations, got {r}")
-        if S == 1 and self.static is not None:
+        fast = self.fast
+        if fast is not None:
+            fast.set_position(offset, S)
+            core, coda = self._fast_core, fast.coda
+            e_SBH = fast.prelude(ids_BS)
+        elif S == 1 and self.static is not None:
             self.static.set_position(offset)
             if self.graph is not None and r == cfg.r:
                 self.graph_replays += 1
                 return (*self.graph.run(ids_BS, warm_SBH), cfg.r)
             rope, core, coda = self.static.rope_1, self.static.core, self.static.coda
+            e_SBH = lean.prelude(ids_BS, rope, self.static.prelude_view)
         else:
             self._set_offset(offset)
             rope = self._rope_now = self.rope.slice(offset, S)
             core, coda = self._core, self._coda
-        e_SBH = lean.prelude(ids_BS, rope, self._prelude_view(S))
+            e_SBH = lean.prelude(ids_BS, rope, self.prelude_view)
         if warm_SBH is not None:
             s_SBH = warm_SBH.expand_as(e_SBH).contiguous() if e_SBH.shape[0] == 1 else warm_SBH
         else:
             s_SBH = self.model.initial_state(e_SBH, cfg.state_init, cfg.seed + offset, None)
-        adapter_in = lean.adapter_input(e_SBH)
+        adapter_in = (fast or lean).adapter_input(e_SBH)
         rule = cfg.exit_rule if adaptive else None
         with_logits = needs_logits(rule)
         prev_logp = None

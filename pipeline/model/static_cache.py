@@ -3,10 +3,16 @@
 `kv_cache.KVCache` grows its buffers on demand and keeps a dictionary of lengths and write
 clocks so that any access pattern works. A decode knows its shape up front (batch, the longest
 sequence it will reach, the number of core slots), so `StaticKVCache` allocates every buffer
-[capacity, B, heads, head_dim] at once: one per prelude layer, per (core slot, core layer) and
-per coda layer. A write stores keys/values at positions [offset, offset + S) in place and the
-attention reads the view [0, offset + S): the same values, in the same memory layout, as the
-growing cache, so the attention computes bitwise the same result.
+at once: one per prelude layer, per (core slot, core layer) and per coda layer. A write stores
+keys/values at positions [offset, offset + S) in place and the attention reads the view
+[0, offset + S): the same values as the growing cache, so the attention computes bitwise the
+same result.
+
+Memory layout: one buffer per (block, slot), [layers, B, heads, 2 (k|v), capacity, head_dim]:
+a head's keys are contiguous over positions (what attention over one query reads, without
+4 KiB strides between positions), and a position's key and value of all heads are written
+by one copy (model/fast_decode.py). Layers see it through `k_LCBNh` / `v_LCBNh`, views in the
+megatron order [layers, capacity, B, heads, head_dim].
 
 Positions a slot never wrote are not filled from other slots here (KVCache's "latest entry"
 lookup): the decode loop writes every slot it will read (an early-exiting token's entry is
@@ -28,10 +34,12 @@ class StaticCacheView:
     """One block's (and one core slot's) window on a StaticKVCache; `offset` is the first
     position the next write covers. Layers call `update(layer, k, v)` like kv_cache.CacheView."""
 
-    __slots__ = ("k_LCBNh", "v_LCBNh", "offset")
+    __slots__ = ("kv_LBN2Ch", "k_LCBNh", "v_LCBNh", "offset")
 
-    def __init__(self, k_LCBNh: torch.Tensor, v_LCBNh: torch.Tensor):
-        self.k_LCBNh, self.v_LCBNh = k_LCBNh, v_LCBNh
+    def __init__(self, kv_LBN2Ch: torch.Tensor):
+        self.kv_LBN2Ch = kv_LBN2Ch
+        self.k_LCBNh = kv_LBN2Ch[:, :, :, 0].permute(0, 3, 1, 2, 4)
+        self.v_LCBNh = kv_LBN2Ch[:, :, :, 1].permute(0, 3, 1, 2, 4)
         self.offset = 0
 
     def update(self, layer: int, k_SBNh: torch.Tensor, v_SBNh: torch.Tensor):
@@ -80,12 +88,12 @@ class StaticKVCache:
                 f"{core_slots}, {capacity}, {batch}"
             )
         self.capacity, self.batch, self.core_slots = capacity, batch, core_slots
-        shape = (capacity, batch, heads, head_dim)
+        shape = (batch, heads, 2, capacity, head_dim)
         self._views: dict[tuple[str, int], StaticCacheView] = {}
         for block, n_layers in layers.items():
             for slot in range(core_slots if block == "core" else 1):
-                k = torch.zeros((n_layers, *shape), dtype=dtype, device=device)
-                self._views[(block, slot)] = StaticCacheView(k, torch.zeros_like(k))
+                kv = torch.zeros((n_layers, *shape), dtype=dtype, device=device)
+                self._views[(block, slot)] = StaticCacheView(kv)
 
     @classmethod
     def for_model(cls, model, *, batch: int, capacity: int, core_slots: int, device, dtype=None):
@@ -123,4 +131,4 @@ class StaticKVCache:
             dst.v_LCBNh[:, position] = src.v_LCBNh[:, position]
 
     def memory_bytes(self) -> int:
-        return sum(v.k_LCBNh.numel() * v.k_LCBNh.element_size() * 2 for v in self._views.values())
+        return sum(v.kv_LBN2Ch.numel() * v.kv_LBN2Ch.element_size() for v in self._views.values())
