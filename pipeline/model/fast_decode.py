@@ -1,7 +1,7 @@
 """Decode steps of a RecurrentDepthLM (one new position, or a few) in few tensor operations.
 
 A decode step of a small model is not compute-bound: on one CPU thread a 128-wide layer does
-~0.2 M multiply-adds per token, a few microseconds, while each tensor operation costs several
+~0.25 M multiply-adds per token, a few microseconds, while each tensor operation costs several
 microseconds of dispatch. A recurrent-depth model repeats its core layers r times per token,
 so the time goes where the operations are. `LeanForward` (lean_forward.py) calls the model's
 own layers, ~40 kernels per sandwich layer; the published code's style (one module per norm,
@@ -22,9 +22,9 @@ same layer in ~20 kernels (plus ~15 views), over weights laid out once for it:
   position, so e A_e is computed once per token and each iteration is one addmm.
 - The KV cache is the decode's `StaticKVCache` (static_cache.py: per layer
   [B, heads, 2 (k|v), capacity, head_dim]): a position's keys and values are copied into place
-  at once and torch SDPA reads the first `offset + 1` positions of each head, contiguous; the
-  multi-position pieces of a decode (prefill, speculative verification: LeanForward) and this
-  step share the one cache.
+  at once and torch SDPA reads the first `offset + 1` positions of each head, contiguous. The
+  modules' path (LeanForward) reads and writes the same cache through views, so the two could
+  share a decode.
 
 The arithmetic is the model's, in another order (sums split, fused kernels), so values differ
 from LeanForward's in the last bits; decoded tokens and exit depths are compared with the
