@@ -10,7 +10,7 @@ Decoders (bench/decode_baselines.py holds the two baselines):
   stand-in for the published modeling code, which rdpt does not contain);
 - `rdpt_before`: rdpt's decode before the lean loop (general API, growing KVCache);
 - `rdpt`: `generate_batch` as it runs by default on this device (CPU: the lean loop with the
-  fast one-position step of pipeline/model/fast_decode.py);
+  fast step of pipeline/model/fast_decode.py);
 - `rdpt_layers`: the same loop calling the model's own layers (fast_path=False), to show what
   the fast step buys;
 - `rdpt_compiled`: `generate_batch` with compile=True (static-shape steps, torch.compile of a

@@ -51,7 +51,7 @@ class GenerationConfig:
     compile: bool | None = None
     cuda_graph: bool | None = None
     static_shapes: bool = False  # static-shape decode steps without compile (what they run)
-    # model/fast_decode.py for one-position steps: None = where it applies (fp32, TP 1, no
+    # model/fast_decode.py for the decode steps: None = where it applies (fp32, TP 1, no
     # static shapes), True = required (ValueError saying why not), False = the model's layers
     fast_path: bool | None = None
 
