@@ -14,7 +14,8 @@ filled with its last written entry, so later tokens always find a key/value for 
 position (the reference implementation's "latest entry" fallback).
 
 `generate` (one prompt) and `generate_batch` (B prompts of equal length) run the lean decode
-loop of decode.py (static KV cache, RoPE once per position, layers called directly).
+loop of decode.py (static KV cache, RoPE once per position, the fast step of
+model/fast_decode.py where it applies).
 
     res = generate(model, prompt_ids, GenerationConfig(max_new_tokens=64, r=32))
     res.new_ids, res.depths, res.tokens_per_s
