@@ -88,7 +88,7 @@ class DecodeLoop:
                 raise ValueError("cuda_graph: CUDA graphs need a CUDA device")
             self.graph = FixedDepthGraph(self, batch)
         self.graph_replays = 0
-        self.fast = self._fast_step(getattr(cfg, "fast_path", None))
+        self.fast = self._fast_step(cfg.fast_path)
 
     def _fast_step(self, wanted: bool | None) -> FastDecodeStep | None:
         """FastDecodeStep for the dynamic-shape steps: wanted None = when it applies (not with

@@ -63,12 +63,12 @@ def unsupported_reason(model) -> str | None:
     if get_tensor_model_parallel_world_size() != 1:
         return "tensor parallelism (the fast step holds whole weights)"
     layers = [*model.prelude_block.layers, *model.core_block.layers, *model.coda_block.layers]
-    params = [p for layer in layers for p in layer.parameters()]
-    params += [model.adapter.weight, model.ln_f.weight, model.embedding.weight]
-    dtypes = {p.dtype for p in params}
+    layer_params = [p for layer in layers for p in layer.parameters()]
+    others = [model.adapter.weight, model.ln_f.weight, model.embedding.weight]
+    dtypes = {p.dtype for p in [*layer_params, *others]}
     if dtypes != {torch.float32}:
         return f"weights in {sorted(str(d) for d in dtypes)} (the fast step runs fp32 models)"
-    n_bytes = sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in layer_params)
     if n_bytes > MAX_PACKED_BYTES:
         return f"layer weights of {n_bytes / 2**30:.1f} GiB (a transposed copy is made)"
     return None
@@ -123,13 +123,13 @@ class _LayerCache:
 
 
 class FastDecodeStep:
-    """Prelude, core iteration and coda of one decode position (see the module doc)."""
+    """Prelude, core iteration and coda of a decode step over one or several new positions
+    (see the module doc)."""
 
     def __init__(self, model, cache, rope_table):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast decode step: not for {reason}")
-        self.model = model
         cfg = model.cfg
         self.H = cfg.hidden_size
         attn = model.core_block.layers[0].self_attention
