@@ -13,9 +13,15 @@ Every method is an ordinary `rdpt train` run of configs/train/task-tiny.yaml on 
 - r1: tiny with 4x the core layers at r = 1 (the FLOPs per token of the recurrent model at
   r = 4, with more parameters); question => answer;
 - pause: tiny at r = 1 trained with 8 pause tokens before `=>`; evaluated with 0 and 8;
-- coconut: tiny at r = 1, curriculum with c = 1 thought per replaced step; evaluated with 0 to
+- coconut: tiny at r = 1 from scratch, the curriculum with c = 1 thought per replaced step and
+  every example padded to stage x c thoughts (coconut.pad_thoughts), stages 0 (the chain of
+  thought) to the largest number of steps sharing --max-steps equally; evaluated with 0 to
   the largest number of thoughts;
-- cot: tiny at r = 1 with the language reasoning steps (the text baseline).
+- cot: tiny at r = 1 with the language reasoning steps (the text baseline);
+- coconut_cot: the Coconut authors' recipe: the same curriculum from stage 1, starting from
+  the cot run's weights (model.init_from; run `cot` first in the same --work), stages 1 to
+  the largest sharing --max-steps (so it trains twice the steps of the others, counting the
+  cot run).
 
 The JSON (every eval point, the settings, the machine and date), a markdown table of
 accuracy per difficulty, and accuracy_vs_flops.png (one line per method) go to
@@ -72,6 +78,7 @@ METHODS = {
         [
             "train.stage=coconut",
             "coconut.thoughts_per_step=1",
+            "coconut.pad_thoughts=true",
             "recurrence.mode=fixed",
             "recurrence.fixed=1",
             "recurrence.mean=1",
@@ -87,6 +94,19 @@ METHODS = {
             "recurrence.backprop_depth=1",
         ],
         ["--recurrences", "1"],
+    ),
+    "coconut_cot": (
+        [
+            "train.stage=coconut",
+            "coconut.thoughts_per_step=1",
+            "coconut.pad_thoughts=true",
+            "coconut.first_stage=1",
+            "recurrence.mode=fixed",
+            "recurrence.fixed=1",
+            "recurrence.mean=1",
+            "recurrence.backprop_depth=1",
+        ],
+        ["--recurrences", "1", "--task-r", "1"],
     ),
 }
 
@@ -160,8 +180,18 @@ def main(argv=None) -> int:
                 timings.update({f"{method}/train_s": wall, f"{method}/eval_s": None})
             continue
         extra = []
-        if method == "coconut":
-            extra = [f"coconut.max_stages={hi}", "coconut.epochs_per_stage=1"]
+        if method.startswith("coconut"):
+            n_stages = hi + 1  # stages 0 (chain of thought) .. hi
+            if method == "coconut_cot":
+                cot = work / "runs" / "cot"
+                if not (cot / "COMPLETED").is_file():
+                    raise SystemExit(
+                        f"coconut_cot starts from the cot run's weights: {cot} is not a finished "
+                        "run; run --methods cot first with the same --work"
+                    )
+                extra, n_stages = [f"model.init_from={cot}"], hi  # stages 1 .. hi
+            steps_per_stage = max(args.max_steps // n_stages, 1)
+            extra += [f"coconut.max_stages={hi}", f"coconut.steps_per_stage={steps_per_stage}"]
             n_max = hi  # c = 1 thought per replaced step
             eval_flags = [*eval_flags, "--thoughts", ",".join(str(n) for n in range(n_max + 1))]
         t0 = time.monotonic()

@@ -80,6 +80,43 @@ def test_cached_thought_forward_equals_manual_multipass_values_and_gradients(tp1
     assert not torch.allclose(no_thought.logits_SV, out.logits_SV)
 
 
+@pytest.mark.parametrize("feedback", ["coda", "core"])
+def test_batched_thought_loss_equals_the_sum_of_single_sequences(tp1, feedback):
+    """Different question lengths (left padding), thought counts (one sequence has none,
+    another runs out of thoughts before the others: its tokens share a one-position pass) and
+    answer lengths in one batch: loss, count and every gradient equal per-sequence passes."""
+    from pipeline.model.continuous_thought import ThoughtSequence, batched_thought_loss
+
+    cfg = small_cfg()
+    model = build(cfg).double()
+    g = torch.Generator().manual_seed(4)
+
+    def toks(n):
+        return torch.randint(16, cfg.vocab_size, (n,), generator=g).tolist()
+
+    seqs = [
+        ThoughtSequence(toks(6) + [BOT], 3, [EOT] + toks(4), [False] + [True] * 4, 3),
+        ThoughtSequence(toks(3), 0, toks(7), [True, True, False] + [True] * 4, 8),
+        ThoughtSequence(toks(9) + [BOT], 1, [EOT] + toks(2), [False, True, True], 21),
+    ]
+    kw = dict(r=3, n_grad=2, feedback=feedback, state_seed=7)
+    loss, count = batched_thought_loss(model, seqs, pad_id=1, **kw)
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+
+    ref, ref_count = 0.0, 0
+    for q in seqs:
+        out = thought_forward(model, q.before, q.n_thoughts, q.after, q.after_mask,
+                              sample_id=q.sample_id, **kw)  # fmt: skip
+        ref, ref_count = ref + out.loss_sum, ref_count + out.tokens
+    ref.backward()
+    assert count == ref_count == 12
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_zero_thoughts_equals_the_models_own_forward(tp1):
     cfg = small_cfg()
     model = build(cfg).double()
@@ -114,11 +151,19 @@ def test_curriculum_replaces_the_first_k_steps_by_k_times_c_thoughts():
         assert list(am) == [False] + [True] * (len(after) - 1)  # no loss on <|end_thought|>
     _, n, _, _ = coconut_sequence(tokens, segments, mask, 2, 0, BOT, EOT)
     assert n == 0  # c = 0: the steps are removed, the markers stay
+    # pad_thoughts: stage x c thoughts also where the example has fewer steps (3 here)
+    before, n, after, _ = coconut_sequence(tokens, segments, mask, 5, 2, BOT, EOT, pad=True)
+    assert n == 10 and list(after) == [EOT, 29, 30, 31]
+    _, n, _, _ = coconut_sequence(tokens, segments, mask, 2, 2, BOT, EOT, pad=True)
+    assert n == 4
 
 
 def test_stage_follows_the_epoch():
     c = CoconutSection(thoughts_per_step=1, max_stages=3, epochs_per_stage=2)
     assert [c.stage_at(e) for e in range(9)] == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    # by optimizer step, starting from stage 1 (a chain-of-thought model as init_from)
+    c = CoconutSection(max_stages=3, steps_per_stage=5, first_stage=1, epochs_per_stage=1)
+    assert [c.stage_at(9, s) for s in (0, 4, 5, 9, 10, 14, 15, 99)] == [1, 1, 2, 2, 3, 3, 3, 3]
 
 
 def test_bad_coconut_settings_are_clear_errors(tmp_path):
@@ -126,6 +171,10 @@ def test_bad_coconut_settings_are_clear_errors(tmp_path):
         CoconutSection(thoughts_per_step=-1)
     with pytest.raises(ValueError, match="epochs_per_stage"):
         CoconutSection(epochs_per_stage=0)
+    with pytest.raises(ValueError, match="steps_per_stage"):
+        CoconutSection(steps_per_stage=0)
+    with pytest.raises(ValueError, match="first_stage=4 is beyond coconut.max_stages=3"):
+        CoconutSection(first_stage=4, max_stages=3)
     with pytest.raises(ValueError, match="count must be >= 0"):
         thought_forward(None, [1], -1, [2], r=1)
 

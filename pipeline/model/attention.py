@@ -187,8 +187,9 @@ class CoreAttention(MegatronModule):
         return self.resolved
 
     def forward(self, q_SBNh, k_SBNh, v_SBNh, key_mask_K=None) -> torch.Tensor:
-        """key_mask_K: None (causal, queries are the last positions) or a boolean [sk]: the
-        keys every query may see (a decode step over a fixed-size cache: static shapes)."""
+        """key_mask_K: None (causal, queries are the last positions) or a boolean mask that
+        broadcasts to [B, heads, sq, sk]: [sk], the keys every query may see (a decode step
+        over a fixed-size cache: static shapes), or [B, 1, sq, sk] (a left-padded batch)."""
         sq, sk = q_SBNh.shape[0], k_SBNh.shape[0]
         backend = self.backend(q_SBNh.device, q_SBNh.dtype)
         scale = 1.0 / math.sqrt(q_SBNh.shape[-1])
@@ -312,6 +313,8 @@ class HuginnSelfAttention(MegatronModule):
         if cache_view is not None:
             k, v = cache_view.update(layer_index, k, v)
             key_mask = getattr(cache_view, "key_mask_K", None)  # static-shape decode steps
+            if key_mask is None and hasattr(cache_view, "padding_mask"):
+                key_mask = cache_view.padding_mask(S)  # a left-padded batch (Coconut training)
         o = (
             self.core_attention(q, k, v)
             if key_mask is None

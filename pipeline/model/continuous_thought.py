@@ -33,6 +33,7 @@ sequence is cut.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -46,11 +47,29 @@ FEEDBACKS = ("coda", "core")
 class AppendKVCache:
     """A KV cache for differentiable multi-pass forwards: positions are appended by
     concatenation (autograd keeps every earlier tensor intact). Same `update` interface as
-    kv_cache.KVCache, which CacheView calls."""
+    kv_cache.KVCache, which CacheView calls.
 
-    def __init__(self) -> None:
+    `starts_B`: for a left-padded batch, the first real position of each sample. The attention
+    then hides a sample's padding keys from its real queries (`padding_mask`); a padding query
+    sees only itself, so no attention row is empty (an empty row would give NaN, which the
+    zero weights of later rows would not remove)."""
+
+    def __init__(self, starts_B=None) -> None:
         self._k: dict[tuple, torch.Tensor] = {}
         self._v: dict[tuple, torch.Tensor] = {}
+        self._starts = None if starts_B is None else torch.as_tensor(starts_B).view(-1, 1, 1, 1)
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def padding_mask(self, offset: int, sq: int) -> torch.Tensor | None:
+        """Boolean [B, 1, sq, offset + sq]: query offset + i may see key j (None: no padding)."""
+        if self._starts is None:
+            return None
+        if (offset, sq) not in self._masks:
+            dev = self._starts.device
+            q = torch.arange(offset, offset + sq, device=dev).view(1, 1, sq, 1)
+            k = torch.arange(offset + sq, device=dev).view(1, 1, 1, -1)
+            self._masks[(offset, sq)] = (k <= q) & ((k >= self._starts) | (k == q))
+        return self._masks[(offset, sq)]
 
     def update(self, key, k_SBNh, v_SBNh, offset: int):
         have = self._k[key].shape[0] if key in self._k else 0
@@ -159,3 +178,91 @@ def thought_forward(
     hidden_size = model.cfg.hidden_size
     thoughts_SH = torch.stack(thoughts) if thoughts else torch.zeros((0, hidden_size))
     return ThoughtOutput(loss_sum, count, thoughts_SH, logits, cache)
+
+
+class ThoughtSequence(NamedTuple):
+    """One training example of the Coconut curriculum (training/stages/coconut.py)."""
+
+    before: Sequence[int]  # question (and <|begin_thought|> when n_thoughts > 0)
+    n_thoughts: int
+    after: Sequence[int]  # (<|end_thought|>) remaining steps, answer
+    after_mask: Sequence[bool]  # after[j] is a trained target
+    sample_id: int  # draws the initial states, as in thought_forward
+
+
+def batched_thought_loss(
+    model,
+    seqs: Sequence[ThoughtSequence],
+    *,
+    r: int,
+    n_grad: int | None = None,
+    feedback: str = "coda",
+    state_init: str = "random",
+    state_seed: int = 0,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """(summed cross entropy over the trained targets, their number) of several sequences in
+    max(n_thoughts) + 2 passes, each pass batched over the sequences; equal, up to float
+    rounding, to the sum of `thought_forward` over them (tests/test_coconut.py).
+
+    The batch is left-padded so that every sequence's first thought sits at the same position
+    T0 = max(len(before)) (the layout of the Coconut authors' collator): pass 1 runs positions
+    [0, T0), pass j + 1 position T0 + j alone, whose input is the fed-back state of position
+    T0 + j - 1 for a sequence that still has a thought there and its own token otherwise, and
+    the last pass runs the rest. Padding keys are masked per sequence (AppendKVCache); RoPE is
+    relative, so the shift by the padding changes nothing but rounding. Each sequence's initial
+    states are drawn for its own positions as `thought_forward` draws them."""
+    if not seqs:
+        raise ValueError("batched_thought_loss: no sequences")
+    device = model.embedding.weight.device
+    B = len(seqs)
+    t0 = max(len(q.before) for q in seqs)
+    n_max = max(q.n_thoughts for q in seqs)
+    if min(q.n_thoughts for q in seqs) < 0:
+        raise ValueError("continuous thoughts: the count must be >= 0")
+    width = t0 + max(q.n_thoughts + len(q.after) for q in seqs)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    targets = torch.full((B, width), -100, dtype=torch.long)
+    is_thought = torch.zeros((width, B, 1), dtype=torch.bool)
+    starts = []
+    for b, q in enumerate(seqs):
+        start, first_after = t0 - len(q.before), t0 + q.n_thoughts
+        starts.append(start)
+        ids[b, start:t0] = torch.as_tensor(q.before, dtype=torch.long)
+        after = torch.as_tensor(q.after, dtype=torch.long)
+        ids[b, first_after : first_after + len(after)] = after
+        is_thought[t0:first_after, b] = True
+        trained = torch.as_tensor(q.after_mask, dtype=torch.bool).view(-1)
+        # after[j] at position first_after + j is predicted from the position before it
+        rows = torch.arange(len(after))[trained] + first_after - 1
+        targets[b, rows] = after[trained]
+    ids, targets, is_thought = ids.to(device), targets.to(device), is_thought.to(device)
+    x = model.embed(ids)  # [W, B, H]
+    s0 = None  # [W, B, H]; padding rows stay zero
+    for b, q in enumerate(seqs):
+        n = len(q.before) + q.n_thoughts + len(q.after)
+        init = initial_states(model, n, state_init, state_seed, q.sample_id, x)
+        if s0 is None:
+            s0 = init.new_zeros((width, B, init.shape[-1]))
+        s0[starts[b] : starts[b] + n, b] = init[:, 0]
+    cache = AppendKVCache(torch.tensor(starts, device=device))
+    out = run_positions(model, x[:t0], s0[:t0], cache, 0, r, n_grad)
+    hidden = [out.hidden_SBH]
+    for pos in range(t0, t0 + n_max):
+        thought = fed_back(out, feedback).to(x.dtype)
+        vec = torch.where(is_thought[pos : pos + 1], thought, x[pos : pos + 1])
+        out = run_positions(model, vec, s0[pos : pos + 1], cache, pos, r, n_grad)
+        hidden.append(out.hidden_SBH)
+    if width > t0 + n_max:
+        rest = t0 + n_max
+        out = run_positions(model, x[rest:], s0[rest:], cache, rest, r, n_grad)
+        hidden.append(out.hidden_SBH)
+    logits = model.head(torch.cat(hidden))  # [B, W, V]
+    count = int((targets >= 0).sum())
+    if not count:
+        return torch.zeros((), device=device), 0
+    loss_sum = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
+        reduction="sum",
+    )  # fmt: skip
+    return loss_sum, count

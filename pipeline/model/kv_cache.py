@@ -115,3 +115,10 @@ class CacheView:
 
     def update(self, layer: int, k_SBNh: torch.Tensor, v_SBNh: torch.Tensor):
         return self.cache.update((self.block, self.slot, layer), k_SBNh, v_SBNh, self.offset)
+
+    def padding_mask(self, sq: int) -> torch.Tensor | None:
+        """The attention mask of the `sq` queries of this call when the cache holds a
+        left-padded batch (continuous_thought.AppendKVCache with `starts_B`): boolean
+        [B, 1, sq, offset + sq]; None for every other cache (plain causal attention)."""
+        mask_for = getattr(self.cache, "padding_mask", None)
+        return None if mask_for is None else mask_for(self.offset, sq)

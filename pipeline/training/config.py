@@ -188,7 +188,20 @@ class CoconutSection(ConfigModel):
     """The last stage (stage 0 is plain chain of thought); at most the dataset's largest
     number of reasoning steps."""
     epochs_per_stage: int = 1
-    """Data epochs per stage: stage = min(epoch // epochs_per_stage, max_stages)."""
+    """Data epochs per stage: stage = min(first_stage + epoch // epochs_per_stage,
+    max_stages)."""
+    steps_per_stage: int | None = Field(None, ge=1)
+    """When set, stages follow the optimizer step instead of the data epoch: stage =
+    min(first_stage + step // steps_per_stage, max_stages) (stages shorter than an epoch of a
+    large dataset)."""
+    pad_thoughts: bool = False
+    """At stage k every example gets k x thoughts_per_step thoughts, also one with fewer than k
+    reasoning steps (the Coconut authors' pad_latent_to_max): the count no longer depends on
+    the example, so `rdpt eval --task --thoughts` can give every test question the number the
+    last stage trained with."""
+    first_stage: int = Field(0, ge=0)
+    """The stage the run starts in: 1 when model.init_from is a run that already trained the
+    chain of thought (stage 0), as the Coconut recipe starts from a CoT-trained model."""
     feedback: Literal["coda", "core"] = "coda"
     """The state fed back as the next thought's input vector: `coda` (the coda's normed
     output, what the head reads; Coconut's last hidden state) or `core` (the latent state
@@ -205,11 +218,21 @@ class CoconutSection(ConfigModel):
             raise ValueError(f"coconut.max_stages: must be >= 0, got {self.max_stages}")
         if self.epochs_per_stage < 1:
             raise ValueError(f"coconut.epochs_per_stage: must be >= 1, got {self.epochs_per_stage}")
+        if self.first_stage > self.max_stages:
+            raise ValueError(
+                f"coconut.first_stage={self.first_stage} is beyond "
+                f"coconut.max_stages={self.max_stages}"
+            )
         return self
 
-    def stage_at(self, epoch: int) -> int:
-        """The curriculum stage of data epoch `epoch`."""
-        return min(epoch // self.epochs_per_stage, self.max_stages)
+    def stage_at(self, epoch: int, step: int = 0) -> int:
+        """The curriculum stage of a micro-batch of data epoch `epoch` at optimizer step
+        `step` (0-based; only read when steps_per_stage is set)."""
+        if self.steps_per_stage:
+            done = step // self.steps_per_stage
+        else:
+            done = epoch // self.epochs_per_stage
+        return min(self.first_stage + done, self.max_stages)
 
 
 class ExitGateSection(ConfigModel):
