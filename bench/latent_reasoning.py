@@ -111,6 +111,21 @@ METHODS = {
 }
 
 
+def method_plan(method: str, hi: int, max_steps: int, work: Path) -> tuple[list, list]:
+    """(train overrides, eval flags) of `method`; Coconut's curriculum is sized here: c = 1
+    thought per replaced step, the stages sharing max_steps equally."""
+    train, flags = list(METHODS[method][0]), list(METHODS[method][1])
+    if method.startswith("coconut"):
+        n_stages = hi + 1  # stages 0 (chain of thought) .. hi
+        if method == "coconut_cot":
+            train.append(f"model.init_from={work / 'runs' / 'cot'}")
+            n_stages = hi  # stages 1 .. hi
+        steps_per_stage = max(max_steps // n_stages, 1)
+        train += [f"coconut.max_stages={hi}", f"coconut.steps_per_stage={steps_per_stage}"]
+        flags += ["--thoughts", ",".join(str(n) for n in range(hi + 1))]
+    return train, flags
+
+
 def run(cmd: list[str], log: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -166,8 +181,9 @@ def main(argv=None) -> int:
     )  # fmt: skip
     batch = ["train.global_batch_size=16", "train.micro_batch_size=8"] if args.quick else []
     results, timings = {}, {}
+    plans = {m: method_plan(m, hi, args.max_steps, work) for m in methods}
     for method in methods:
-        train_overrides, eval_flags = METHODS[method]
+        train_overrides, eval_flags = plans[method]
         run_dir = work / "runs" / method
         out_json = work / f"eval-{method}.json"
         timing_json = work / f"eval-{method}.timing.json"
@@ -179,28 +195,18 @@ def main(argv=None) -> int:
                 wall = json.loads((run_dir / "COMPLETED").read_text()).get("wall_s")
                 timings.update({f"{method}/train_s": wall, f"{method}/eval_s": None})
             continue
-        extra = []
-        if method.startswith("coconut"):
-            n_stages = hi + 1  # stages 0 (chain of thought) .. hi
-            if method == "coconut_cot":
-                cot = work / "runs" / "cot"
-                if not (cot / "COMPLETED").is_file():
-                    raise SystemExit(
-                        f"coconut_cot starts from the cot run's weights: {cot} is not a finished "
-                        "run; run --methods cot first with the same --work"
-                    )
-                extra, n_stages = [f"model.init_from={cot}"], hi  # stages 1 .. hi
-            steps_per_stage = max(args.max_steps // n_stages, 1)
-            extra += [f"coconut.max_stages={hi}", f"coconut.steps_per_stage={steps_per_stage}"]
-            n_max = hi  # c = 1 thought per replaced step
-            eval_flags = [*eval_flags, "--thoughts", ",".join(str(n) for n in range(n_max + 1))]
+        if method == "coconut_cot" and not (work / "runs/cot/COMPLETED").is_file():
+            raise SystemExit(
+                f"coconut_cot starts from the cot run's weights: {work / 'runs/cot'} is not a "
+                "finished run; run --methods cot first with the same --work"
+            )
         t0 = time.monotonic()
         run(
             [
                 *py, "train", str(CONFIG), f"data.path={data}", f"run.dir={run_dir}",
                 f"run.name=latent-{method}", f"train.max_steps={args.max_steps}",
                 "tracking.enabled=false", "checkpoint.interval=1000000", *batch,
-                *args.set, *train_overrides, *extra, "--nproc", str(args.nproc),
+                *args.set, *train_overrides, "--nproc", str(args.nproc),
             ],
             log,
         )  # fmt: skip
@@ -234,7 +240,7 @@ def main(argv=None) -> int:
                      "train_examples": args.train_examples,
                      "test_examples": args.test_examples, "nproc": args.nproc,
                      "overrides": args.set,
-                     "methods": {m: METHODS[m][0] for m in methods}},
+                     "methods": {m: plans[m][0] for m in methods}},
         "timings_s": timings,
         "results": results,
     }  # fmt: skip
