@@ -279,11 +279,17 @@ def _perturbed(**changes):
     ],
     ids=["sandwich-qkbias-tied", "prenorm-untied"],
 )
-def test_fast_step_pieces_equal_the_layers_pieces(changes):
+@pytest.mark.parametrize("rope_mm", [True, False], ids=["rope-mm", "rope-addcmul"])
+def test_fast_step_pieces_equal_the_layers_pieces(changes, rope_mm, monkeypatch):
     """FastDecodeStep's prelude / core iteration / coda for one or several new positions,
     against LeanForward's on the same cache contents: equal up to summation order (fp32
-    rounding), and the same keys and values cached."""
+    rounding), and the same keys and values cached. One-position RoPE runs both ways (an mm
+    with the position's rotation matrix for small heads, else the elementwise form)."""
+    from pipeline.model import fast_decode
     from pipeline.model.fast_decode import FastDecodeStep
+
+    if not rope_mm:
+        monkeypatch.setattr(fast_decode, "ROPE_MM_MACS", 0)
     from pipeline.model.lean_forward import LeanForward
     from pipeline.model.rope_table import RopeTable
     from pipeline.model.static_cache import StaticKVCache
@@ -296,6 +302,7 @@ def test_fast_step_pieces_equal_the_layers_pieces(changes):
         for _ in range(2)
     ]
     fast = FastDecodeStep(model, caches[1], table)
+    assert (2 * fast.N <= fast.rope_mm_rows) == rope_mm  # batch 2: the path under test
 
     def lean_step(cache, chunk, offset):
         rope = table.slice(offset, chunk.shape[1])

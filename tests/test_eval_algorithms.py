@@ -12,7 +12,13 @@ from fixtures_model import SMALL_VOCAB
 
 from pipeline.eval.adaptive import ExitRule, evaluate_adaptive, score_tokens
 from pipeline.eval.depth import evaluate_depths, sweep_depths
-from pipeline.eval.generate import GenerationConfig, generate, generate_uncached, sample_next
+from pipeline.eval.generate import (
+    GenerationConfig,
+    generate,
+    generate_uncached,
+    greedy_ids,
+    sample_next,
+)
 
 VOCAB = SMALL_VOCAB  # the vocabulary of small_eval_model
 
@@ -287,3 +293,22 @@ def test_exit_curves_one_point_per_threshold_and_plot(tiny_model, batches, tmp_p
     lines = {ln["label"]: ln for ln in panel["lines"]}
     assert lines["fixed r"]["y"] == pytest.approx(fixed_curve)
     assert lines["kl"]["x"] == sorted(p["mean_depth"] for p in curves["kl"])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_greedy_ids_equal_torch_argmax_with_ties_and_nan(rows):
+    """The blocked CPU argmax picks what torch.argmax picks: the first index of the maximum
+    (ties across and inside blocks of 128), a NaN as the maximum, an all -inf row."""
+    g = torch.Generator().manual_seed(rows)
+    for trial in range(60):
+        x = torch.randn(rows, 2048, generator=g)
+        if trial % 3 == 0:
+            x = (x * 2).round()  # many equal logits
+        if trial % 4 == 1:  # the same maximum in two blocks, the later one first written
+            x[:, 1500] = x[:, 700] = 50.0
+        if trial % 5 == 2:
+            x[-1, int(torch.randint(0, 2048, (1,), generator=g))] = float("nan")
+        if trial % 7 == 3:
+            x[0] = float("-inf")
+        assert greedy_ids(x).tolist() == x.argmax(-1).tolist(), trial
+    assert greedy_ids(torch.randn(2, 300)).shape == (2,)  # a vocabulary not in whole blocks

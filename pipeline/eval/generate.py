@@ -108,6 +108,25 @@ class GenerationResult:
         }
 
 
+def greedy_ids(logits_BV: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim, equal to torch.argmax (first index of the maximum; a NaN counts
+    as the maximum). On CPU torch.argmax is a scalar loop (measured ~200 us for 8 x 8192 fp32
+    on one thread, while amax takes ~15): for several rows, the maximum of each block of 128
+    logits first, the first block holding the row's maximum, then argmax inside that block
+    (~50 us). One row keeps torch.argmax (~27 us, no faster this way)."""
+    B, V = logits_BV.shape
+    cpu = logits_BV.device.type == "cpu"
+    if not cpu or B == 1 or V % ARGMAX_BLOCK or V < 8 * ARGMAX_BLOCK:
+        return logits_BV.argmax(-1)
+    blocks_BKb = logits_BV.view(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    block_B = blocks_BKb.amax(-1).argmax(-1)
+    rows = torch.arange(B, device=logits_BV.device)
+    return block_B * ARGMAX_BLOCK + blocks_BKb[rows, block_B].argmax(-1)
+
+
+ARGMAX_BLOCK = 128
+
+
 def sample_next(
     logits_BV: torch.Tensor,
     temperature: float = 0.0,
@@ -116,7 +135,7 @@ def sample_next(
 ) -> torch.Tensor:
     """Next token ids [B]: argmax at temperature 0, else temperature + nucleus sampling."""
     if temperature <= 0:
-        return logits_BV.argmax(-1)
+        return greedy_ids(logits_BV)
     probs_BV = F.softmax(logits_BV.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs_BV.sort(-1, descending=True)
