@@ -18,8 +18,7 @@ gradients flow through all passes. The examples of a micro-batch share the passe
 so that their first thoughts line up, a micro-batch takes max(thoughts) + 2 batched passes
 (`batched_thought_loss`), not one loop per example. The loss is the mean cross entropy over
 the remaining language steps and the answer (not over thoughts or the markers). r is drawn
-per step as in
-pretraining and applies to every position, thoughts included.
+per step as in pretraining and applies to every position, thoughts included.
 
 The model is called pass by pass outside the DeepSpeed engine's forward (engine.module), which
 ZeRO 0-2 allow (their hooks are on gradients); ZeRO-3 is refused by resolve.
