@@ -59,6 +59,26 @@ def test_exit_targets_by_hand():
         exit_targets(ce, "best", 0.01, 200.0)
 
 
+def test_balanced_gate_loss_pulls_both_classes_equally():
+    """Three exit targets and one go-on target at a gate logit of 0: unweighted, the gradient
+    pushes towards exit; balanced, the two classes cancel. Invalid positions count in neither."""
+    from pipeline.training.stages.exit_gate import gate_bce
+
+    y = torch.tensor([[[1.0, 1.0, 1.0, 0.0, 1.0]]])  # [r - 1, B, S]
+    valid = torch.tensor([[True, True, True, True, False]])
+    for balance, expect in ((False, "exit"), (True, "even")):
+        logits = torch.zeros_like(y, requires_grad=True)
+        gate_bce(logits, y, valid, balance).backward()
+        g = logits.grad[0, 0]
+        assert g[4] == 0  # not a valid position
+        total = float(g[:4].sum())  # d loss / d logit summed: < 0 means raise p_exit
+        assert (total < -1e-3) if expect == "exit" else abs(total) < 1e-6, (balance, total)
+    # the unweighted mean equals torch's own BCE over the valid entries
+    logits = torch.randn_like(y)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits[..., :4], y[..., :4])
+    torch.testing.assert_close(gate_bce(logits, y, valid), want)
+
+
 def test_gate_parameters_are_frozen_and_counted(gate_model):
     from pipeline.model.counting import closed_form_parameters, count_parameters
 

@@ -18,8 +18,9 @@ fits only the gate. Its target says how much the next iteration still lowers the
 
 so y_i is near 1 where another iteration gains less than exit_gate.min_gain nats, near 0 where
 it gains clearly more, and the gate is fitted with binary cross entropy at i = 1..r-1 (at r the
-model stops anyway). `--exit-criterion gate --threshold T` exits once
-p_continue = 1 - p_exit < T (threshold 0.5: exit when the gate says exit is more likely).
+model stops anyway; exit_gate.balance weights the two classes equally).
+`--exit-criterion gate --threshold T` exits once p_continue = 1 - p_exit < T (threshold 0.5:
+exit when the gate says exit is more likely).
 
 The gate's parameters are created frozen (requires_grad False): every stage except exit_gate
 leaves them as they are. The gate is replicated under tensor parallelism (the state is whole

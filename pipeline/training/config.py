@@ -249,6 +249,11 @@ class ExitGateSection(ConfigModel):
     sharpness: float = Field(200.0, gt=0)
     """Slope of the soft target per nat (200: y goes from 0.88 to 0.12 as the gain moves from
     min_gain - 0.01 to min_gain + 0.01)."""
+    balance: bool = False
+    """Weight the exit and the go-on targets so that each class counts as much as the other in
+    a micro-batch (BCE pos_weight = (1 - mean y) / mean y). With a long horizon most targets say
+    exit (a position gains little after its first iterations), and an unweighted gate learns
+    that average: "exit" everywhere."""
 
 
 class TelemetrySection(ConfigModel):

@@ -78,9 +78,22 @@ def gate_loss(engine, mb, *, r: int, n_grad: int, cfg, device) -> torch.Tensor:
     g = cfg.exit_gate
     y_RBS = exit_targets(ce_RBS, g.target, g.min_gain, g.sharpness)  # i = 1..r-1
     logits_RBS = torch.stack([model.exit_logits(s) for s in states[:-1]])
-    bce = F.binary_cross_entropy_with_logits(logits_RBS, y_RBS, reduction="none")
-    valid_BS = targets_BS >= 0
-    return (bce * valid_BS).sum() / (valid_BS.sum() * (r - 1)).clamp_min(1)
+    return gate_bce(logits_RBS, y_RBS, targets_BS >= 0, g.balance)
+
+
+def gate_bce(logits_RBS, y_RBS, valid_BS, balance: bool = False) -> torch.Tensor:
+    """Mean binary cross entropy over the valid positions and iterations 1..r-1; with
+    `balance` the exit term is weighted by (1 - mean y) / mean y (exit_gate.balance), so that
+    both classes pull equally on the gate."""
+    mask = valid_BS.expand_as(y_RBS).to(y_RBS.dtype)
+    pos_weight = None
+    if balance:
+        mean_y = ((y_RBS * mask).sum() / mask.sum().clamp_min(1)).clamp(1e-4, 1 - 1e-4)
+        pos_weight = (1 - mean_y) / mean_y
+    bce = F.binary_cross_entropy_with_logits(
+        logits_RBS, y_RBS, reduction="none", pos_weight=pos_weight
+    )
+    return (bce * mask).sum() / mask.sum().clamp_min(1)
 
 
 def gate_step(engine, batches, step, *, r, n_grad, ctx, hooks):
