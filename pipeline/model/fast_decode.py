@@ -176,9 +176,10 @@ class FastDecodeStep:
         self.sin_C3h = torch.zeros_like(self.cos_C3h)
         self.cos_C3h[:, :2] = rope_table.cos_S11h[:, 0]
         self.sin_C3h[:, :2] = rope_table.sin_signed_S11h[:, 0]
-        # One position, small heads: RoPE as one mm of the [rows, 3 hd] projection with the
-        # position's [3 hd, 3 hd] matrix diag(R, R, I); its 4 hd non-identity entries (cos on
-        # the diagonal, signed sin at the pair partner) are written once per step.
+        # One position, small heads: RoPE as one mm of the [B * heads, 3 hd] projection with
+        # the position's [3 hd, 3 hd] matrix diag(R, R, I); its 4 hd non-identity entries (cos
+        # on the diagonal, signed sin at the pair partner) are written once per step. Every
+        # step has the cache's batch, so the choice is made once, here.
         w = 3 * self.hd
         j = torch.arange(2 * self.hd, device=device)
         partner = (j // self.hd) * self.hd + self.swap.repeat(2)
@@ -187,7 +188,7 @@ class FastDecodeStep:
             [self.cos_C3h[:, :2].flatten(1), self.sin_C3h[:, :2].flatten(1)], dim=1
         )
         self.rot_33 = torch.eye(w, device=device)
-        self.rope_mm_rows = ROPE_MM_MACS // (w * w)  # mm while rows x (3 hd)^2 stays small
+        self.rope_mm = cache.batch * self.N * w * w <= ROPE_MM_MACS
         self.set_position(0)
 
     def set_position(self, offset: int, length: int = 1) -> None:
@@ -195,7 +196,7 @@ class FastDecodeStep:
         their cache rows and, for several, the causal mask among them."""
         self.offset, self.length = offset, length
         self.cos, self.sin = self.cos_C3h[offset], self.sin_C3h[offset]  # [3, hd]
-        if length == 1 and self.rope_mm_rows:
+        if length == 1 and self.rope_mm:
             self.rot_33.view(-1).index_copy_(0, self.rot_index, self.rot_values_C[offset])
         if length > 1:
             end = offset + length
@@ -215,7 +216,7 @@ class FastDecodeStep:
     def _attention_1(self, qkv, kv: _LayerCache):
         """One position: RoPE, cache write and attention; o [B, H]."""
         B, pos = qkv.shape[0], self.offset
-        if B * self.N <= self.rope_mm_rows:
+        if self.rope_mm:
             rot_BN3h = torch.mm(qkv.view(B * self.N, 3 * self.hd), self.rot_33)
             rot_BN3h = rot_BN3h.view(B, self.N, 3, self.hd)
         else:
