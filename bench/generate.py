@@ -10,7 +10,9 @@ Decoders (bench/decode_baselines.py holds the two baselines):
   stand-in for the published modeling code, which rdpt does not contain);
 - `rdpt_before`: rdpt's decode before the lean loop (general API, growing KVCache);
 - `rdpt`: `generate_batch` as it runs by default on this device (CPU: the lean loop with the
-  fast step of pipeline/model/fast_decode.py);
+  fast step of pipeline/model/fast_decode.py, its one-position steps in rdpt's C kernels,
+  pipeline/model/native_kernels.py);
+- `rdpt_torch_ops`: the same with the kernels off (the fast step in torch operations only);
 - `rdpt_layers`: the same loop calling the model's own layers (fast_path=False), to show what
   the fast step buys;
 - `rdpt_compiled`: `generate_batch` with compile=True (static-shape steps, torch.compile of a
@@ -109,10 +111,14 @@ def main(argv=None) -> int:
     vocab = model.cfg.vocab_size
     n_new = args.new_tokens
 
-    def rdpt(compile_: bool | None, fast_path: bool | None = None):
+    def rdpt(compile_: bool | None, fast_path: bool | None = None, native: bool | None = None):
         def run(prompts_BP, r):
             gcfg = GenerationConfig(
-                max_new_tokens=n_new, r=r, compile=compile_, fast_path=fast_path
+                max_new_tokens=n_new,
+                r=r,
+                compile=compile_,
+                fast_path=fast_path,
+                native_kernels=native,
             )
             return generate_batch(model, prompts_BP, gcfg).new_ids
 
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
         "reference_style": lambda prompts_BP, r: ref.greedy(prompts_BP, n_new, r),
         "rdpt_before": lambda prompts_BP, r: base.greedy_before(model, prompts_BP, n_new, r),
         "rdpt": rdpt(None),
+        "rdpt_torch_ops": rdpt(None, native=False),
         "rdpt_layers": rdpt(None, fast_path=False),
     }
     if not args.no_compile:
@@ -195,9 +202,11 @@ def main(argv=None) -> int:
                 }
             )
     from pipeline.common.machine import cpu_model
+    from pipeline.model import native_kernels
 
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu: {cpu_model()}",
+        "native_kernels": native_kernels.unavailable_reason() or "loaded",
         "machine": platform.node(),
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,

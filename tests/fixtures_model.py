@@ -4,9 +4,16 @@
 prelude 1, core 2, coda 1 layers, context 64) in eval mode, seeded, TP=1; built once per test
 module. Treat it as read-only. `build_small_model(**changes)` builds the same model with
 config fields changed (e.g. exit_gate=True).
+
+`c_compiler`: a C compiler for rdpt's native decode kernels (pipeline/model/native_kernels.py);
+apt-get installs gcc when none is found (root only), as fixtures_slurm does for Slurm.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -38,3 +45,20 @@ def build_small_model(**changes):
 @pytest.fixture(scope="module")
 def small_eval_model():
     return build_small_model()
+
+
+@pytest.fixture(scope="session")
+def c_compiler() -> str:
+    from pipeline.model.native_kernels import _compiler
+
+    found = _compiler()
+    if found is None:
+        if os.geteuid() != 0:
+            pytest.fail("no C compiler (cc, gcc, clang) and installing gcc needs root")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "gcc"]):
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if out.returncode != 0:
+                pytest.fail(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        found = shutil.which("gcc")
+    return found

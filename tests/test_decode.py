@@ -279,17 +279,26 @@ def _perturbed(**changes):
     ],
     ids=["sandwich-qkbias-tied", "prenorm-untied"],
 )
-@pytest.mark.parametrize("rope_mm", [True, False], ids=["rope-mm", "rope-addcmul"])
-def test_fast_step_pieces_equal_the_layers_pieces(changes, rope_mm, monkeypatch):
+@pytest.mark.parametrize(
+    "rope_mm,native,native_rows",
+    [(True, False, 0), (False, False, 0), (True, True, 32), (True, True, 2)],
+    ids=["rope-mm", "rope-addcmul", "native-kernels", "native-one-position-only"],
+)
+def test_fast_step_pieces_equal_the_layers_pieces(
+    changes, rope_mm, native, native_rows, monkeypatch, c_compiler
+):
     """FastDecodeStep's prelude / core iteration / coda for one or several new positions,
     against LeanForward's on the same cache contents: equal up to summation order (fp32
-    rounding), and the same keys and values cached. One-position RoPE runs both ways (an mm
-    with the position's rotation matrix for small heads, else the elementwise form)."""
+    rounding), and the same keys and values cached. One-position steps run in torch operations
+    (RoPE both ways: an mm with the position's rotation matrix for small heads, else the
+    elementwise form) and in the native C kernels (model/native_kernels.py), for every step
+    or (few rows allowed) for the one-position steps only, torch for the others."""
     from pipeline.model import fast_decode
     from pipeline.model.fast_decode import FastDecodeStep
 
     if not rope_mm:
         monkeypatch.setattr(fast_decode, "ROPE_MM_MACS", 0)
+    monkeypatch.setattr(fast_decode, "NATIVE_MAX_ROWS", native_rows)
     from pipeline.model.lean_forward import LeanForward
     from pipeline.model.rope_table import RopeTable
     from pipeline.model.static_cache import StaticKVCache
@@ -301,8 +310,9 @@ def test_fast_step_pieces_equal_the_layers_pieces(changes, rope_mm, monkeypatch)
         StaticKVCache.for_model(model, batch=2, capacity=16, core_slots=2, device="cpu")
         for _ in range(2)
     ]
-    fast = FastDecodeStep(model, caches[1], table)
+    fast = FastDecodeStep(model, caches[1], table, native=native)
     assert fast.rope_mm == rope_mm  # batch 2: the path under test
+    assert (fast.kernels is not None) == native
 
     def lean_step(cache, chunk, offset):
         rope = table.slice(offset, chunk.shape[1])
@@ -327,6 +337,7 @@ def test_fast_step_pieces_equal_the_layers_pieces(changes, rope_mm, monkeypatch)
             e_want, states_want, logits_want = lean_step(caches[0], chunk, offset)
             g = torch.Generator().manual_seed(offset)
             fast.set_position(offset, length)
+            assert fast.native_now == (native and 2 * length <= native_rows)
             e = fast.prelude(chunk)
             s, buf = torch.randn(e.shape, generator=g), fast.adapter_input(e)
             torch.testing.assert_close(e, e_want, rtol=1e-5, atol=1e-5)
@@ -341,21 +352,23 @@ def test_fast_step_pieces_equal_the_layers_pieces(changes, rope_mm, monkeypatch)
             )
 
 
-def test_fast_step_runs_by_default_and_gives_the_layers_tokens(model):
+def test_fast_step_runs_by_default_and_gives_the_layers_tokens(model, c_compiler):
+    """The fast step (with the native kernels: a small model) is the default; its tokens equal
+    the model's layers' with and without the kernels."""
     from pipeline.eval.decode import DecodeLoop
 
     loop = DecodeLoop(model, GenerationConfig(r=4), batch=1, capacity=8, device="cpu")
     assert loop.fast is not None  # an fp32 model at TP 1 on CPU
+    assert loop.fast.kernels is not None  # small layers: the kernels at any thread count
     perturbed = _perturbed()
     prompts_BP = torch.tensor([PROMPT, PROMPT[::-1]])
     for kw in (dict(r=6), dict(r=8, kv_budget=3, continuous_cot=True)):
         layers = generate_batch(
             perturbed, prompts_BP, GenerationConfig(max_new_tokens=12, fast_path=False, **kw)
         )
-        fast = generate_batch(
-            perturbed, prompts_BP, GenerationConfig(max_new_tokens=12, fast_path=True, **kw)
-        )
-        assert fast.new_ids == layers.new_ids
+        for native in (True, False):
+            cfg = GenerationConfig(max_new_tokens=12, fast_path=True, native_kernels=native, **kw)
+            assert generate_batch(perturbed, prompts_BP, cfg).new_ids == layers.new_ids
 
 
 def test_fast_path_settings_that_cannot_work_are_clear_errors(model):
@@ -367,3 +380,8 @@ def test_fast_path_settings_that_cannot_work_are_clear_errors(model):
     assert "torch.bfloat16" in unsupported_reason(bf16)
     with pytest.raises(ValueError, match="fp32 models"):
         generate(bf16, PROMPT, GenerationConfig(max_new_tokens=2, r=2, fast_path=True))
+    with pytest.raises(ValueError, match="native_kernels: they run in the fast step, not for"):
+        generate(bf16, PROMPT, GenerationConfig(max_new_tokens=2, r=2, native_kernels=True))
+    with pytest.raises(ValueError, match="native_kernels: they run inside the fast step"):
+        cfg = GenerationConfig(max_new_tokens=2, r=2, fast_path=False, native_kernels=True)
+        generate(model, PROMPT, cfg)

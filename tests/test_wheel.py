@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_installed_wheel_renders_the_sbatch_templates(tmp_path, tiny_dataset):
+def test_installed_wheel_renders_the_sbatch_templates_and_builds_the_decode_kernels(
+    tmp_path, tiny_dataset, c_compiler
+):
     # a clean copy of what git tracks (no build/ or egg-info left in the repository)
     src = tmp_path / "src"
     tracked = subprocess.run(
@@ -76,7 +78,9 @@ def test_installed_wheel_renders_the_sbatch_templates(tmp_path, tiny_dataset):
             str(py),
             "-c",
             "import pipeline, launch.render as r; print(pipeline.__file__); "
-            "print(sorted(p.name for p in r.TEMPLATE_DIR.glob('*.sbatch')))",
+            "print(sorted(p.name for p in r.TEMPLATE_DIR.glob('*.sbatch'))); "
+            "import pipeline.model.native_kernels as nk; "
+            "print(nk.SOURCE.is_file(), nk.load() is not None, nk.unavailable_reason())",
         ],
         cwd=work,
         env=env,
@@ -86,6 +90,7 @@ def test_installed_wheel_renders_the_sbatch_templates(tmp_path, tiny_dataset):
     ).stdout.splitlines()
     assert where[0].startswith(site), where
     assert where[1] == "['prep-array.sbatch', 'prep-finalize.sbatch', 'train.sbatch']"
+    assert where[2] == "True True None", where  # the C source ships; it builds under $HOME
     out = subprocess.run(
         [
             str(venv / "bin" / "rdpt"),

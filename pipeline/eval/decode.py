@@ -94,6 +94,8 @@ class DecodeLoop:
         """FastDecodeStep for the dynamic-shape steps: wanted None = when it applies (not with
         static-shape steps, which compile and graphs need), True = required, False = off."""
         if wanted is False:
+            if self.cfg.native_kernels:
+                raise ValueError("native_kernels: they run inside the fast step (fast_path off)")
             return None
         reason = (
             "static-shape steps (compile, CUDA graphs)"
@@ -103,8 +105,10 @@ class DecodeLoop:
         if reason is not None:
             if wanted:
                 raise ValueError(f"fast_path: the fast decode step does not run {reason}")
+            if self.cfg.native_kernels:
+                raise ValueError(f"native_kernels: they run in the fast step, not for {reason}")
             return None
-        return FastDecodeStep(self.model, self.cache, self.rope)
+        return FastDecodeStep(self.model, self.cache, self.rope, self.cfg.native_kernels)
 
     def _set_offset(self, offset: int) -> None:
         self.prelude_view.offset = self.coda_view.offset = offset

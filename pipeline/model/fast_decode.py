@@ -45,6 +45,21 @@ the lean path; the output head is copied (for batch-1 steps) only up to `MAX_HEA
 
 One position (a generated token) is the hot path (`_attention_1`); several (the prompt, a
 speculative verification) attend causally among themselves (`_attention_chunk`).
+
+**Native kernels.** With the operations down to ~20 per layer, a one-position step at batch 8
+still spent most of its time in MKL's products for 8 rows and in SDPA (which pays two small
+GEMM calls per head), and on the remaining per-operation dispatch. Where rdpt's C kernels
+build (native_kernels.py: a C compiler on the machine, RDPT_NATIVE_KERNELS not 0), steps of up
+to `NATIVE_MAX_ROWS` rows (positions x batch: decode steps, speculative verifications, short
+prompts) run each decoder layer in one call (`rdpt_decoder_layer`: norms, the four products over
+weights packed into 32-column panels, RoPE, the cache writes, attention causal among the new
+positions, SiLU gate, residuals), the adapter's s A_s and the head as packed products, ln_f in
+C. Larger steps (a long prompt) keep the torch operations above, whose MKL products win there
+(same cache layout, so the two mix within a decode). The kernels are
+single-threaded: by default (`native=None`) they run when torch runs one thread or the layers
+are small (`NATIVE_AUTO_LAYER_BYTES`); `native=True` requires them, False turns them off. They
+keep a packed copy of the layer weights, the adapter's state half and the head beside the
+transposed copies (those serve the several-position steps).
 """
 
 from __future__ import annotations
@@ -55,12 +70,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.model import native_kernels
+
 MAX_PACKED_BYTES = 2 * 1024**3  # transposed copies of the layer weights, at most
 MAX_HEAD_COPY_BYTES = 256 * 1024**2  # a transposed copy of the output head, at most
 # RoPE of a one-position step as an mm while rows x (3 head_dim)^2 multiply-adds stay below
 # this (~10 us on one CPU thread; the three elementwise operations it replaces cost ~15 us
 # together): head_dim 32 up to 56 rows (batch 14 at 4 heads), head_dim 96 up to 6 rows.
 ROPE_MM_MACS = 2**19
+# With torch on several threads, the (single-threaded) native kernels run by default only for
+# layers up to this size: on the 2-core VM at two threads they were faster at hidden 128
+# (1 MiB per layer) and slower at hidden 512 and 1024 (16 and 64 MiB), where MKL splits the
+# memory-bound products across the cores.
+NATIVE_AUTO_LAYER_BYTES = 4 * 1024**2
+# Steps of up to this many rows (new positions x batch) run in the native kernels, larger ones
+# (a long prompt's prefill) in torch operations, whose MKL products win once rows are many.
+NATIVE_MAX_ROWS = 32
 
 
 def unsupported_reason(model) -> str | None:
@@ -133,7 +158,7 @@ class FastDecodeStep:
     """Prelude, core iteration and coda of a decode step over one or several new positions
     (see the module doc)."""
 
-    def __init__(self, model, cache, rope_table):
+    def __init__(self, model, cache, rope_table, native: bool | None = None):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast decode step: not for {reason}")
@@ -159,6 +184,7 @@ class FastDecodeStep:
         if w_head.numel() * w_head.element_size() <= MAX_HEAD_COPY_BYTES:
             self.head_t = w_head.t().contiguous()
         self.head = w_head
+        self.V = w_head.shape[0]
         self.embedding = model.embedding.weight.detach()
         self.scale_embedding = cfg.scale_embedding
 
@@ -189,12 +215,60 @@ class FastDecodeStep:
         )
         self.rot_33 = torch.eye(w, device=device)
         self.rope_mm = cache.batch * self.N * w * w <= ROPE_MM_MACS
+        self.batch = cache.batch
+        self.kernels = self._native_kernels(native)
+        if self.kernels is not None:
+            nk, H = self.kernels, self.H
+
+            def native(w: PackedLayer) -> native_kernels.NativeLayer:
+                norms = [
+                    None if n is None else n[:H] for n in (w.norm_1, w.norm_2, w.norm_3, w.norm_4)
+                ]
+                return native_kernels.NativeLayer(
+                    nk, w_qkv=w.w_qkv, w_proj=w.w_proj, w_fc1=w.w_fc1, w_fc2=w.w_fc2,
+                    b_qkv=w.b_qkv, norms=norms, heads=self.N, hd=self.hd, eps=self.eps,
+                )  # fmt: skip
+
+            self.native_layers = {
+                id(w): native(w)
+                for w in [*self.prelude_layers, *self.core_layers, *self.coda_layers]
+            }
+            self.head_native = nk.pack(self.head_t if self.head_t is not None else w_head.t())
+            self.head_t = None  # one-row steps use the packed head
+            self.adapter_native = nk.pack(self.adapter_s)
+            self.ln_f_H = self.ln_f[:H].contiguous()
+            self.scratch = torch.empty(0, device=device)  # grown by set_position
+            self.scale = 1.0 / math.sqrt(self.hd)
         self.set_position(0)
+
+    def _native_kernels(self, native: bool | None):
+        """native_kernels for the one-position steps: True = required (ValueError saying why
+        not), False = off, None = when they load and either torch runs one thread or the layers
+        are small (`NATIVE_AUTO_LAYER_BYTES`; see the module doc)."""
+        if native is False:
+            return None
+        if native is None and torch.get_num_threads() != 1:
+            largest = max(
+                sum(t.numel() * t.element_size() for t in (w.w_qkv, w.w_proj, w.w_fc1, w.w_fc2))
+                for w in [*self.prelude_layers, *self.core_layers, *self.coda_layers]
+            )
+            if largest > NATIVE_AUTO_LAYER_BYTES:
+                return None
+        kernels = native_kernels.load()
+        if kernels is None and native:
+            raise ValueError(f"native_kernels: unavailable ({native_kernels.unavailable_reason()})")
+        return kernels
 
     def set_position(self, offset: int, length: int = 1) -> None:
         """The positions [offset, offset + length) the next calls decode: their RoPE rows,
         their cache rows and, for several, the causal mask among them."""
         self.offset, self.length = offset, length
+        rows = length * self.batch
+        self.native_now = self.kernels is not None and rows <= NATIVE_MAX_ROWS
+        if self.native_now:
+            need = self.kernels.layer_scratch_floats(rows, self.H, self.F, offset + length)
+            if self.scratch.numel() < need:
+                self.scratch = torch.empty(need, device=self.scratch.device)
         self.cos, self.sin = self.cos_C3h[offset], self.sin_C3h[offset]  # [3, hd]
         if length == 1 and self.rope_mm:
             self.rot_33.view(-1).index_copy_(0, self.rot_index, self.rot_values_C[offset])
@@ -260,9 +334,18 @@ class FastDecodeStep:
             x_BH = norm(x_BH, w.norm_4)
         return x_BH
 
+    def _layer_native(self, x_BH, w: PackedLayer, kv: _LayerCache):
+        """One decoder layer over the step's rows in one call of the native kernels."""
+        pos, end = self.offset, self.offset + self.length
+        return self.kernels.decoder_layer(
+            x_BH, torch.empty_like(x_BH), self.native_layers[id(w)], self.cos_C3h[pos:end, 0],
+            self.sin_C3h[pos:end, 0], kv.kv, pos, self.scale, self.scratch,
+        )  # fmt: skip
+
     def _block(self, x_BH, layers, caches):
+        layer = self._layer_native if self.native_now else self._layer
         for w, kv in zip(layers, caches):
-            x_BH = self._layer(x_BH, w, kv)
+            x_BH = layer(x_BH, w, kv)
         return x_BH
 
     # ------------------------------------------------------------------ the decode API
@@ -281,12 +364,25 @@ class FastDecodeStep:
 
     def core(self, s_SBH, adapter_in, slot: int) -> torch.Tensor:
         """One core iteration writing core cache slot `slot`: core(s A_s + e A_e)."""
-        x = torch.addmm(adapter_in, s_SBH.reshape(-1, self.H), self.adapter_s)
+        s_rows = s_SBH.reshape(-1, self.H)
+        if self.native_now:
+            x = self.kernels.gemm(
+                s_rows, self.adapter_native, torch.empty_like(adapter_in), add_MN=adapter_in
+            )
+        else:
+            x = torch.addmm(adapter_in, s_rows, self.adapter_s)
         return self._block(x, self.core_layers, self.core_cache[slot]).view(s_SBH.shape)
 
     def coda(self, s_SBH) -> torch.Tensor:
         """ln_f -> coda -> ln_f -> head: logits [B, S, V]."""
         S, B = s_SBH.shape[:2]
+        if self.native_now:
+            nk, rows = self.kernels, s_SBH.reshape(-1, self.H)
+            x = nk.rms_norm(rows, self.ln_f_H, self.eps, torch.empty_like(rows))
+            x = self._block(x, self.coda_layers, self.coda_cache)
+            x = nk.rms_norm(x, self.ln_f_H, self.eps, x)
+            logits = nk.gemm(x, self.head_native, x.new_empty(x.shape[0], self.V))
+            return logits.view(S, B, -1).transpose(0, 1)
         x = self._norm(s_SBH.reshape(-1, self.H), self.ln_f)
         x = self._norm(self._block(x, self.coda_layers, self.coda_cache), self.ln_f)
         # NOTE: measured with weights out of cache (as in a decode): for one row mm on the
