@@ -55,7 +55,7 @@ class GenerationConfig:
     # model/fast_decode.py for the decode steps: None = where it applies (fp32, TP 1, no
     # static shapes), True = required (ValueError saying why not), False = the model's layers
     fast_path: bool | None = None
-    # the fast step's one-position steps in rdpt's C kernels (model/native_kernels.py): None =
+    # the fast step's steps of a few rows in rdpt's C kernels (model/native_kernels.py): None =
     # when they build and apply (see model/fast_decode.py), True = required, False = torch ops
     native_kernels: bool | None = None
 

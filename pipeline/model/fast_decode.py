@@ -215,7 +215,7 @@ class FastDecodeStep:
         )
         self.rot_33 = torch.eye(w, device=device)
         self.rope_mm = cache.batch * self.N * w * w <= ROPE_MM_MACS
-        self.batch = cache.batch
+        self.batch, self.capacity = cache.batch, rope_table.capacity
         self.kernels = self._native_kernels(native)
         if self.kernels is not None:
             nk, H = self.kernels, self.H
@@ -242,7 +242,7 @@ class FastDecodeStep:
         self.set_position(0)
 
     def _native_kernels(self, native: bool | None):
-        """native_kernels for the one-position steps: True = required (ValueError saying why
+        """native_kernels for the steps of a few rows: True = required (ValueError saying why
         not), False = off, None = when they load and either torch runs one thread or the layers
         are small (`NATIVE_AUTO_LAYER_BYTES`; see the module doc)."""
         if native is False:
@@ -266,7 +266,7 @@ class FastDecodeStep:
         rows = length * self.batch
         self.native_now = self.kernels is not None and rows <= NATIVE_MAX_ROWS
         if self.native_now:
-            need = self.kernels.layer_scratch_floats(rows, self.H, self.F, offset + length)
+            need = self.kernels.layer_scratch_floats(rows, self.H, self.F, self.capacity)
             if self.scratch.numel() < need:
                 self.scratch = torch.empty(need, device=self.scratch.device)
         self.cos, self.sin = self.cos_C3h[offset], self.sin_C3h[offset]  # [3, hd]

@@ -1,19 +1,21 @@
 """rdpt's CPU decode kernels (native/decode_kernels.c): built with the system C compiler on
 first use, cached, loaded with ctypes.
 
-What they are for: a one-position decode step multiplies B rows (the batch) by each weight
-matrix. MKL's sgemm is tuned for large products; for a few rows it spends most of its time
-outside the multiply-adds (measured on the 2-core development VM, one thread, weights out of
-L2 as in a decode: [8, 128] @ [128, 8192] 0.58-0.80 ms in torch.mm, 0.47 ms here). The
-kernels multiply rows by weights packed once into 32-column panels, and attend one query per
-(sequence, head) over its cached keys in one call (torch's CPU SDPA pays a pair of small GEMM
-calls per head). `FastDecodeStep` (fast_decode.py) uses them for its one-position steps.
+What they are for: a decode step multiplies a few rows (the batch) by each weight matrix.
+MKL's sgemm is tuned for large products; for a few rows it spends most of its time outside the
+multiply-adds (measured on the 2-core development VM, one thread, weights in L3 as in a decode:
+[8, 128] @ [128, 8192] 0.55-1.3 ms in torch.mm across runs, 0.40-0.47 ms here). The kernels
+multiply rows by weights packed once into 32-column panels, attend one query per (sequence,
+head) over its cached keys in one call (torch's CPU SDPA pays a pair of small GEMM calls per
+head), and run a whole decoder layer per call. `FastDecodeStep` (fast_decode.py) uses them for
+steps of a few rows.
 
 The build: `cc -O3 -march=native -shared -fPIC` (CC overrides the compiler), into
 `$RDPT_CACHE_DIR/kernels` (default ~/.cache/rdpt/kernels) under a name that hashes the source,
 the compiler, the flags and the CPU's feature flags, so a home directory shared by different
 machines keeps one build per CPU kind. It is written under a temporary name and renamed into
-place (two processes building at once both succeed). Without a compiler, or with
+place (two processes building at once both succeed). Like any build cache, the directory should
+be writable by its user only: what is there is loaded. Without a compiler, or with
 RDPT_NATIVE_KERNELS=0, `load()` returns None and `unavailable_reason()` says why: the decode
 then runs torch operations only (same tokens up to last-bit rounding; see fast_decode.py).
 
@@ -135,7 +137,7 @@ def _load(enabled: bool, cc: str | None, _cache: str) -> tuple[NativeKernels | N
         return None, f"build or load failed: {exc}"
 
 
-def _f32_contiguous(t: torch.Tensor, name: str) -> None:
+def _check_f32_cpu(t: torch.Tensor, name: str) -> None:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise ValueError(
             f"{name}: the CPU kernels take float32 CPU tensors, got {t.dtype} on {t.device}"
@@ -167,7 +169,7 @@ class NativeKernels:
 
     def pack(self, w_KN: torch.Tensor) -> PackedWeight:
         """w [K, N] (x @ w) as panels of 32 columns, the last zero-padded."""
-        _f32_contiguous(w_KN, "pack")
+        _check_f32_cpu(w_KN, "pack")
         w_KN = w_KN.detach().contiguous()
         K, N = w_KN.shape
         panels = torch.empty((N + PANEL - 1) // PANEL * K * PANEL, dtype=torch.float32)
@@ -179,6 +181,8 @@ class NativeKernels:
         stride (a narrowed view is fine); out: contiguous rows (may be add)."""
         M, K = x_MK.shape
         rows = [x_MK, out_MN] + ([] if add_MN is None else [add_MN])
+        for t in rows:
+            _check_f32_cpu(t, "gemm")
         bad_bias = bias_N is not None and bias_N.shape != (w.N,)
         if K != w.K or out_MN.shape != (M, w.N) or any(t.stride(1) != 1 for t in rows) or bad_bias:
             raise ValueError(
@@ -205,6 +209,10 @@ class NativeKernels:
         q [B, heads, hd] and k, v [B, heads, >= length, hd] with unit stride over hd and
         positions hd apart (the static cache's layout); out [B, heads * hd]."""
         B, N, hd = q_BNh.shape
+        for t in (q_BNh, k_BNCh, v_BNCh, scores_C, out_BH):
+            _check_f32_cpu(t, "attend_one")
+        if out_BH.shape != (B, N * hd) or not out_BH.is_contiguous():
+            raise ValueError(f"attend_one: out must be [{B}, {N * hd}] contiguous")
         if k_BNCh.stride() != v_BNCh.stride() or k_BNCh.stride(2) != hd or k_BNCh.stride(3) != 1:
             raise ValueError("attend_one: keys and values must be [B, heads, positions, hd] rows")
         if not 0 < length <= min(k_BNCh.shape[2], scores_C.numel()) or q_BNh.stride(2) != 1:
@@ -230,6 +238,15 @@ class NativeKernels:
     def rms_norm(self, x_MH, w_H, eps: float, out_MH) -> torch.Tensor:
         """out = x / sqrt(mean(x^2) + eps) * w per row (x rows with unit column stride)."""
         M, H = x_MH.shape
+        if (
+            w_H.shape != (H,)
+            or out_MH.shape != (M, H)
+            or x_MH.stride(1) != 1
+            or out_MH.stride(1) != 1
+        ):
+            raise ValueError(
+                f"rms_norm: x {tuple(x_MH.shape)}, w {tuple(w_H.shape)}, out {tuple(out_MH.shape)}"
+            )
         self._norm(
             x_MH.data_ptr(),
             x_MH.stride(0),
@@ -251,8 +268,12 @@ class NativeKernels:
         order, in; out of the same shape; cos, sin [S, hd] the positions' RoPE rows (unit
         stride over hd); their keys and values written into the layer's cache
         [B, heads, 2, capacity, hd]; attention causal among the new positions."""
+        for t in (x_RH, out_RH, kv_BN2Ch, cos_Sh, sin_Sh, scratch):
+            _check_f32_cpu(t, "decoder_layer")
         R, H = x_RH.shape
         S, B = cos_Sh.shape[0], kv_BN2Ch.shape[0]
+        if H != layer.heads * layer.hd:
+            raise ValueError(f"decoder_layer: rows of {H} for {layer.heads} heads of {layer.hd}")
         need = self.layer_scratch_floats(R, H, layer.F, pos + S)
         if not x_RH.is_contiguous() or out_RH.shape != x_RH.shape or scratch.numel() < need:
             raise ValueError(
@@ -304,7 +325,11 @@ class NativeLayer:
         )
         if self.norm_1 is None or self.norm_3 is None:
             raise ValueError("decoder_layer: needs the pre-attention and pre-MLP norms")
-        self.heads, self.hd, self.F, self.eps = heads, hd, w_fc2.shape[0], eps
+        H, F = heads * hd, w_fc2.shape[0]
+        shapes = [tuple(w.shape) for w in (w_qkv, w_proj, w_fc1, w_fc2)]
+        if shapes != [(H, 3 * H), (H, H), (H, 2 * F), (F, H)]:
+            raise ValueError(f"decoder_layer: weights {shapes} for {heads} heads of {hd}")
+        self.heads, self.hd, self.F, self.eps = heads, hd, F, eps
 
 
 class PackedWeight:
@@ -314,6 +339,3 @@ class PackedWeight:
 
     def __init__(self, panels: torch.Tensor, K: int, N: int):
         self.panels, self.K, self.N = panels, K, N
-
-    def nbytes(self) -> int:
-        return self.panels.numel() * 4
