@@ -219,6 +219,7 @@ def test_static_shape_steps_give_the_same_tokens(model, kw):
     whole cache), here eager on CPU: the same tokens and depths as the dynamic-shape steps."""
     dynamic = generate(model, PROMPT, GenerationConfig(max_new_tokens=12, **kw))
     static = generate(model, PROMPT, GenerationConfig(max_new_tokens=12, static_shapes=True, **kw))
+    assert static.decode_path == "static-shapes"
     assert static.new_ids == dynamic.new_ids and static.depths == dynamic.depths
 
 
@@ -227,6 +228,7 @@ def test_compiled_decode_on_cpu_gives_the_same_tokens(model):
     cfg = dict(max_new_tokens=8, r=3)
     eager = generate(model, PROMPT, GenerationConfig(**cfg))
     compiled = generate(model, PROMPT, GenerationConfig(compile=True, **cfg))
+    assert compiled.decode_path == "compiled"
     assert compiled.new_ids == eager.new_ids
 
 
@@ -253,6 +255,7 @@ def test_cuda_decode_replays_a_graph_and_gives_the_cpu_tokens(model):
     finally:
         model.cpu()
     assert got.graph_replays == 9  # every step after the prefill
+    assert got.decode_path == "cuda-graph"
     assert got.new_ids == want
     assert len(adaptive.new_ids) == 6  # adaptive exit runs the compiled steps, no graph
 
@@ -366,9 +369,11 @@ def test_fast_step_runs_by_default_and_gives_the_layers_tokens(model, c_compiler
         layers = generate_batch(
             perturbed, prompts_BP, GenerationConfig(max_new_tokens=12, fast_path=False, **kw)
         )
-        for native in (True, False):
+        assert layers.decode_path == "layers"
+        for native, path in ((True, "native-kernels"), (False, "fast-step")):
             cfg = GenerationConfig(max_new_tokens=12, fast_path=True, native_kernels=native, **kw)
-            assert generate_batch(perturbed, prompts_BP, cfg).new_ids == layers.new_ids
+            fast = generate_batch(perturbed, prompts_BP, cfg)
+            assert (fast.decode_path, fast.new_ids) == (path, layers.new_ids)
 
 
 def test_fast_path_settings_that_cannot_work_are_clear_errors(model):

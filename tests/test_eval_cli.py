@@ -348,7 +348,7 @@ def _expected_mc_accuracy(ckpt: Path) -> float:
     return right / len(MC_DOCS)
 
 
-def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
+def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys, c_compiler):
     out = tmp_path / "gen.json"
     assert (
         main(
@@ -407,6 +407,7 @@ def test_generate_cli_fixed_and_adaptive(eval_run, tmp_path, capsys):
     assert res2["depths"][0] == 16  # the prompt is prefilled at the full depth
     assert all(1 <= d <= 16 for d in res2["depths"])
     assert res2["config"]["kv_budget"] == 4 and res2["config"]["adaptive"]
+    assert res2["decode_path"] == "native-kernels"  # a tiny fp32 model on CPU
     out3 = tmp_path / "gen-speculative.json"
     argv = ["generate", str(eval_run), "--prompt", "def load(self", "--max-new-tokens", "12"]
     assert main([*argv, "--recurrences", "4", "--speculate", "2:3", "--json", str(out3)]) == 0

@@ -95,12 +95,14 @@ def test_unavailable_kernels_say_why_and_the_decode_runs_without_them(
     from pipeline.eval.generate import GenerationConfig, generate
 
     prompt = [3, 14, 15, 9]
-    want = generate(small_eval_model, prompt, GenerationConfig(max_new_tokens=6, r=3)).new_ids
+    want = generate(small_eval_model, prompt, GenerationConfig(max_new_tokens=6, r=3))
+    assert want.decode_path == "native-kernels"
     monkeypatch.setenv("RDPT_NATIVE_KERNELS", "0")
     assert native_kernels.load() is None
     assert native_kernels.unavailable_reason() == "RDPT_NATIVE_KERNELS=0"
     got = generate(small_eval_model, prompt, GenerationConfig(max_new_tokens=6, r=3))
-    assert got.new_ids == want
+    assert got.decode_path == "fast-step"  # the fast step in torch operations
+    assert got.new_ids == want.new_ids
     with pytest.raises(ValueError, match="native_kernels: unavailable .RDPT_NATIVE_KERNELS=0"):
         generate(small_eval_model, prompt, GenerationConfig(r=3, native_kernels=True))
     monkeypatch.setenv("RDPT_NATIVE_KERNELS", "1")

@@ -807,7 +807,7 @@ def generate_handler(args) -> int:
     print(
         f"\n[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, "
         f"mean depth {result.mean_depth:.1f} iterations/token, prefill "
-        f"{result.prefill_seconds:.2f} s]",
+        f"{result.prefill_seconds:.2f} s, decode path {result.decode_path}]",
         file=sys.stderr,
     )
     if args.json:

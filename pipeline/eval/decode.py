@@ -110,6 +110,19 @@ class DecodeLoop:
             return None
         return FastDecodeStep(self.model, self.cache, self.rope, self.cfg.native_kernels)
 
+    @property
+    def path(self) -> str:
+        """Which code runs the decode steps: "native-kernels" (the fast step in rdpt's C
+        kernels), "fast-step" (the fast step in torch operations), "cuda-graph" / "compiled" /
+        "static-shapes" (the static-shape steps), or "layers" (the model's own modules)."""
+        if self.fast is not None:
+            return "native-kernels" if self.fast.kernels is not None else "fast-step"
+        if self.graph is not None:
+            return "cuda-graph"
+        if self.static is not None:
+            return "compiled" if self.static.compile else "static-shapes"
+        return "layers"
+
     def _set_offset(self, offset: int) -> None:
         self.prelude_view.offset = self.coda_view.offset = offset
         for view in self.core_views[: self.slots]:
@@ -221,7 +234,7 @@ class StaticShapeSteps:
 
     def __init__(self, loop: DecodeLoop, compile: bool):
         dev, cache = loop.device, loop.cache
-        self.loop = loop
+        self.loop, self.compile = loop, compile
         self.pos_1 = torch.zeros(1, dtype=torch.long, device=dev)
         self.key_mask_K = torch.zeros(cache.capacity, dtype=torch.bool, device=dev)
         self.positions_K = torch.arange(cache.capacity, device=dev)

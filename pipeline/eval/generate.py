@@ -87,6 +87,7 @@ class GenerationResult:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     graph_replays: int = 0  # decode steps run as a CUDA graph replay
+    decode_path: str = ""  # decode.DecodeLoop.path: which code ran the steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -108,6 +109,7 @@ class GenerationResult:
             "prefill_seconds": self.prefill_seconds,
             "tokens_per_s": self.tokens_per_s,
             "graph_replays": self.graph_replays,
+            "decode_path": self.decode_path,
         }
 
 
@@ -162,6 +164,7 @@ class BatchGenerationResult:
     prefill_seconds: float = 0.0
     telemetry: list[list[float]] | None = None
     graph_replays: int = 0  # decode steps run as a CUDA graph replay
+    decode_path: str = ""  # decode.DecodeLoop.path: which code ran the steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -232,6 +235,7 @@ def generate_batch(
         result.seconds = time.perf_counter() - t0
         result.telemetry = loop.telemetry
         result.graph_replays = loop.graph_replays
+        result.decode_path = loop.path
     return result
 
 
@@ -254,6 +258,7 @@ def generate(
         seconds=out.seconds,
         prefill_seconds=out.prefill_seconds,
         graph_replays=out.graph_replays,
+        decode_path=out.decode_path,
     )
 
 
