@@ -10,8 +10,8 @@ Decoders (bench/decode_baselines.py holds the two baselines):
   stand-in for the published modeling code, which rdpt does not contain);
 - `rdpt_before`: rdpt's decode before the lean loop (general API, growing KVCache);
 - `rdpt`: `generate_batch` as it runs by default on this device (CPU: the lean loop with the
-  fast step of pipeline/model/fast_decode.py, its one-position steps in rdpt's C kernels,
-  pipeline/model/native_kernels.py);
+  fast step of pipeline/model/fast_decode.py, its steps of up to 32 rows in rdpt's C
+  kernels, pipeline/model/native_kernels.py);
 - `rdpt_torch_ops`: the same with the kernels off (the fast step in torch operations only);
 - `rdpt_layers`: the same loop calling the model's own layers (fast_path=False), to show what
   the fast step buys;

@@ -112,3 +112,39 @@ def test_unavailable_kernels_say_why_and_the_decode_runs_without_them(
     assert "build or load failed" in native_kernels.unavailable_reason()
     assert "no-such-cc" in native_kernels.unavailable_reason()
     assert not any((tmp_path / "kernels").iterdir())  # nothing half-written left behind
+
+
+def test_bound_layer_checks_what_it_is_bound_to_and_each_call(kernels):
+    """What stays fixed for a decode (cache layout, RoPE tables) is checked when a layer is
+    bound; each call checks its rows, position range, output and scratch: a wrong call raises
+    instead of writing outside the buffers."""
+    from pipeline.model.native_kernels import NativeKernels, NativeLayer
+
+    heads, hd, F_, B, capacity = 2, 16, 48, 3, 10
+    H = heads * hd
+    g = torch.Generator().manual_seed(0)
+    layer = NativeLayer(
+        kernels, w_qkv=torch.randn(H, 3 * H, generator=g), w_proj=torch.randn(H, H, generator=g),
+        w_fc1=torch.randn(H, 2 * F_, generator=g), w_fc2=torch.randn(F_, H, generator=g),
+        b_qkv=None, norms=[torch.ones(H), None, torch.ones(H), None], heads=heads, hd=hd, eps=1e-6,
+    )  # fmt: skip
+    kv = torch.zeros(B, heads, 2, capacity, hd)
+    cos, sin = torch.ones(capacity, hd), torch.zeros(capacity, hd)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        kernels.bind_layer(layer, kv, cos[:4], sin[:4], 0.25)  # fewer rows than positions
+    with pytest.raises(ValueError, match="a cache"):
+        kernels.bind_layer(layer, kv[:, :1], cos, sin, 0.25)  # one head for a two-head layer
+    bound = kernels.bind_layer(layer, kv, cos, sin, 0.25)
+    scratch = torch.empty(NativeKernels.layer_scratch_floats(2 * B, H, F_, capacity))
+    x = torch.randn(2 * B, H, generator=g)
+    out = bound(x, torch.empty_like(x), 3, 2, scratch)  # positions 3 and 4
+    assert torch.isfinite(out).all() and kv[:, :, :, 3:5].abs().sum() > 0
+    assert kv[:, :, :, 5:].abs().sum() == 0 and kv[:, :, :, :3].abs().sum() == 0
+    with pytest.raises(ValueError, match="positions 9..10 of a cache"):
+        bound(x, torch.empty_like(x), 9, 2, scratch)
+    with pytest.raises(ValueError, match="6 rows at positions"):
+        bound(x, torch.empty_like(x), 3, 1, scratch)  # 6 rows are 2 positions of 3 sequences
+    with pytest.raises(ValueError, match="floats of scratch"):
+        bound(x, torch.empty_like(x), 3, 2, scratch[:10])
+    with pytest.raises(ValueError, match="float32"):
+        bound(x.double(), torch.empty_like(x), 3, 2, scratch)

@@ -148,10 +148,11 @@ class PackedLayer:
 class _LayerCache:
     """One layer's cache [B, N, 2 (k|v), capacity, hd] and its k and v views [B, N, C, hd]."""
 
-    __slots__ = ("kv", "k", "v")
+    __slots__ = ("kv", "k", "v", "native")
 
     def __init__(self, kv_BN2Ch: torch.Tensor):
         self.kv, self.k, self.v = kv_BN2Ch, kv_BN2Ch[:, :, 0], kv_BN2Ch[:, :, 1]
+        self.native = None  # native_kernels.BoundLayer: its layer bound to this cache
 
 
 class FastDecodeStep:
@@ -174,6 +175,7 @@ class FastDecodeStep:
         self.prelude_layers = [PackedLayer.of(layer) for layer in model.prelude_block.layers]
         self.core_layers = [PackedLayer.of(layer) for layer in model.core_block.layers]
         self.coda_layers = [PackedLayer.of(layer) for layer in model.coda_block.layers]
+        self.kernels = self._native_kernels(native, device)
         a = model.adapter.weight.detach()  # [H, 2H]: state columns, then embedded-input columns
         self.adapter_s = a[:, : self.H].t().contiguous()
         self.adapter_e = a[:, self.H :].t().contiguous()
@@ -181,7 +183,8 @@ class FastDecodeStep:
         head = model.output_layer if model.output_layer is not None else model.embedding
         w_head = head.weight.detach()  # [V, H]
         self.head_t = None  # [H, V] copy when small, for one-row steps (see coda)
-        if w_head.numel() * w_head.element_size() <= MAX_HEAD_COPY_BYTES:
+        small_head = w_head.numel() * w_head.element_size() <= MAX_HEAD_COPY_BYTES
+        if small_head and self.kernels is None:  # with the kernels, one-row steps run in C
             self.head_t = w_head.t().contiguous()
         self.head = w_head
         self.V = w_head.shape[0]
@@ -216,36 +219,45 @@ class FastDecodeStep:
         self.rot_33 = torch.eye(w, device=device)
         self.rope_mm = cache.batch * self.N * w * w <= ROPE_MM_MACS
         self.batch, self.capacity = cache.batch, rope_table.capacity
-        self.kernels = self._native_kernels(native)
         if self.kernels is not None:
-            nk, H = self.kernels, self.H
-
-            def native(w: PackedLayer) -> native_kernels.NativeLayer:
-                norms = [
-                    None if n is None else n[:H] for n in (w.norm_1, w.norm_2, w.norm_3, w.norm_4)
-                ]
-                return native_kernels.NativeLayer(
-                    nk, w_qkv=w.w_qkv, w_proj=w.w_proj, w_fc1=w.w_fc1, w_fc2=w.w_fc2,
-                    b_qkv=w.b_qkv, norms=norms, heads=self.N, hd=self.hd, eps=self.eps,
-                )  # fmt: skip
-
-            self.native_layers = {
-                id(w): native(w)
-                for w in [*self.prelude_layers, *self.core_layers, *self.coda_layers]
-            }
-            self.head_native = nk.pack(self.head_t if self.head_t is not None else w_head.t())
-            self.head_t = None  # one-row steps use the packed head
-            self.adapter_native = nk.pack(self.adapter_s)
-            self.ln_f_H = self.ln_f[:H].contiguous()
-            self.scratch = torch.empty(0, device=device)  # grown by set_position
-            self.scale = 1.0 / math.sqrt(self.hd)
+            self._prepare_native(w_head)
         self.set_position(0)
 
-    def _native_kernels(self, native: bool | None):
+    def _prepare_native(self, w_head) -> None:
+        """The native kernels' weights (packed once) and each layer bound to each of its caches
+        (native_kernels.BoundLayer, on the _LayerCache); the scratch buffer grows in
+        set_position."""
+        nk, H = self.kernels, self.H
+        cos_Ch, sin_Ch = self.cos_C3h[:, 0], self.sin_C3h[:, 0]  # q and k rows
+        scale = 1.0 / math.sqrt(self.hd)
+        blocks = [(self.prelude_layers, self.prelude_cache), (self.coda_layers, self.coda_cache)]
+        blocks += [(self.core_layers, slot_caches) for slot_caches in self.core_cache]
+        packed = {}  # one packed copy per layer, bound to each of its caches (core: per slot)
+        for layers, layer_caches in blocks:
+            for w, kv in zip(layers, layer_caches):
+                if id(w) not in packed:
+                    norms = [
+                        n if n is None else n[:H] for n in (w.norm_1, w.norm_2, w.norm_3, w.norm_4)
+                    ]
+                    packed[id(w)] = native_kernels.NativeLayer(
+                        nk, w_qkv=w.w_qkv, w_proj=w.w_proj, w_fc1=w.w_fc1, w_fc2=w.w_fc2,
+                        b_qkv=w.b_qkv, norms=norms, heads=self.N, hd=self.hd, eps=self.eps,
+                    )  # fmt: skip
+                kv.native = nk.bind_layer(packed[id(w)], kv.kv, cos_Ch, sin_Ch, scale)
+        self.head_native = nk.pack(w_head.t())
+        self.adapter_native = nk.pack(self.adapter_s)
+        self.ln_f_H = self.ln_f[:H].contiguous()
+        self.scratch = torch.empty(0, device=cos_Ch.device)
+
+    def _native_kernels(self, native: bool | None, device: torch.device):
         """native_kernels for the steps of a few rows: True = required (ValueError saying why
         not), False = off, None = when they load and either torch runs one thread or the layers
-        are small (`NATIVE_AUTO_LAYER_BYTES`; see the module doc)."""
+        are small (`NATIVE_AUTO_LAYER_BYTES`; see the module doc). CPU only."""
         if native is False:
+            return None
+        if device.type != "cpu":
+            if native:
+                raise ValueError(f"native_kernels: CPU kernels, the model is on {device}")
             return None
         if native is None and torch.get_num_threads() != 1:
             largest = max(
@@ -335,12 +347,9 @@ class FastDecodeStep:
         return x_BH
 
     def _layer_native(self, x_BH, w: PackedLayer, kv: _LayerCache):
-        """One decoder layer over the step's rows in one call of the native kernels."""
-        pos, end = self.offset, self.offset + self.length
-        return self.kernels.decoder_layer(
-            x_BH, torch.empty_like(x_BH), self.native_layers[id(w)], self.cos_C3h[pos:end, 0],
-            self.sin_C3h[pos:end, 0], kv.kv, pos, self.scale, self.scratch,
-        )  # fmt: skip
+        """One decoder layer over the step's rows in one call of the native kernels (the layer
+        bound to this cache at construction)."""
+        return kv.native(x_BH, torch.empty_like(x_BH), self.offset, self.length, self.scratch)
 
     def _block(self, x_BH, layers, caches):
         layer = self._layer_native if self.native_now else self._layer

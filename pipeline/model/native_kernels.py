@@ -112,18 +112,19 @@ def load() -> NativeKernels | None:
     """The kernels (built on first use), or None when they are unavailable (see
     `unavailable_reason`). Built and loaded once per process and setting (RDPT_NATIVE_KERNELS,
     CC, RDPT_CACHE_DIR)."""
-    key = _settings()
-    if key not in _results:
-        _results[key] = _load(*key)
-    return _results[key][0]
+    return _result()[0]
 
 
 def unavailable_reason() -> str | None:
     """Why `load()` returns None under the current settings (None: it does not)."""
+    return _result()[1]
+
+
+def _result() -> tuple[NativeKernels | None, str | None]:
     key = _settings()
     if key not in _results:
         _results[key] = _load(*key)
-    return _results[key][1]
+    return _results[key]
 
 
 def _load(enabled: bool, cc: str | None, _cache: str) -> tuple[NativeKernels | None, str | None]:
@@ -259,44 +260,30 @@ class NativeKernels:
         )
         return out_MH
 
-    def decoder_layer(
-        self, x_RH, out_RH, layer: NativeLayer, cos_Sh, sin_Sh, kv_BN2Ch, pos: int, scale: float,
-        scratch,
-    ) -> torch.Tensor:  # fmt: skip
-        """One decoder layer (decode_kernels.c: rdpt_decoder_layer) over S new positions
-        [pos, pos + S) of the cache's B sequences: x [S * B, H] contiguous, rows in (s, b)
-        order, in; out of the same shape; cos, sin [S, hd] the positions' RoPE rows (unit
-        stride over hd); their keys and values written into the layer's cache
-        [B, heads, 2, capacity, hd]; attention causal among the new positions."""
-        for t in (x_RH, out_RH, kv_BN2Ch, cos_Sh, sin_Sh, scratch):
+    def bind_layer(self, layer: NativeLayer, kv_BN2Ch, cos_Ch, sin_Ch, scale: float) -> BoundLayer:
+        """One decoder layer (decode_kernels.c: rdpt_decoder_layer) bound to its cache
+        [B, heads, 2, capacity, hd] and the RoPE tables cos, sin [>= capacity, hd] (unit stride
+        over hd) for a whole decode: what stays fixed is checked here, once, and the call checks
+        only what changes (see BoundLayer)."""
+        for t in (kv_BN2Ch, cos_Ch, sin_Ch):
             _check_f32_cpu(t, "decoder_layer")
-        R, H = x_RH.shape
-        S, B = cos_Sh.shape[0], kv_BN2Ch.shape[0]
-        if H != layer.heads * layer.hd:
-            raise ValueError(f"decoder_layer: rows of {H} for {layer.heads} heads of {layer.hd}")
-        need = self.layer_scratch_floats(R, H, layer.F, pos + S)
-        if not x_RH.is_contiguous() or out_RH.shape != x_RH.shape or scratch.numel() < need:
+        heads, hd = layer.heads, layer.hd
+        if kv_BN2Ch.dim() != 5 or kv_BN2Ch.shape[1] != heads or kv_BN2Ch.shape[4] != hd:
+            raise ValueError(f"decoder_layer: a cache {tuple(kv_BN2Ch.shape)} for {heads} x {hd}")
+        if kv_BN2Ch.stride(3) != hd or kv_BN2Ch.stride(4) != 1:
+            raise ValueError("decoder_layer: cache positions must be rows of hd, hd apart")
+        if (
+            cos_Ch.stride() != sin_Ch.stride()
+            or cos_Ch.stride(1) != 1
+            or cos_Ch.shape != sin_Ch.shape
+            or cos_Ch.shape[0] < kv_BN2Ch.shape[3]
+            or cos_Ch.shape[1] != hd
+        ):
             raise ValueError(
-                f"decoder_layer: x {tuple(x_RH.shape)} (contiguous), out of the same shape and "
-                f"{need} floats of scratch; got out {tuple(out_RH.shape)}, {scratch.numel()}"
+                f"decoder_layer: RoPE tables {tuple(cos_Ch.shape)}, {tuple(sin_Ch.shape)} of "
+                "one layout and a row per cache position"
             )
-        if R != S * B or kv_BN2Ch.shape[1] != layer.heads or not 0 <= pos <= kv_BN2Ch.shape[3] - S:
-            raise ValueError(
-                f"decoder_layer: {R} rows at positions {pos}..{pos + S - 1} of a cache "
-                f"{tuple(kv_BN2Ch.shape)}"
-            )
-        if cos_Sh.stride() != sin_Sh.stride() or cos_Sh.stride(1) != 1:
-            raise ValueError("decoder_layer: cos and sin must be rows of one layout")
-        ptr = _ptr
-        self._layer(
-            x_RH.data_ptr(), out_RH.data_ptr(), S, B, H, layer.heads, layer.hd, layer.F, layer.eps,
-            ptr(layer.norm_1), ptr(layer.norm_2), ptr(layer.norm_3), ptr(layer.norm_4),
-            layer.qkv.panels.data_ptr(), ptr(layer.b_qkv), layer.proj.panels.data_ptr(),
-            layer.fc1.panels.data_ptr(), layer.fc2.panels.data_ptr(), cos_Sh.data_ptr(),
-            sin_Sh.data_ptr(), cos_Sh.stride(0), kv_BN2Ch.data_ptr(), kv_BN2Ch.stride(0),
-            kv_BN2Ch.stride(1), kv_BN2Ch.stride(2), pos, scale, scratch.data_ptr(),
-        )  # fmt: skip
-        return out_RH
+        return BoundLayer(self._layer, layer, kv_BN2Ch, cos_Ch, sin_Ch, scale)
 
     @staticmethod
     def layer_scratch_floats(rows: int, H: int, F: int, positions: int) -> int:
@@ -306,6 +293,65 @@ class NativeKernels:
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
+
+
+class BoundLayer:
+    """NativeKernels.bind_layer's result: call it with x [S * B, H] (contiguous, rows in (s, b)
+    order), out of the same shape, the first position `pos` and a float32 scratch buffer of
+    at least layer_scratch_floats(S * B, H, F, pos + S) floats. It writes the S positions' keys
+    and values into the cache at [pos, pos + S) and attends causally among them. The pointers
+    of the fixed tensors are taken once; the tensors are kept alive here."""
+
+    __slots__ = ("_fn", "_tensors", "_weights", "_cache", "_rows_B", "_H", "_F", "_capacity",
+                 "_cos", "_sin", "_rope_step", "_scale")  # fmt: skip
+
+    def __init__(self, fn, layer: NativeLayer, kv_BN2Ch, cos_Ch, sin_Ch, scale: float):
+        self._fn, self._tensors = fn, (layer, kv_BN2Ch, cos_Ch, sin_Ch)
+        self._rows_B, self._capacity = kv_BN2Ch.shape[0], kv_BN2Ch.shape[3]
+        self._H, self._F = layer.heads * layer.hd, layer.F
+        self._weights = (
+            self._H, layer.heads, layer.hd, layer.F, layer.eps,
+            _ptr(layer.norm_1), _ptr(layer.norm_2), _ptr(layer.norm_3), _ptr(layer.norm_4),
+            layer.qkv.panels.data_ptr(), _ptr(layer.b_qkv), layer.proj.panels.data_ptr(),
+            layer.fc1.panels.data_ptr(), layer.fc2.panels.data_ptr(),
+        )  # fmt: skip
+        self._cos, self._sin = cos_Ch.data_ptr(), sin_Ch.data_ptr()
+        self._rope_step = cos_Ch.stride(0)
+        self._cache = (
+            kv_BN2Ch.data_ptr(), kv_BN2Ch.stride(0), kv_BN2Ch.stride(1), kv_BN2Ch.stride(2),
+        )  # fmt: skip
+        self._scale = scale
+
+    def __call__(self, x_RH, out_RH, pos: int, S: int, scratch) -> torch.Tensor:
+        R, H = x_RH.shape
+        f32 = torch.float32
+        if x_RH.dtype != f32 or out_RH.dtype != f32 or scratch.dtype != f32:
+            raise ValueError("decoder_layer: x, out and scratch must be float32")
+        if R != S * self._rows_B or not 0 <= pos <= self._capacity - S:
+            raise ValueError(
+                f"decoder_layer: {R} rows at positions {pos}..{pos + S - 1} of a cache of "
+                f"{self._rows_B} sequences x {self._capacity} positions"
+            )
+        need = NativeKernels.layer_scratch_floats(R, H, self._F, pos + S)
+        if (
+            H != self._H
+            or not x_RH.is_contiguous()
+            or out_RH.shape != x_RH.shape
+            or not out_RH.is_contiguous()
+            or scratch.numel() < need
+        ):
+            raise ValueError(
+                f"decoder_layer: x {tuple(x_RH.shape)} (contiguous, rows of {self._H}), out of "
+                f"the same shape and {need} floats of scratch; got out {tuple(out_RH.shape)}, "
+                f"{scratch.numel()}"
+            )
+        rope = pos * self._rope_step * 4  # bytes to the position's row of the RoPE tables
+        self._fn(
+            x_RH.data_ptr(), out_RH.data_ptr(), S, self._rows_B, *self._weights,
+            self._cos + rope, self._sin + rope, self._rope_step, *self._cache, pos, self._scale,
+            scratch.data_ptr(),
+        )  # fmt: skip
+        return out_RH
 
 
 class NativeLayer:
