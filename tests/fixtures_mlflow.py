@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from apt_packages import apt_install
 
 from pipeline.tracking.server import ServerHandle, start_server
 
@@ -68,22 +69,7 @@ def chromium() -> str:
     """Debian's chromium; apt-get installs it when missing (needs root and the apt mirror)."""
     path = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
     if path is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
-        proc = subprocess.run(
-            [
-                "apt-get",
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "chromium",
-                "fonts-dejavu-core",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 0, f"apt-get install chromium failed:\n{proc.stderr[-3000:]}"
+        apt_install("chromium", "fonts-dejavu-core", options=("--no-install-recommends",))
         path = CHROMIUM
     assert os.access(path, os.X_OK), f"{path} is not executable"
     return path

@@ -6,17 +6,16 @@ module. Treat it as read-only. `build_small_model(**changes)` builds the same mo
 config fields changed (e.g. exit_gate=True).
 
 `c_compiler`: a C compiler for rdpt's native decode kernels (pipeline/model/native_kernels.py);
-apt-get installs gcc when none is found (root only), as fixtures_slurm does for Slurm.
+apt_packages.apt_install installs gcc when none is found (root only).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
+from apt_packages import apt_install
 
 SMALL_VOCAB = 97
 
@@ -53,12 +52,6 @@ def c_compiler() -> str:
 
     found = _compiler()
     if found is None:
-        if os.geteuid() != 0:
-            pytest.fail("no C compiler (cc, gcc, clang) and installing gcc needs root")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "gcc"]):
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            if out.returncode != 0:
-                pytest.fail(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        apt_install("gcc")
         found = shutil.which("gcc")
     return found

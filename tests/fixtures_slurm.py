@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import pytest
+from apt_packages import apt_install
 
 from pipeline.common.distributed import free_port
 
@@ -115,16 +116,7 @@ def ensure_slurm_installed() -> None:
     """apt-get install slurm-wlm munge when slurmctld/munged are missing (root only)."""
     if all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged", "sbatch")):
         return
-    if os.geteuid() != 0:
-        pytest.fail("slurm-wlm/munge are not installed and installing them needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"],
-    ):
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if out.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    apt_install("slurm-wlm", "munge")
 
 
 def _wait(pred, timeout: float, what: str, interval: float = 0.05):
