@@ -34,7 +34,8 @@ from LeanForward's in the last bits; decoded tokens and exit depths are compared
 general path in tests/test_decode.py. It applies at tensor-parallel size 1 to fp32 models (the
 CPU decode; on CUDA the compiled, graph-captured steps run instead) and holds a transposed copy
 of the transformer-layer weights, so models whose layer weights exceed `MAX_PACKED_BYTES` keep
-the lean path; the output head is copied (for batch-1 steps) only up to `MAX_HEAD_COPY_BYTES`.
+the lean path; the output head is copied (for batch-1 steps without the native kernels) only
+up to `MAX_HEAD_COPY_BYTES`.
 
     fast = FastDecodeStep(model, cache, rope_table)     # once per decode
     fast.set_position(offset, S)                        # once per step (S new positions)
